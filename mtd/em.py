@@ -1,0 +1,526 @@
+"""Approximate expectation-maximization for 2-D MTD, with an optional score prior in the M-step.
+
+The model (approximate-EM paper, eqs. 5-7; score-prior paper, eq. 9): every L x L patch of the
+measurement is ``M_m = C T_l Z R_k F + noise`` with an unknown shift l in {0..2L-1}^2 and rotation
+k. The
+E-step computes the posterior of (l, k) for every patch (eq. 11 / 14) by FFT or GEMM
+cross-correlation and
+reduces it, chunk by chunk, to the sufficient statistics of DESIGN section 4; the M-step needs
+nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mtd.likelihood import Correlator, choose_method, template_energy
+from mtd.metrics import relative_error
+from mtd.patches import extract_patches
+from mtd.rotations import Rotations
+
+Prior = Callable[[torch.Tensor, float], torch.Tensor]
+
+# Elements (patches x rotations x shifts) per chunk when chunk_size is None: large enough to
+# amortise the
+# per-call overhead, small enough that the chunk's intermediates stay in cache (see the benchmark).
+_CHUNK_ELEMENTS = 1 << 19
+
+
+@dataclass
+class Statistics:
+    """Sufficient statistics of one E-step (DESIGN section 4), summed over patches.
+
+    Attributes:
+        omega: (K, 2L, 2L) posterior occupancy of every (rotation, shift).
+        b: (K, L, L) weighted back-projection of the patches.
+        c: (K, L, L) weighted coverage.
+        loglik: () approximate log-likelihood of the patches at the E-step's (F, rho, sigma).
+        energy: () sum_m ||M_m||^2.
+        D: number of patches.
+    """
+
+    omega: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    loglik: torch.Tensor
+    energy: torch.Tensor
+    D: int
+
+
+@dataclass
+class EMResult:
+    """What ``ApproximateEM.fit`` returns (the best restart).
+
+    Attributes:
+        estimate: (L, L) the estimate F.
+        rho: (2L, 2L) the shift distribution.
+        sigma: the noise level (given, or estimated).
+        loglik: (iterations + 1,) approximate log-likelihood at every iterate, the last at
+        ``estimate``.
+        history: one dict per iteration (see ``ApproximateEM.fit``).
+        converged: whether the stopping rule ||F_new - F|| < tol was met.
+        restart: index of the chosen initial guess.
+        scores: (R,) the ranking score of every restart (log-likelihood, plus gamma * log-prior
+        with a prior).
+        dropped: pixels of the measurement outside the patch grid (rows, columns) that were not
+        used.
+    """
+
+    estimate: torch.Tensor
+    rho: torch.Tensor
+    sigma: float
+    loglik: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+    converged: bool = False
+    restart: int = 0
+    scores: torch.Tensor | None = None
+    dropped: tuple[int, int] = (0, 0)
+
+
+def coverage(omega: torch.Tensor, L: int) -> torch.Tensor:
+    """c_k = Z^T (omega_k circularly convolved with Z 1): c_k(y) = sum_{d in [0, L)^2} omega_k(y -
+    d mod 2L).
+
+    Summed directly (a box filter on the circularly extended occupancy) rather than by FFT, so that
+    the
+    result is exactly non-negative and exactly zero where no posterior mass reaches.
+
+    Args:
+        omega: (K, 2L, 2L).
+
+    Returns:
+        (K, L, L).
+    """
+    ext = torch.cat([omega[:, -(L - 1) :], omega], 1) if L > 1 else omega  # rows -(L-1) .. 2L-1
+    rows = ext.unfold(1, L, 1)[:, :L].sum(-1)  # (K, L, 2L)
+    ext = torch.cat([rows[:, :, -(L - 1) :], rows], 2) if L > 1 else rows
+    return ext.unfold(2, L, 1)[:, :, :L].sum(-1)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class ApproximateEM(torch.nn.Module):
+    """Approximate EM over patches (approximate-EM paper, Algorithm 1; score-prior paper, Algorithm
+    1).
+
+    Args:
+        L: image side in pixels.
+        K: number of in-plane rotations searched, k * 2*pi/K (exact rot90 for K = 4).
+        sigma: noise standard deviation; None estimates sigma^2 in every M-step.
+        rho: "estimate" (eq. 18 of the approximate-EM paper) or "uniform" (the score-prior paper).
+        m_step: "closed_form" (no prior) or "gradient" (eq. 18 of the score-prior paper).
+        steps: gradient ascent steps per EM iteration (the score-prior paper's N).
+        lr: gradient ascent learning rate mu.
+        gamma: weight of the prior along the iterations: "linear" (gamma_max * tau / (T - 1), the
+            paper's
+            ``linspace(0, 1, T)``) or "constant" (gamma_max).
+        gamma_max: the prior weight's largest value.
+        prior_t: diffusion time at which the score prior is evaluated.
+        iterations: maximum number of EM iterations T.
+        tol: stop when ||F_new - F||_F < tol.
+        chunk_size: patches per E-step chunk; None picks one from the sizes.
+        method: "auto", "fft" or "gemm" (the cross-correlation form; "auto" picks by L).
+        device: torch device of the computation.
+        dtype: floating dtype of the computation.
+    """
+
+    def __init__(
+        self,
+        L: int,
+        K: int = 4,
+        sigma: float | None = None,
+        rho: str = "estimate",
+        m_step: str = "closed_form",
+        steps: int = 1,
+        lr: float = 1e-3,
+        gamma: str = "linear",
+        gamma_max: float = 1.0,
+        prior_t: float = 0.01,
+        iterations: int = 100,
+        tol: float = 1e-5,
+        chunk_size: int | None = None,
+        method: str = "auto",
+        device="cpu",
+        dtype=torch.float32,
+    ):
+        super().__init__()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"dtype must be a floating torch dtype (float32, float64), got {dtype!r}"
+            )
+        if int(L) != L or L < 1:
+            raise ValueError(f"L must be a positive integer, got {L!r}")
+        if int(K) != K or K < 1:
+            raise ValueError(f"K must be an integer >= 1, got {K!r}")
+        if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(
+                f"sigma must be > 0 and finite (or None to estimate it), got {sigma!r}"
+            )
+        _check_choice("rho", rho, ("estimate", "uniform"))
+        _check_choice("m_step", m_step, ("closed_form", "gradient"))
+        _check_choice("gamma", gamma, ("linear", "constant"))
+        _check_choice("method", method, ("auto", "fft", "gemm"))
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not 0 < prior_t <= 1:
+            raise ValueError(f"prior_t must be in (0, 1], got {prior_t!r}")
+        if int(iterations) != iterations or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        if not tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {tol!r}")
+        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+        self.L, self.K = int(L), int(K)
+        self.sigma, self.rho_mode, self.m_step = sigma, rho, m_step
+        self.steps, self.lr, self.gamma, self.gamma_max = int(steps), lr, gamma, gamma_max
+        self.prior_t, self.iterations, self.tol = prior_t, int(iterations), tol
+        self.chunk_size = chunk_size
+        self.method = choose_method(self.L) if method == "auto" else method
+        self.device, self.dtype = torch.device(device), dtype
+        self.rotations = Rotations(self.L, self.K, self.device, dtype)
+
+    # --------------------------------------------------------------------------------------------
+    # Data
+    # --------------------------------------------------------------------------------------------
+    def prepare(self, data) -> Correlator:
+        """Validate a measurement, cut it into patches and compute their transforms once.
+
+        Args:
+            data: (N, N) measurement (tensor or array); a rectangular one is accepted too.
+
+        Returns:
+            The ``Correlator`` holding the patches.
+        """
+        data = torch.as_tensor(data)
+        if data.ndim != 2:
+            raise ValueError(f"the measurement must be a 2-D array, got shape {tuple(data.shape)}")
+        if min(data.shape) < self.L:
+            raise ValueError(
+                f"the measurement {tuple(data.shape)} is smaller than the image side L = {self.L}"
+            )
+        if not data.is_floating_point() and data.dtype not in (
+            torch.int16,
+            torch.int32,
+            torch.uint8,
+        ):
+            raise ValueError(f"the measurement must hold real numbers, got dtype {data.dtype}")
+        data = data.to(device=self.device, dtype=self.dtype)
+        if not torch.isfinite(data).all():
+            bad = int((~torch.isfinite(data)).sum())
+            raise ValueError(f"the measurement has {bad} non-finite values (NaN or inf)")
+        return Correlator(extract_patches(data, self.L), self.method)
+
+    def _chunk(self, D: int) -> int:
+        if self.chunk_size is not None:
+            return min(self.chunk_size, D)
+        return max(1, min(D, _CHUNK_ELEMENTS // (self.K * 4 * self.L * self.L)))
+
+    # --------------------------------------------------------------------------------------------
+    # E-step
+    # --------------------------------------------------------------------------------------------
+    def padded_rotations(self, F: torch.Tensor) -> torch.Tensor:
+        """G_k = Z R_k F: (K, 2L, 2L), the rotated image in the top-left corner."""
+        L = self.L
+        G = torch.zeros(self.K, 2 * L, 2 * L, dtype=F.dtype, device=F.device)
+        G[:, :L, :L] = self.rotations(F)
+        return G
+
+    def _logits_chunks(self, corr: Correlator, F, log_rho, sigma2):
+        """Yield (start, stop, logits): log p(M_m | l, k, F) + log rho(l) - log K + ||M_m||^2 / 2
+        sigma^2.
+
+        logits is (B, *layout) in the correlator's layout over (rotation, shift). The patch's own
+        term
+        -||M_m||^2 / (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the
+        callers add
+        it where they need the likelihood itself.
+        """
+        L, K = self.L, self.K
+        G = self.padded_rotations(F)
+        inv = 1.0 / (2.0 * sigma2)
+        # Patch-independent part of eq. (10): -e(l,k) / 2 sigma^2, the prior of (l, k) (eq. 12) and
+        # the
+        # Gaussian normalisation, so that the sum of log-sum-exps is the approximate log-likelihood
+        # (eq. 5).
+        bias = -template_energy(G, L) * inv + log_rho - math.log(K)
+        bias = bias - 0.5 * L * L * math.log(2 * math.pi * sigma2)
+        templates = corr.prepare(G, 2 * inv, bias)  # correlate() gives c / sigma^2 + bias
+        chunk = self._chunk(corr.D)
+        for start in range(0, corr.D, chunk):
+            stop = min(start + chunk, corr.D)
+            yield start, stop, corr.correlate(start, stop, templates)
+
+    def log_likelihoods(self, data, F: torch.Tensor, sigma: float) -> torch.Tensor:
+        """-||M_m - C T_l Z R_k F||^2 / (2 sigma^2) for every patch, rotation and shift (eq. 10,
+        unnormalised).
+
+        Holds the whole (D, K, 2L, 2L) array: for inspection and tests on small cases; the EM never
+        does.
+
+        Returns:
+            (D, K, 2L, 2L).
+        """
+        corr = self.prepare(data)
+        F = torch.as_tensor(F, device=self.device, dtype=self.dtype)
+        sigma2 = float(sigma) ** 2
+        zero = torch.zeros(2 * self.L, 2 * self.L, dtype=self.dtype, device=self.device)
+        # Undo the prior and normalisation terms of the bias; add the patch energies back.
+        shift = math.log(self.K) + 0.5 * self.L**2 * math.log(2 * math.pi * sigma2)
+        out = []
+        for start, stop, lg in self._logits_chunks(corr, F, zero, sigma2):
+            lg = torch.stack([corr.from_layout(x, self.K) for x in lg])
+            out.append(lg + shift - (corr.energy[start:stop] / (2 * sigma2)).view(-1, 1, 1, 1))
+        return torch.cat(out)
+
+    def e_step(self, corr: Correlator, F: torch.Tensor, log_rho: torch.Tensor, sigma2: float):
+        """Posteriors (eq. 11 / 14) by log-sum-exp, reduced chunk by chunk to the sufficient
+        statistics.
+
+        Args:
+            corr: the prepared patches.
+            F: (L, L) current estimate.
+            log_rho: (2L, 2L) log of the current shift distribution.
+            sigma2: noise variance.
+
+        Returns:
+            ``Statistics``.
+        """
+        L, K = self.L, self.K
+        # exp below log(tiny) underflows anyway, and takes a slow path on some CPUs: clamp first.
+        floor = math.log(torch.finfo(self.dtype).tiny) + 1
+        omega, acc = 0.0, corr.new_accumulator(K)
+        loglik = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start, stop, logits in self._logits_chunks(corr, F, log_rho, sigma2):
+            x = logits.view(stop - start, -1)
+            # Log-sum-exp, keeping exp(x - max) unnormalised: the 1 / sum is folded into the
+            # (small)
+            # reductions below instead of a pass over the (B, K * 4L^2) array.
+            top = x.amax(1, keepdim=True)
+            e = x.sub_(top).clamp_(min=floor).exp_()
+            total = e.sum(1)
+            inv_total = total.reciprocal()
+            omega = omega + (inv_total @ e).view(logits.shape[1:])  # sum_m w_m(l, k)
+            corr.accumulate(start, stop, logits, inv_total, acc)
+            lse = top.view(-1) + total.log() - corr.energy[start:stop] / (2 * sigma2)
+            loglik += lse.sum(dtype=torch.float64)
+        omega = corr.from_layout(omega, K)
+        b = corr.finish(acc, K)[:, :L, :L]
+        return Statistics(omega, b, coverage(omega, L), loglik, corr.energy.sum(), corr.D)
+
+    # --------------------------------------------------------------------------------------------
+    # M-step
+    # --------------------------------------------------------------------------------------------
+    def grad_q(self, stats: Statistics, F: torch.Tensor, sigma2: float) -> torch.Tensor:
+        """grad_F Q = (sum_k R_k^T b_k - sum_k R_k^T diag(c_k) R_k F) / sigma^2 (from eq. 16)."""
+        R = self.rotations
+        return (R.adjoint(stats.b) - R.adjoint(stats.c * R(F))) / sigma2
+
+    def closed_form(self, stats: Statistics, F: torch.Tensor) -> torch.Tensor:
+        """argmax_F Q: solve sum_k R_k^T diag(c_k) R_k F = sum_k R_k^T b_k (eq. 16 set to zero).
+
+        Pixels that no posterior covers (a zero row of the system) keep their value from ``F``.
+        """
+        R = self.rotations
+        rhs = R.adjoint(stats.b)
+        if R.is_permutation:  # the system is diagonal
+            diag = R.adjoint(stats.c)
+            return torch.where(diag > 0, rhs / diag.clamp_min(torch.finfo(F.dtype).tiny), F)
+        A = R.normal_matrix(stats.c)
+        covered = A.diagonal() > 0
+        A = A + torch.diag((~covered).to(A.dtype))  # uncovered pixels: identity rows, keep F
+        rhs = torch.where(covered.view(self.L, self.L), rhs, F)
+        L_chol, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            sol = torch.cholesky_solve(rhs.reshape(-1, 1), L_chol)
+        else:
+            sol = torch.linalg.lstsq(A, rhs.reshape(-1, 1)).solution
+        return sol.reshape(self.L, self.L)
+
+    def residual(self, stats: Statistics, F: torch.Tensor) -> torch.Tensor:
+        """sum_m sum_{l,k} w_m(l,k) ||M_m - C T_l Z R_k F||^2, from the statistics."""
+        RF = self.rotations(F)
+        return stats.energy - 2 * (stats.b * RF).sum() + (stats.c * RF * RF).sum()
+
+    def q_function(self, stats: Statistics, F: torch.Tensor, sigma2: float) -> torch.Tensor:
+        """The F-dependent part of Q (eq. 16): -residual / (2 sigma^2)."""
+        return -self.residual(stats, F) / (2 * sigma2)
+
+    def gamma_at(self, tau: int) -> float:
+        """The prior weight gamma^(tau) of eq. (18)."""
+        if self.gamma == "constant" or self.iterations == 1:
+            return self.gamma_max
+        return self.gamma_max * tau / (self.iterations - 1)
+
+    def _prior_score(self, prior: Prior, F: torch.Tensor, t: float) -> torch.Tensor:
+        s = prior(F.reshape(1, 1, self.L, self.L), t)
+        if tuple(s.shape) != (1, 1, self.L, self.L):
+            raise ValueError(
+                f"the prior must map (B, 1, L, L) to (B, 1, L, L); for L = {self.L} it returned "
+                f"shape {tuple(s.shape)}"
+            )
+        return s.reshape(self.L, self.L).to(F)
+
+    def log_prior(self, prior: Prior, F: torch.Tensor, nodes: int = 8) -> float:
+        """log p(F) - log p(0) by integrating the score along the segment from 0 to F.
+
+        A score prior gives no log-density; ranking restarts only needs differences, and the line
+        integral
+        of the score (Gauss-Legendre, ``nodes`` points) is that difference for a conservative
+        score.
+        """
+        u, wq = np.polynomial.legendre.leggauss(nodes)
+        total = 0.0
+        for ui, wi in zip((u + 1) / 2, wq / 2, strict=True):
+            total += wi * float((self._prior_score(prior, ui * F, self.prior_t) * F).sum())
+        return total
+
+    # --------------------------------------------------------------------------------------------
+    # The loop
+    # --------------------------------------------------------------------------------------------
+    def _validate_image(self, name, x):
+        x = torch.as_tensor(x, device=self.device, dtype=self.dtype)
+        if x.shape[-2:] != (self.L, self.L):
+            raise ValueError(
+                f"{name} must be ({self.L}, {self.L}) images, got shape {tuple(x.shape)}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} has non-finite values")
+        return x
+
+    def fit(
+        self,
+        data,
+        init,
+        prior: Prior | None = None,
+        truth=None,
+        callback: Callable[[dict], None] | None = None,
+    ) -> EMResult:
+        """Run EM from each initial guess and keep the best (approximate-EM paper, Section 3).
+
+        Args:
+            data: (N, N) measurement.
+            init: (L, L) initial guess, or (R, L, L) for R restarts.
+            prior: callable ``score(x: (B, 1, L, L), t: float) -> (B, 1, L, L)`` in measurement
+            units;
+                needs ``m_step="gradient"``.
+            truth: (L, L) true image, to record the error along the iterations.
+            callback: called after every iteration with that iteration's history dict: ``restart``,
+                ``iteration``, ``loglik`` (at the E-step's estimate), ``delta`` (||F_new - F||),
+                ``sigma``,
+                ``gamma``, ``lr``, ``empty_mass`` (rho's mass on shifts that leave the patch empty)
+                and
+                ``error`` (when truth is given).
+
+        Returns:
+            ``EMResult`` of the restart with the highest log-likelihood (plus gamma * log-prior).
+        """
+        if prior is not None and self.m_step != "gradient":
+            raise ValueError(
+                'a prior needs m_step="gradient"; the closed-form M-step has no prior term'
+            )
+        inits = self._validate_image("init", init)
+        if inits.ndim not in (2, 3):
+            raise ValueError(f"init must be (L, L) or (R, L, L), got shape {tuple(inits.shape)}")
+        inits = inits.reshape(-1, self.L, self.L)
+        if truth is not None:
+            truth = self._validate_image("truth", truth)
+            if truth.ndim != 2:
+                raise ValueError(f"truth must be one (L, L) image, got shape {tuple(truth.shape)}")
+        corr = self.prepare(data)
+        shape = torch.as_tensor(data).shape
+        dropped = (shape[0] % self.L, shape[1] % self.L)
+        if any(dropped):
+            warnings.warn(
+                f"the measurement {tuple(shape)} is not a multiple of L = {self.L}: the last "
+                f"{dropped[0]} rows and {dropped[1]} columns are outside the patch grid, unused",
+                stacklevel=2,
+            )
+        results, scores = [], []
+        for r, F0 in enumerate(inits):
+            res = self._fit_one(corr, F0, prior, truth, callback, r)
+            score = float(res.loglik[-1])
+            if prior is not None:
+                score += self.gamma_at(len(res.history) - 1) * self.log_prior(prior, res.estimate)
+            results.append(res)
+            scores.append(score)
+        best = int(np.argmax(scores))
+        result = results[best]
+        result.restart, result.scores, result.dropped = best, torch.tensor(scores), dropped
+        return result
+
+    def _initial_sigma2(self, corr: Correlator) -> float:
+        # The patches' mean power: an upper bound on sigma^2 that the M-steps then lower.
+        return max(float(corr.energy.sum()) / (corr.D * self.L**2), 1e-12)
+
+    def _fit_one(self, corr, F, prior, truth, callback, restart) -> EMResult:
+        L = self.L
+        F = F.clone()
+        rho = torch.full((2 * L, 2 * L), 1.0 / (4 * L * L), dtype=self.dtype, device=self.device)
+        sigma2 = self.sigma**2 if self.sigma is not None else self._initial_sigma2(corr)
+        empty = torch.zeros(2 * L, 2 * L, dtype=torch.bool, device=self.device)
+        empty[L, :] = empty[:, L] = True  # l_x = L or l_y = L: the shifted copy misses the patch
+        history, logliks, converged = [], [], False
+        for tau in range(self.iterations):
+            stats = self.e_step(corr, F, rho.log(), sigma2)
+            gamma = self.gamma_at(tau)
+            if self.m_step == "closed_form":
+                F_new = self.closed_form(stats, F)
+            else:  # eq. (18) of the score-prior paper, `steps` times from the E-step's F
+                F_new = F
+                for _ in range(self.steps):
+                    step = self.grad_q(stats, F_new, sigma2)
+                    if prior is not None:
+                        step = step + gamma * self._prior_score(prior, F_new, self.prior_t)
+                    F_new = F_new + self.lr * step
+            if self.rho_mode == "estimate":
+                rho = stats.omega.sum(0) / stats.D  # eq. (18) of the approximate-EM paper
+            if self.sigma is None:  # sigma^2 maximising Q at the new F
+                sigma2 = max(float(self.residual(stats, F_new)) / (stats.D * L * L), 1e-12)
+            delta = float(torch.linalg.vector_norm(F_new - F))
+            entry = {
+                "restart": restart,
+                "iteration": tau,
+                "loglik": float(stats.loglik),
+                "delta": delta,
+                "sigma": math.sqrt(sigma2),
+                "gamma": gamma if prior is not None else 0.0,
+                "lr": self.lr if self.m_step == "gradient" else float("nan"),
+                "empty_mass": float(rho[empty].sum()),
+            }
+            if truth is not None:
+                entry["error"] = relative_error(truth, F_new, self.K)
+            history.append(entry)
+            logliks.append(float(stats.loglik))
+            F = F_new
+            if callback is not None:
+                callback(entry)
+            if not math.isfinite(delta):
+                raise FloatingPointError(
+                    f"EM diverged at iteration {tau} (non-finite estimate); lower lr ({self.lr})"
+                )
+            if delta < self.tol:
+                converged = True
+                break
+        logliks.append(float(self.e_step(corr, F, rho.log(), sigma2).loglik))
+        return EMResult(
+            estimate=F,
+            rho=rho,
+            sigma=math.sqrt(sigma2),
+            loglik=torch.tensor(logliks, dtype=torch.float64),
+            history=history,
+            converged=converged,
+            restart=restart,
+        )

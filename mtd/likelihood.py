@@ -1,0 +1,175 @@
+"""Cross-correlation of patches with shifted, rotated templates: the heavy part of the E-step.
+
+For a patch M_m and the zero-padded rotated image G_k = Z R_k F (2L x 2L), DESIGN section 4 needs
+
+    c_m(l, k) = sum_{i,j<L} M_m[i, j] G_k[(i + l_x) mod 2L, (j + l_y) mod 2L],   l in {0..2L-1}^2
+
+and, for the M-step, its adjoint: the back-projection of posterior weights w_m(l, k) onto G_k,
+
+    g_k(y) = sum_m sum_l w_m(l, k) (Z M_m)[(y - l) mod 2L]          (b_k = Z^T g_k).
+
+Two equivalent forms compute both; ``choose_method`` picks one by the sizes:
+
+- "fft": c = IFFT2(conj(FFT2(Z M_m)) * FFT2(G_k)), g = IFFT2(sum_m FFT2(w_m) * FFT2(Z M_m)).
+  The patch FFTs are computed once. Cost per patch ~ K * 2 FFTs of 2L x 2L.
+- "gemm": every shifted crop C T_l G_k is a row of a (K*4L^2, L^2) template matrix S; c = M S^T
+  and the back-projection is w^T M scattered back through the same shift table. Cost per patch
+  K * 4L^2 * L^2 MACs, which wins for small L where tiny FFTs are dominated by overhead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Measured on 2 CPU cores (tests/benchmarks/bench_em.py --methods): GEMM wins up to L = 6, FFT
+# above.
+GEMM_MAX_L = 6
+
+
+def choose_method(L: int) -> str:
+    """The faster correlation form for patch side L ("gemm" for small L, else "fft")."""
+    return "gemm" if L <= GEMM_MAX_L else "fft"
+
+
+def shift_table(L: int, device=None) -> torch.Tensor:
+    """Flat indices into a 2L x 2L image of the crop C T_l for every shift l.
+
+    Returns:
+        (4L^2, L^2) int64: row ``l = l_x * 2L + l_y``, column ``i * L + j`` holds
+        ``((i + l_x) mod 2L) * 2L + (j + l_y) mod 2L`` (eq. 7 of the approximate-EM paper).
+    """
+    P = 2 * L
+    lx, ly = torch.meshgrid(torch.arange(P), torch.arange(P), indexing="ij")
+    i, j = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    rows = (i.reshape(1, -1) + lx.reshape(-1, 1)) % P
+    cols = (j.reshape(1, -1) + ly.reshape(-1, 1)) % P
+    return (rows * P + cols).to(device)
+
+
+def template_energy(G: torch.Tensor, L: int) -> torch.Tensor:
+    """e(l, k) = ||C T_l G_k||^2 for all shifts: the correlation of the L x L window of ones with
+    G_k^2.
+
+    Args:
+        G: (K, 2L, 2L) zero-padded rotated images.
+
+    Returns:
+        (K, 2L, 2L).
+    """
+    P = 2 * L
+    window = torch.zeros(P, P, dtype=G.dtype, device=G.device)
+    window[:L, :L] = 1
+    spec = torch.conj(torch.fft.rfft2(window)) * torch.fft.rfft2(G * G)
+    return torch.fft.irfft2(spec, s=(P, P))
+
+
+class Correlator:
+    """Holds the patches in the form the chosen method needs, computed once.
+
+    The cross-correlations come out in a method-specific layout ``(B, *layout)`` over (rotation,
+    shift);
+    ``to_layout`` / ``from_layout`` convert (K, 2L, 2L) arrays such as the E-step's bias and
+    occupancy.
+    The FFT form packs rotations in pairs as the real and imaginary parts of one complex FFT (the
+    FFT of
+    two real signals for the price of one), so its layout is (ceil(K/2), 2L, 2L, 2).
+
+    Args:
+        patches: (D, L, L) patches.
+        method: "fft" or "gemm".
+    """
+
+    def __init__(self, patches: torch.Tensor, method: str):
+        if method not in ("fft", "gemm"):
+            raise ValueError(f"correlation method must be 'fft' or 'gemm', got {method!r}")
+        self.method = method
+        self.D, self.L = patches.shape[0], patches.shape[-1]
+        self.dtype, self.device = patches.dtype, patches.device
+        L, P = self.L, 2 * self.L
+        self.energy = patches.reshape(self.D, -1).square().sum(1)  # ||M_m||^2, (D,)
+        if method == "fft":
+            self.spectra = torch.fft.fft2(patches, s=(P, P))  # FFT2(Z M_m), (D, 2L, 2L)
+        else:
+            ones = torch.ones(self.D, 1, dtype=self.dtype, device=self.device)
+            self.flat = torch.cat([patches.reshape(self.D, L * L), ones], 1)  # (D, L^2 + 1)
+            self.shifts = shift_table(L, self.device)  # (4L^2, L^2)
+
+    def to_layout(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(K, 2L, 2L) -> this method's layout; a padding rotation (odd K, FFT) gets ``fill``."""
+        if self.method == "gemm":
+            return x
+        K, P = x.shape[0], x.shape[-1]
+        if K % 2:
+            x = torch.cat([x, torch.full_like(x[:1], fill)])
+        return x.reshape(-1, 2, P, P).permute(0, 2, 3, 1).contiguous()
+
+    def from_layout(self, y: torch.Tensor, K: int) -> torch.Tensor:
+        """This method's layout -> (K, 2L, 2L)."""
+        if self.method == "gemm":
+            return y
+        P = y.shape[1]
+        return y.permute(0, 3, 1, 2).reshape(-1, P, P)[:K]
+
+    def prepare(self, G: torch.Tensor, scale: float, bias: torch.Tensor):
+        """Per-iteration form of the templates, such that ``correlate`` returns scale * c + bias.
+
+        Args:
+            G: (K, 2L, 2L) zero-padded rotated images.
+            scale: factor on the correlations.
+            bias: (K, 2L, 2L) added to every patch's scaled correlations.
+        """
+        if self.method == "fft":  # FFT2(G_2j + i G_2j+1), scaled
+            spec = torch.fft.fft2(torch.view_as_complex(self.to_layout(G))).mul_(scale)
+            return spec, self.to_layout(bias, fill=-math.inf)
+        K = G.shape[0]
+        S = G.reshape(K, -1)[:, self.shifts].reshape(-1, self.L * self.L) * scale
+        # The bias rides in the GEMM as one more column, against a column of ones in the patches.
+        return torch.cat([S, bias.reshape(-1, 1)], 1).T.contiguous(), None
+
+    def correlate(self, start: int, stop: int, templates) -> torch.Tensor:
+        """scale * c_m(l, k) + bias(l, k) for patches start..stop-1 (see ``prepare``).
+
+        Returns:
+            (B, *layout) real.
+        """
+        spec, bias = templates
+        if self.method == "fft":
+            # IFFT2(conj(FFT2 ZM) (FFT2 G_2j + i FFT2 G_2j+1)) = c_2j + i c_2j+1: both are real.
+            prod = torch.conj(self.spectra[start:stop, None]) * spec[None]
+            return torch.view_as_real(torch.fft.ifft2(prod, out=prod)).add_(bias)
+        P = 2 * self.L
+        return (self.flat[start:stop] @ spec).reshape(stop - start, -1, P, P)
+
+    def new_accumulator(self, K: int) -> torch.Tensor:
+        """Zeros to accumulate the back-projection in."""
+        L, P = self.L, 2 * self.L
+        if self.method == "fft":
+            return torch.zeros((K + 1) // 2, P, P, dtype=self.spectra.dtype, device=self.device)
+        return torch.zeros(K * P * P, L * L, dtype=self.dtype, device=self.device)
+
+    def accumulate(
+        self, start: int, stop: int, w: torch.Tensor, scale: torch.Tensor, acc: torch.Tensor
+    ) -> None:
+        """Add the back-projection of weights scale[m] * w[m] (w: (B, *layout)) to acc."""
+        if self.method == "fft":
+            spec = torch.fft.fft2(torch.view_as_complex(w))  # FFT2(w_2j + i w_2j+1)
+            acc += (spec.mul_((self.spectra[start:stop] * scale.view(-1, 1, 1))[:, None])).sum(0)
+        else:
+            rows = self.flat[start:stop, :-1] * scale.view(-1, 1)
+            acc.addmm_(w.reshape(stop - start, -1).T, rows)
+
+    def finish(self, acc: torch.Tensor, K: int) -> torch.Tensor:
+        """The back-projection g_k on the 2L x 2L grid from an accumulator.
+
+        Returns:
+            (K, 2L, 2L); its top-left L x L block is b_k.
+        """
+        if self.method == "fft":  # IFFT2 of the packed sum = g_2j + i g_2j+1
+            return self.from_layout(torch.view_as_real(torch.fft.ifft2(acc)), K)
+        P = 2 * self.L
+        g = torch.zeros(K, P * P, dtype=acc.dtype, device=acc.device)
+        idx = self.shifts.reshape(-1).expand(K, -1)
+        g.scatter_add_(1, idx, acc.reshape(K, -1))
+        return g.reshape(K, P, P)

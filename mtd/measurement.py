@@ -1,0 +1,285 @@
+"""The MTD forward model (DESIGN section 3): plant rotated copies of an image in noise; read and
+write.
+
+Randomness comes from one ``numpy.random.Generator`` (PCG64) seeded by ``seed``, drawn in a fixed
+order
+(positions, rotations, noise) and in float64, so the same seed gives the same bytes on every
+machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtd.rotations import Rotations, _bilinear_table
+
+MRC_SUFFIXES = (".mrc", ".mrcs", ".map")
+
+
+@dataclass
+class Measurement:
+    """A simulated measurement and its truth.
+
+    Attributes:
+        data: (N, N) float64 noisy measurement.
+        sigma: noise standard deviation.
+        snr: ||F||^2 / (L^2 sigma^2).
+        image: (L, L) float64 planted image F.
+        positions: (p, 2) int64 top-left corners (row, column) of the copies.
+        angles: (p,) float64 rotation of each copy in radians, counter-clockwise.
+        K: number of discrete rotations (for rotation="discrete").
+        rotation: "discrete" or "continuous".
+        separation: "well" or "arbitrary".
+        seed: the seed it was drawn with.
+    """
+
+    data: torch.Tensor
+    sigma: float
+    snr: float
+    image: torch.Tensor
+    positions: torch.Tensor
+    angles: torch.Tensor
+    K: int
+    rotation: str
+    separation: str
+    seed: int
+
+    @property
+    def L(self) -> int:
+        return self.image.shape[-1]
+
+    @property
+    def N(self) -> int:
+        return self.data.shape[-1]
+
+    def clean(self) -> torch.Tensor:
+        """(N, N) the measurement without noise, rebuilt from the truth."""
+        out = torch.zeros_like(self.data)
+        _plant(out, _copies(self.image, self.angles, self.K, self.rotation), self.positions)
+        return out
+
+    def save(self, path) -> Path:
+        """Write the measurement (not the truth) as .npy or .mrc; see ``write_micrograph``."""
+        return write_micrograph(path, self.data)
+
+
+def _max_copies(N: int, L: int, gap: int) -> int:
+    """How many corners in {0..N-L}^2 fit at pairwise Chebyshev distance >= gap (a lattice)."""
+    return ((N - L) // gap + 1) ** 2
+
+
+def _place(N: int, L: int, p: int, gap: int, rng: np.random.Generator) -> np.ndarray:
+    """Random sequential placement of p corners whose pairs differ by >= gap in row or in column.
+
+    Candidates are uniform on {0..N-L}^2; a bucket grid of cell side ``gap`` holds at most one
+    corner per
+    cell, so a candidate is checked against the 3 x 3 neighbouring cells only. If random placement
+    jams,
+    it falls back to a random subset of the densest lattice, shifted at random.
+    """
+    W = N - L + 1
+    cells = (W + gap - 1) // gap
+    owner = -np.ones(
+        (cells + 2, cells + 2), dtype=np.int64
+    )  # one-cell border avoids bounds checks
+    pos = np.empty((p, 2), dtype=np.int64)
+    n, misses = 0, 0
+    max_misses = 200 * max(p, 100)
+    while n < p and misses < max_misses:
+        for r, c in rng.integers(0, W, size=(4096, 2)):
+            cr, cc = r // gap + 1, c // gap + 1
+            near = owner[cr - 1 : cr + 2, cc - 1 : cc + 2].ravel()
+            near = near[near >= 0]
+            if near.size and np.any(
+                (np.abs(pos[near, 0] - r) < gap) & (np.abs(pos[near, 1] - c) < gap)
+            ):
+                misses += 1
+                continue
+            owner[cr, cc] = n
+            pos[n] = r, c
+            n += 1
+            if n == p:
+                break
+    if n == p:
+        return pos
+    per_axis = (N - L) // gap + 1
+    cells_idx = rng.choice(per_axis * per_axis, size=p, replace=False)
+    slack = (N - L) - (per_axis - 1) * gap
+    offset = rng.integers(0, slack + 1, size=2)
+    return np.stack([cells_idx // per_axis, cells_idx % per_axis], 1) * gap + offset
+
+
+def _copies(image: torch.Tensor, angles: torch.Tensor, K: int, rotation: str) -> torch.Tensor:
+    """(p, L, L) rotated copies: the EM's operators for discrete angles, else bilinear."""
+    L = image.shape[-1]
+    if rotation == "discrete":
+        k = torch.round(angles * K / (2 * math.pi)).long() % K
+        return Rotations(L, K, image.device, image.dtype)(image)[k]
+    out = torch.empty(len(angles), L, L, dtype=image.dtype)
+    flat = image.reshape(-1)
+    for s in range(0, len(angles), 4096):  # bounded memory for many copies
+        index, weight = _bilinear_table(L, angles[s : s + 4096])
+        out[s : s + 4096] = (flat[index] * weight.to(image.dtype)).sum(-1).reshape(-1, L, L)
+    return out
+
+
+def _plant(data: torch.Tensor, copies: torch.Tensor, positions: torch.Tensor) -> None:
+    L = copies.shape[-1]
+    ar = torch.arange(L)
+    rows = (positions[:, 0, None, None] + ar[None, :, None]).expand(-1, L, L)
+    cols = (positions[:, 1, None, None] + ar[None, None, :]).expand(-1, L, L)
+    data.index_put_((rows, cols), copies, accumulate=True)
+
+
+def simulate(
+    image,
+    N: int,
+    density: float = 0.1,
+    snr: float = 1.0,
+    K: int = 4,
+    rotation: str = "discrete",
+    separation: str = "well",
+    seed: int = 0,
+) -> Measurement:
+    """Simulate an MTD measurement (eq. 1 of both papers).
+
+    Exactly ``p = round(density * N^2 / L^2)`` copies of ``image`` are planted at random positions,
+    each
+    rotated by a random angle: k * 2*pi/K with k uniform (rotation="discrete"; exact rot90 for
+    K = 4) or uniform on [0, 2*pi) (rotation="continuous"). With separation="well" any two copies'
+    top-left corners
+    differ by at least 2L - 1 pixels in row or in column, so no L x L window touches two copies;
+    with
+    separation="arbitrary" copies only must not overlap. White Gaussian noise of variance sigma^2
+    with
+    sigma = sqrt(||F||^2 / (snr L^2)) is added (snr = inf: no noise).
+
+    Args:
+        image: (L, L) image F.
+        N: side of the square measurement.
+        density: fraction of the measurement covered by copies, p L^2 / N^2.
+        snr: signal-to-noise ratio ||F||^2 / (L^2 sigma^2).
+        K: number of discrete rotations.
+        rotation: "discrete" or "continuous".
+        separation: "well" or "arbitrary".
+        seed: seed of all the randomness.
+
+    Returns:
+        ``Measurement`` with the data and the truth.
+    """
+    image = torch.as_tensor(image, dtype=torch.float64).cpu()
+    if image.ndim != 2 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"image must be a square 2-D array, got shape {tuple(image.shape)}")
+    if not torch.isfinite(image).all():
+        raise ValueError("image has non-finite values")
+    L = image.shape[0]
+    if int(N) != N or N < L:
+        raise ValueError(f"N must be an integer >= L = {L}, got {N!r}")
+    N = int(N)
+    if int(K) != K or K < 1:
+        raise ValueError(f"K must be an integer >= 1, got {K!r}")
+    if rotation not in ("discrete", "continuous"):
+        raise ValueError(f"rotation must be 'discrete' or 'continuous', got {rotation!r}")
+    if separation not in ("well", "arbitrary"):
+        raise ValueError(f"separation must be 'well' or 'arbitrary', got {separation!r}")
+    if not (math.isfinite(density) and density >= 0):
+        raise ValueError(f"density must be a finite number >= 0, got {density!r}")
+    if not snr > 0:
+        raise ValueError(f"snr must be > 0 (inf for no noise), got {snr!r}")
+    energy = float(image.square().sum())
+    if energy == 0:
+        raise ValueError("image is all zeros: its SNR is undefined")
+    p = round(density * N * N / (L * L))
+    gap = 2 * L - 1 if separation == "well" else L
+    cap = _max_copies(N, L, gap)
+    if p > cap:
+        raise ValueError(
+            f"density {density} asks for p = {p} copies of a {L} x {L} image in {N} x {N}, but "
+            f"at most "
+            f"{cap} fit with separation={separation!r} (density <= {cap * L * L / (N * N):.4g})"
+        )
+    rng = np.random.default_rng(seed)
+    positions = torch.from_numpy(_place(N, L, p, gap, rng))
+    if rotation == "discrete":
+        angles = torch.from_numpy(rng.integers(0, K, size=p)) * (2 * math.pi / K)
+    else:
+        angles = torch.from_numpy(rng.uniform(0, 2 * math.pi, size=p))
+    sigma = math.sqrt(energy / (snr * L * L))
+    data = torch.from_numpy(rng.standard_normal((N, N)))
+    data.mul_(sigma)
+    _plant(data, _copies(image, angles, K, rotation), positions)
+    return Measurement(
+        data, sigma, float(snr), image, positions, angles, int(K), rotation, separation, seed
+    )
+
+
+def read_micrograph(path) -> torch.Tensor:
+    """Read a 2-D measurement from .npy or .mrc (.mrcs, .map).
+
+    Returns:
+        (N0, N1) tensor in the file's floating dtype (float32 for MRC).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no measurement file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    elif suffix in MRC_SUFFIXES:
+        import mrcfile
+
+        with mrcfile.open(path, permissive=True) as mrc:
+            if mrc.data is None:
+                raise ValueError(f"{path} is not a readable MRC file")
+            array = np.array(mrc.data)
+    else:
+        raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"{path} holds an array of shape {array.shape}; a measurement is 2-D")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{path} holds dtype {array.dtype}; a measurement holds real numbers")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path} has {int((~np.isfinite(array)).sum())} non-finite values")
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
+    """Write a 2-D measurement as .npy (its dtype) or .mrc (float32), atomically.
+
+    The file appears whole or not at all: it is written next to ``path`` and renamed.
+    """
+    path = Path(path)
+    array = np.asarray(torch.as_tensor(data).detach().cpu())
+    if array.ndim != 2:
+        raise ValueError(f"a measurement is 2-D, got shape {array.shape}")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", *MRC_SUFFIXES):
+        raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        if suffix == ".npy":
+            np.save(tmp, array)
+        else:
+            import mrcfile
+
+            with mrcfile.new(tmp, overwrite=True) as mrc:
+                mrc.set_data(array.astype(np.float32))
+                mrc.voxel_size = voxel_size
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,259 @@
+"""Behaviour of the EM: monotonicity, precision, recovery, MAP, symmetries, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mtd
+
+
+def gaussian_image(seed=0, L=5):
+    """A 5 x 5 image from N(mu, I), mu in {0..4}^(L x L) as in the score-prior paper; and mu."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randint(0, 5, (L, L), generator=g).double()
+    return mu + torch.randn(L, L, generator=g, dtype=torch.float64), mu
+
+
+@pytest.mark.parametrize("sigma_known", [True, False])
+@pytest.mark.parametrize("K", [4, 8])
+def test_closed_form_em_never_decreases_loglik(K, sigma_known):
+    image, mu = gaussian_image(1)
+    meas = mtd.simulate(image, 110, snr=2.0, K=K, seed=5)
+    em = mtd.ApproximateEM(
+        5,
+        K=K,
+        sigma=meas.sigma if sigma_known else None,
+        iterations=30,
+        tol=0,
+        dtype=torch.float64,
+    )
+    res = em.fit(meas.data, mu)
+    ll = res.loglik.numpy()
+    assert len(ll) == 31
+    assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll).max()), np.diff(ll).min()
+    assert ll[-1] > ll[0] + 1  # it did move
+
+
+def test_float32_posteriors_close_to_float64(digits):
+    image = digits[10]
+    meas = mtd.simulate(image, 308, snr=1.0, seed=7)
+    F = digits[:10].mean(0)
+    post = {}
+    for dtype in (torch.float32, torch.float64):
+        em = mtd.ApproximateEM(28, K=4, dtype=dtype)
+        ll = em.log_likelihoods(meas.data, F, meas.sigma).double()
+        post[dtype] = torch.softmax(ll.reshape(ll.shape[0], -1), 1)
+        # The streamed E-step's occupancy too (it never holds the posteriors).
+        corr = em.prepare(meas.data)
+        log_rho = torch.full((56, 56), -math.log(56 * 56), dtype=dtype)
+        post[(dtype, "omega")] = em.e_step(
+            corr, F.to(dtype), log_rho, meas.sigma**2
+        ).omega.double()
+    tv = 0.5 * (post[torch.float32] - post[torch.float64]).abs().sum(1)
+    assert tv.max() < 1e-3, tv.max()
+    D = post[torch.float64].shape[0]
+    omega_tv = (
+        0.5 * (post[(torch.float32, "omega")] - post[(torch.float64, "omega")]).abs().sum() / D
+    )
+    assert omega_tv < 1e-3
+
+
+def test_recovers_mnist_digit_at_high_snr(digits):
+    image = digits[10]  # a real MNIST "5"; init: the mean of ten other digits (the paper's init)
+    init = torch.cat([digits[:10], digits[11:]]).mean(0)
+    meas = mtd.simulate(image, 308, snr=100.0, seed=1)
+    res = mtd.ApproximateEM(28, K=4, dtype=torch.float64).fit(meas.data, init, truth=image)
+    assert res.history[-1]["error"] < 0.05
+    assert res.history[0]["error"] > 0.3  # the error fell because of EM, not the init
+
+
+def test_recovers_gaussian_image_at_high_snr():
+    image, mu = gaussian_image(0)
+    meas = mtd.simulate(image, 220, snr=100.0, seed=2)
+    res = mtd.ApproximateEM(5, K=4, iterations=200, dtype=torch.float64).fit(meas.data, mu)
+    assert mtd.relative_error(image, res.estimate) < 0.05
+    assert mtd.relative_error(image, mu) > 0.1
+
+
+def map_solution(em, stats, sigma2, mu, gamma):
+    """argmax_F Q + gamma log N(F; mu, I): (A / sigma^2 + gamma I) F = rhs / sigma^2 + gamma mu."""
+    A = em.rotations.normal_matrix(stats.c) / sigma2 + gamma * torch.eye(
+        mu.numel(), dtype=mu.dtype
+    )
+    rhs = em.rotations.adjoint(stats.b).reshape(-1) / sigma2 + gamma * mu.reshape(-1)
+    return torch.linalg.solve(A, rhs).reshape(mu.shape)
+
+
+def test_gradient_m_step_with_gaussian_score_converges_to_map():
+    image, mu = gaussian_image(3)
+    meas = mtd.simulate(image, 110, snr=1.0, seed=4)
+    prior = lambda x, t: -(x - mu)  # noqa: E731  the exact score of N(mu, I)
+    sigma2 = meas.sigma**2
+    em = mtd.ApproximateEM(
+        5,
+        K=4,
+        sigma=meas.sigma,
+        m_step="gradient",
+        gamma="constant",
+        gamma_max=2.0,
+        steps=3000,
+        iterations=1,
+        dtype=torch.float64,
+    )
+    # Within one M-step: the ascent reaches the maximiser of Q + gamma log p for the E-step's
+    # statistics.
+    F0 = mu + 0.5
+    stats = em.e_step(em.prepare(meas.data), F0, torch.full((10, 10), 0.01).log(), sigma2)
+    em.lr = 1 / (
+        float(em.rotations.adjoint(stats.c).max()) / sigma2 + 2.0
+    )  # 1 / largest curvature
+    res = em.fit(meas.data, F0, prior=prior)
+    # The fit used rho estimated from the same uniform start, so its E-step is the one above.
+    expected = map_solution(em, stats, sigma2, mu, 2.0)
+    assert torch.allclose(res.estimate, expected, atol=1e-8), (res.estimate - expected).abs().max()
+    # Across EM: iterating to convergence reaches the fixed point of MAP-EM computed in closed
+    # form.
+    em.steps, em.iterations, em.tol = 200, 400, 1e-11
+    res = em.fit(meas.data, F0, prior=prior)
+    corr, F = em.prepare(meas.data), F0
+    log_rho = torch.full((10, 10), 0.01).log()
+    for _ in range(400):
+        stats = em.e_step(corr, F, log_rho, sigma2)
+        F_new = map_solution(em, stats, sigma2, mu, 2.0)
+        log_rho = (stats.omega.sum(0) / stats.D).log()
+        if (F_new - F).norm() < 1e-11:
+            break
+        F = F_new
+    assert torch.allclose(res.estimate, F_new, atol=1e-6), (res.estimate - F_new).abs().max()
+
+
+@pytest.mark.parametrize(
+    "symmetry",
+    [lambda x: torch.rot90(x, 1, (-2, -1)), lambda x: x.transpose(-2, -1), lambda x: x.flip(-1)],
+    ids=["rot90", "transpose", "mirror"],
+)
+def test_symmetric_measurement_gives_symmetric_estimate(symmetry):
+    image, mu = gaussian_image(5)
+    meas = mtd.simulate(
+        image, 100, snr=5.0, seed=6
+    )  # N a multiple of L: the patch grid maps to itself
+    em = mtd.ApproximateEM(5, K=4, iterations=15, dtype=torch.float64)
+    plain = em.fit(meas.data, mu)
+    moved = em.fit(symmetry(meas.data), symmetry(mu))
+    assert torch.allclose(moved.estimate, symmetry(plain.estimate), atol=1e-9)
+    assert torch.allclose(moved.loglik, plain.loglik, rtol=1e-12)
+
+
+def test_restarts_keep_the_best_loglik():
+    image, mu = gaussian_image(0)
+    meas = mtd.simulate(image, 110, snr=20.0, seed=2)
+    g = torch.Generator().manual_seed(0)
+    inits = torch.stack(
+        [torch.rand(5, 5, generator=g, dtype=torch.float64) * 4 for _ in range(3)] + [mu]
+    )
+    em = mtd.ApproximateEM(5, K=4, iterations=50, dtype=torch.float64)
+    res = em.fit(meas.data, inits)
+    singles = [float(em.fit(meas.data, x).loglik[-1]) for x in inits]
+    assert res.restart == int(np.argmax(singles))
+    assert float(res.loglik[-1]) == pytest.approx(max(singles))
+    assert res.scores.tolist() == pytest.approx(singles)
+
+
+def test_history_and_callback():
+    image, mu = gaussian_image(0)
+    meas = mtd.simulate(image, 55, snr=5.0, seed=2)
+    seen = []
+    em = mtd.ApproximateEM(5, K=4, iterations=5, tol=0, dtype=torch.float64)
+    res = em.fit(meas.data, mu, truth=image, callback=seen.append)
+    assert seen == res.history and len(seen) == 5
+    assert {"loglik", "delta", "error", "empty_mass", "sigma", "iteration"} <= set(seen[0])
+    assert seen[-1]["error"] == pytest.approx(mtd.relative_error(image, res.estimate))
+    assert 0 <= seen[-1]["empty_mass"] <= 1 and seen[0]["empty_mass"] > 0
+    assert res.rho.sum().item() == pytest.approx(1.0)
+
+
+def test_uniform_rho_stays_uniform_and_gamma_schedules():
+    em = mtd.ApproximateEM(5, rho="uniform", iterations=5, tol=0, dtype=torch.float64)
+    image, mu = gaussian_image(0)
+    res = em.fit(mtd.simulate(image, 55, snr=5.0).data, mu)
+    assert torch.allclose(res.rho, torch.full((10, 10), 0.01, dtype=torch.float64))
+    lin = mtd.ApproximateEM(5, gamma="linear", gamma_max=2.0, iterations=5)
+    assert [lin.gamma_at(t) for t in range(5)] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
+    assert mtd.ApproximateEM(5, gamma="constant", gamma_max=2.0).gamma_at(3) == 2.0
+
+
+def test_stops_when_the_update_is_small():
+    image, mu = gaussian_image(0)
+    meas = mtd.simulate(image, 110, snr=1000.0, seed=2)
+    res = mtd.ApproximateEM(5, K=4, iterations=100, tol=1e-6, dtype=torch.float64).fit(
+        meas.data, mu
+    )
+    assert res.converged and len(res.history) < 100
+    assert res.history[-1]["delta"] < 1e-6 <= res.history[-2]["delta"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error before any work, one test per case (DESIGN section 7).
+# ------------------------------------------------------------------------------------------------
+def test_non_finite_measurement_is_refused():
+    data = torch.zeros(20, 20)
+    data[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        mtd.ApproximateEM(5).fit(data, torch.zeros(5, 5))
+
+
+def test_non_2d_measurement_is_refused():
+    with pytest.raises(ValueError, match="2-D"):
+        mtd.ApproximateEM(5).fit(torch.zeros(2, 20, 20), torch.zeros(5, 5))
+
+
+def test_measurement_smaller_than_image_is_refused():
+    with pytest.raises(ValueError, match="smaller than the image side L = 5"):
+        mtd.ApproximateEM(5).fit(torch.zeros(4, 4), torch.zeros(5, 5))
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan")])
+def test_non_positive_sigma_is_refused(sigma):
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        mtd.ApproximateEM(5, sigma=sigma)
+
+
+def test_k_below_one_is_refused():
+    with pytest.raises(ValueError, match="K must be an integer >= 1, got 0"):
+        mtd.ApproximateEM(5, K=0)
+    with pytest.raises(ValueError, match="K must be an integer >= 1"):
+        mtd.simulate(torch.ones(3, 3), 30, K=0)
+
+
+def test_init_of_wrong_size_is_refused():
+    with pytest.raises(ValueError, match=r"init must be \(5, 5\) images"):
+        mtd.ApproximateEM(5).fit(torch.zeros(20, 20), torch.zeros(4, 4))
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ValueError, match="m_step must be one of"):
+        mtd.ApproximateEM(5, m_step="newton")
+    with pytest.raises(ValueError, match="rho must be one of"):
+        mtd.ApproximateEM(5, rho="learned")
+
+
+def test_prior_with_closed_form_is_refused():
+    with pytest.raises(ValueError, match='m_step="gradient"'):
+        mtd.ApproximateEM(5).fit(torch.zeros(20, 20), torch.zeros(5, 5), prior=lambda x, t: x)
+
+
+def test_prior_of_wrong_shape_is_refused():
+    em = mtd.ApproximateEM(5, m_step="gradient")
+    with pytest.raises(ValueError, match="must map"):
+        em.fit(torch.randn(20, 20), torch.zeros(5, 5), prior=lambda x, t: x.reshape(-1))
+
+
+def test_remainder_strip_is_reported():
+    image, mu = gaussian_image(0)
+    with pytest.warns(UserWarning, match="last 3 rows and 3 columns"):
+        res = mtd.ApproximateEM(5, iterations=1).fit(mtd.simulate(image, 58, snr=5.0).data, mu)
+    assert res.dropped == (3, 3)

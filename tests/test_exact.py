@@ -1,0 +1,189 @@
+"""The engine against a straightforward implementation of the papers' equations (reference.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mtd
+from tests import reference as ref
+
+CASES = [(L, K) for L in (3, 4, 5, 6) for K in (1, 4, 8)]
+
+
+def tiny_case(L, K, rng, n=3, snr=2.0):
+    """A float64 measurement of n x n patches holding a random image, and a random estimate."""
+    image = rng.uniform(0, 1, (L, L))
+    meas = mtd.simulate(
+        image, n * L + 1, density=0.12, snr=snr, K=K, seed=int(rng.integers(1 << 30))
+    )
+    data = meas.data.numpy()[: n * L, : n * L]  # whole patches only
+    F = image + 0.3 * rng.standard_normal((L, L))
+    rho = rng.uniform(0.5, 1.5, (2 * L, 2 * L))
+    return data, F, rho / rho.sum(), meas.sigma
+
+
+def engine(L, K, method, chunk_size=None):
+    return mtd.ApproximateEM(L, K=K, method=method, chunk_size=chunk_size, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+@pytest.mark.parametrize("L,K", CASES)
+def test_log_likelihoods_equal_direct_formula(L, K, method, rng):
+    data, F, _, sigma = tiny_case(L, K, rng)
+    ours = engine(L, K, method).log_likelihoods(data, torch.from_numpy(F), sigma).numpy()
+    direct = ref.log_likelihoods(ref.patches(data, L), F, sigma, K)
+    np.testing.assert_allclose(ours, direct, rtol=1e-9, atol=1e-9 * np.abs(direct).max())
+
+
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+@pytest.mark.parametrize("L,K", CASES)
+def test_e_step_statistics_equal_brute_force(L, K, method, rng):
+    data, F, rho, sigma = tiny_case(L, K, rng)
+    em = engine(L, K, method, chunk_size=2)
+    stats = em.e_step(
+        em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
+    )
+    w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
+    omega, b, c = ref.statistics(w, ref.patches(data, L), K)
+    np.testing.assert_allclose(stats.omega.numpy(), omega, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.b.numpy(), b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.c.numpy(), c, rtol=1e-9, atol=1e-12)
+    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+
+
+@pytest.mark.parametrize("L,K", [(4, 4), (5, 8), (3, 1)])
+def test_posteriors_of_each_patch_equal_brute_force(L, K, rng):
+    # The engine never holds posteriors; on a one-patch measurement omega is that patch's
+    # posterior.
+    data, F, rho, sigma = tiny_case(L, K, rng)
+    w, _ = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
+    em = engine(L, K, "auto")
+    for m, patch in enumerate(ref.patches(data, L)):
+        stats = em.e_step(
+            em.prepare(patch), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
+        )
+        np.testing.assert_allclose(stats.omega.numpy(), w[m], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("L,K", [(4, 4), (5, 8), (6, 1), (3, 3)])
+def test_m_steps_and_rho_equal_brute_force(L, K, rng):
+    data, F, rho, sigma = tiny_case(L, K, rng)
+    patch_list = ref.patches(data, L)
+    w, _ = ref.e_step(patch_list, F, rho, sigma, K)
+    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64, m_step="gradient", lr=1e-3)
+    Ft = torch.from_numpy(F)
+    stats = em.e_step(em.prepare(data), Ft, torch.from_numpy(np.log(rho)), sigma**2)
+    # Closed form: the solution of the normal equations built from the operators themselves.
+    np.testing.assert_allclose(
+        em.closed_form(stats, Ft).numpy(), ref.closed_form_m_step(w, patch_list, K), rtol=1e-8
+    )
+    # Gradient of Q, and one step of eq. (18) with a prior.
+    g = ref.grad_q(w, patch_list, F, sigma, K)
+    np.testing.assert_allclose(em.grad_q(stats, Ft, sigma**2).numpy(), g, rtol=1e-9, atol=1e-9)
+    # rho, eq. (18) of the approximate-EM paper.
+    np.testing.assert_allclose((stats.omega.sum(0) / stats.D).numpy(), w.sum((0, 1)) / len(w))
+
+
+@pytest.mark.parametrize("L,K", [(4, 4), (5, 8)])
+def test_gradient_of_q_equals_autograd(L, K, rng):
+    data, F, rho, sigma = tiny_case(L, K, rng)
+    patch_list = ref.patches(data, L)
+    w, _ = ref.e_step(patch_list, F, rho, sigma, K)
+    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64)
+    x = torch.from_numpy(F).requires_grad_(True)
+    RF = em.rotations(x)
+    q = 0.0  # eq. (16), summed term by term
+    for m, Mm in enumerate(patch_list):
+        for k in range(K):
+            Z = torch.zeros(2 * L, 2 * L, dtype=torch.float64)
+            Z[:L, :L] = RF[k]
+            for lx in range(2 * L):
+                for ly in range(2 * L):
+                    win = torch.roll(Z, (-lx, -ly), (0, 1))[:L, :L]
+                    q = q - w[m, k, lx, ly] * ((torch.from_numpy(Mm) - win) ** 2).sum() / (
+                        2 * sigma**2
+                    )
+    (grad,) = torch.autograd.grad(q, x)
+    stats = em.e_step(em.prepare(data), x.detach(), torch.from_numpy(np.log(rho)), sigma**2)
+    np.testing.assert_allclose(
+        em.grad_q(stats, x.detach(), sigma**2).numpy(), grad.numpy(), rtol=1e-9
+    )
+    # Q from the statistics is the same sum (eq. 16).
+    assert float(em.q_function(stats, x.detach(), sigma**2)) == pytest.approx(
+        float(q.detach()), rel=1e-10
+    )
+
+
+def test_one_gradient_iteration_is_eq_18(rng):
+    L, K = 4, 4
+    data, F, _, sigma = tiny_case(L, K, rng)
+    mu = torch.from_numpy(rng.uniform(0, 1, (L, L)))
+    prior = lambda x, t: -(x - mu)  # noqa: E731
+    em = mtd.ApproximateEM(
+        L,
+        K=K,
+        sigma=sigma,
+        rho="uniform",
+        m_step="gradient",
+        lr=1e-3,
+        gamma="constant",
+        gamma_max=0.7,
+        iterations=1,
+        dtype=torch.float64,
+    )
+    res = em.fit(data, F, prior=prior)
+    rho = np.full((2 * L, 2 * L), 1 / (4 * L * L))
+    w, _ = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
+    expected = F + 1e-3 * (
+        ref.grad_q(w, ref.patches(data, L), F, sigma, K) + 0.7 * -(F - mu.numpy())
+    )
+    np.testing.assert_allclose(res.estimate.numpy(), expected, rtol=1e-10)
+
+
+def test_reference_iteration_matches_engine(rng):
+    """The benchmark's baseline computes the same iteration as the engine."""
+    L, K = 4, 4
+    data, F, rho, sigma = tiny_case(L, K, rng)
+    F_ref, rho_ref, loglik = ref.iteration(ref.patches(data, L), F, rho, sigma, K)
+    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64)
+    stats = em.e_step(
+        em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
+    )
+    np.testing.assert_allclose(
+        em.closed_form(stats, torch.from_numpy(F)).numpy(), F_ref, rtol=1e-9
+    )
+    np.testing.assert_allclose((stats.omega.sum(0) / stats.D).numpy(), rho_ref, rtol=1e-9)
+    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+
+
+@pytest.mark.parametrize("L,K", [(5, 4), (4, 8)])
+def test_chunk_size_does_not_change_results(L, K, rng):
+    image = rng.uniform(0, 1, (L, L))
+    meas = mtd.simulate(image, 12 * L, snr=3.0, K=K, seed=3)
+    init = torch.from_numpy(image + 0.2 * rng.standard_normal((L, L)))
+    runs = []
+    for method in ("fft", "gemm"):
+        for chunk in (1, 7, None, 10**6):
+            em = mtd.ApproximateEM(
+                L, K=K, iterations=4, chunk_size=chunk, method=method, dtype=torch.float64
+            )
+            runs.append(em.fit(meas.data, init))
+    for r in runs[1:]:
+        assert torch.allclose(r.estimate, runs[0].estimate, rtol=0, atol=1e-10)
+        assert torch.allclose(r.loglik, runs[0].loglik, rtol=1e-12, atol=1e-10)
+        assert abs(r.sigma - runs[0].sigma) < 1e-10
+
+
+def test_sigma_estimate_maximises_q(rng):
+    L, K = 5, 4
+    data, F, rho, _ = tiny_case(L, K, rng)
+    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64)
+    stats = em.e_step(em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), 0.5)
+    Ft = torch.from_numpy(F)
+    s2 = float(em.residual(stats, Ft)) / (stats.D * L * L)
+    full_q = lambda v: float(em.q_function(stats, Ft, v)) - 0.5 * stats.D * L * L * math.log(v)  # noqa: E731
+    assert full_q(s2) > full_q(s2 * 1.01) and full_q(s2) > full_q(s2 * 0.99)
