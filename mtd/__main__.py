@@ -2,8 +2,7 @@
 recovers it.
 
 No prior, no Hydra, no W&B: the approximate EM of the approximate-EM paper on one measurement, with
-a
-progress bar over iterations. Ctrl-C stops it cleanly; outputs are written only when EM has
+a progress bar over iterations. Ctrl-C stops it cleanly; outputs are written only when EM has
 finished.
 """
 

@@ -2,11 +2,9 @@
 
 The model (approximate-EM paper, eqs. 5-7; score-prior paper, eq. 9): every L x L patch of the
 measurement is ``M_m = C T_l Z R_k F + noise`` with an unknown shift l in {0..2L-1}^2 and rotation
-k. The
-E-step computes the posterior of (l, k) for every patch (eq. 11 / 14) by FFT or GEMM
-cross-correlation and
-reduces it, chunk by chunk, to the sufficient statistics of DESIGN section 4; the M-step needs
-nothing else.
+k. The E-step computes the posterior of (l, k) for every patch (eq. 11 / 14) by FFT or GEMM
+cross-correlation and reduces it, chunk by chunk, to the sufficient statistics of DESIGN section 4;
+the M-step needs nothing else.
 """
 
 from __future__ import annotations
@@ -26,10 +24,10 @@ from mtd.rotations import Rotations
 
 Prior = Callable[[torch.Tensor, float], torch.Tensor]
 
-# Elements (patches x rotations x shifts) per chunk when chunk_size is None: large enough to
-# amortise the
-# per-call overhead, small enough that the chunk's intermediates stay in cache (see the benchmark).
-_CHUNK_ELEMENTS = 1 << 19
+# Elements (patches x rotations x shifts) per chunk when chunk_size is None, by correlation form:
+# large enough to amortise the per-call overhead, small enough that a chunk's intermediates stay in
+# cache (measured with tests/benchmarks/bench_em.py on 2 CPU cores).
+_CHUNK_ELEMENTS = {"fft": 1 << 18, "gemm": 1 << 19}
 
 
 @dataclass
@@ -88,8 +86,7 @@ def coverage(omega: torch.Tensor, L: int) -> torch.Tensor:
     d mod 2L).
 
     Summed directly (a box filter on the circularly extended occupancy) rather than by FFT, so that
-    the
-    result is exactly non-negative and exactly zero where no posterior mass reaches.
+    the result is exactly non-negative and exactly zero where no posterior mass reaches.
 
     Args:
         omega: (K, 2L, 2L).
@@ -121,8 +118,7 @@ class ApproximateEM(torch.nn.Module):
         steps: gradient ascent steps per EM iteration (the score-prior paper's N).
         lr: gradient ascent learning rate mu.
         gamma: weight of the prior along the iterations: "linear" (gamma_max * tau / (T - 1), the
-            paper's
-            ``linspace(0, 1, T)``) or "constant" (gamma_max).
+            paper's ``linspace(0, 1, T)``) or "constant" (gamma_max).
         gamma_max: the prior weight's largest value.
         prior_t: diffusion time at which the score prior is evaluated.
         iterations: maximum number of EM iterations T.
@@ -226,7 +222,8 @@ class ApproximateEM(torch.nn.Module):
     def _chunk(self, D: int) -> int:
         if self.chunk_size is not None:
             return min(self.chunk_size, D)
-        return max(1, min(D, _CHUNK_ELEMENTS // (self.K * 4 * self.L * self.L)))
+        budget = _CHUNK_ELEMENTS[self.method]
+        return max(1, min(D, budget // (self.K * 4 * self.L * self.L)))
 
     # --------------------------------------------------------------------------------------------
     # E-step
@@ -243,18 +240,15 @@ class ApproximateEM(torch.nn.Module):
         sigma^2.
 
         logits is (B, *layout) in the correlator's layout over (rotation, shift). The patch's own
-        term
-        -||M_m||^2 / (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the
-        callers add
-        it where they need the likelihood itself.
+        term -||M_m||^2 / (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the
+        callers add it where they need the likelihood itself.
         """
         L, K = self.L, self.K
         G = self.padded_rotations(F)
         inv = 1.0 / (2.0 * sigma2)
         # Patch-independent part of eq. (10): -e(l,k) / 2 sigma^2, the prior of (l, k) (eq. 12) and
-        # the
-        # Gaussian normalisation, so that the sum of log-sum-exps is the approximate log-likelihood
-        # (eq. 5).
+        # the Gaussian normalisation, so that the sum of log-sum-exps is the approximate
+        # log-likelihood (eq. 5).
         bias = -template_energy(G, L) * inv + log_rho - math.log(K)
         bias = bias - 0.5 * L * L * math.log(2 * math.pi * sigma2)
         templates = corr.prepare(G, 2 * inv, bias)  # correlate() gives c / sigma^2 + bias
@@ -306,8 +300,7 @@ class ApproximateEM(torch.nn.Module):
         for start, stop, logits in self._logits_chunks(corr, F, log_rho, sigma2):
             x = logits.view(stop - start, -1)
             # Log-sum-exp, keeping exp(x - max) unnormalised: the 1 / sum is folded into the
-            # (small)
-            # reductions below instead of a pass over the (B, K * 4L^2) array.
+            # (small) reductions below instead of a pass over the (B, K * 4L^2) array.
             top = x.amax(1, keepdim=True)
             e = x.sub_(top).clamp_(min=floor).exp_()
             total = e.sum(1)
@@ -377,9 +370,8 @@ class ApproximateEM(torch.nn.Module):
         """log p(F) - log p(0) by integrating the score along the segment from 0 to F.
 
         A score prior gives no log-density; ranking restarts only needs differences, and the line
-        integral
-        of the score (Gauss-Legendre, ``nodes`` points) is that difference for a conservative
-        score.
+        integral of the score (Gauss-Legendre, ``nodes`` points) is that difference for a
+        conservative score.
         """
         u, wq = np.polynomial.legendre.leggauss(nodes)
         total = 0.0
@@ -414,15 +406,12 @@ class ApproximateEM(torch.nn.Module):
             data: (N, N) measurement.
             init: (L, L) initial guess, or (R, L, L) for R restarts.
             prior: callable ``score(x: (B, 1, L, L), t: float) -> (B, 1, L, L)`` in measurement
-            units;
-                needs ``m_step="gradient"``.
+                units; needs ``m_step="gradient"``.
             truth: (L, L) true image, to record the error along the iterations.
             callback: called after every iteration with that iteration's history dict: ``restart``,
                 ``iteration``, ``loglik`` (at the E-step's estimate), ``delta`` (||F_new - F||),
-                ``sigma``,
-                ``gamma``, ``lr``, ``empty_mass`` (rho's mass on shifts that leave the patch empty)
-                and
-                ``error`` (when truth is given).
+                ``sigma``, ``gamma``, ``lr``, ``empty_mass`` (rho's mass on shifts that leave the
+                patch empty) and ``error`` (when truth is given).
 
         Returns:
             ``EMResult`` of the restart with the highest log-likelihood (plus gamma * log-prior).

@@ -10,11 +10,11 @@ and, for the M-step, its adjoint: the back-projection of posterior weights w_m(l
 
 Two equivalent forms compute both; ``choose_method`` picks one by the sizes:
 
-- "fft": c = IFFT2(conj(FFT2(Z M_m)) * FFT2(G_k)), g = IFFT2(sum_m FFT2(w_m) * FFT2(Z M_m)).
-  The patch FFTs are computed once. Cost per patch ~ K * 2 FFTs of 2L x 2L.
-- "gemm": every shifted crop C T_l G_k is a row of a (K*4L^2, L^2) template matrix S; c = M S^T
-  and the back-projection is w^T M scattered back through the same shift table. Cost per patch
-  K * 4L^2 * L^2 MACs, which wins for small L where tiny FFTs are dominated by overhead.
+- "fft": c = IFFT2(conj(FFT2(Z M_m)) * FFT2(G_k)), g = IFFT2(sum_m FFT2(w_m) * FFT2(Z M_m)). The
+  patch FFTs are computed once. Cost per patch ~ K * 2 FFTs of 2L x 2L.
+- "gemm": every shifted crop C T_l G_k is a row of a (K*4L^2, L^2) template matrix S; c = M S^T and
+  the back-projection is w^T M scattered back through the same shift table. Cost per patch K * 4L^2
+  * L^2 MACs, which wins for small L where tiny FFTs are dominated by overhead.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import math
 
 import torch
 
-# Measured on 2 CPU cores (tests/benchmarks/bench_em.py --methods): GEMM wins up to L = 6, FFT
-# above.
-GEMM_MAX_L = 6
+# Measured on 2 CPU cores (python -m tests.benchmarks.bench_em --methods): GEMM wins up to L = 7,
+# FFT above. A rule of the sizes, not a timing at run time, so that runs stay reproducible.
+GEMM_MAX_L = 7
 
 
 def choose_method(L: int) -> str:
@@ -37,8 +37,8 @@ def shift_table(L: int, device=None) -> torch.Tensor:
     """Flat indices into a 2L x 2L image of the crop C T_l for every shift l.
 
     Returns:
-        (4L^2, L^2) int64: row ``l = l_x * 2L + l_y``, column ``i * L + j`` holds
-        ``((i + l_x) mod 2L) * 2L + (j + l_y) mod 2L`` (eq. 7 of the approximate-EM paper).
+        (4L^2, L^2) int64: row ``l = l_x * 2L + l_y``, column ``i * L + j`` holds ``((i + l_x) mod
+        2L) * 2L + (j + l_y) mod 2L`` (eq. 7 of the approximate-EM paper).
     """
     P = 2 * L
     lx, ly = torch.meshgrid(torch.arange(P), torch.arange(P), indexing="ij")
@@ -69,12 +69,13 @@ class Correlator:
     """Holds the patches in the form the chosen method needs, computed once.
 
     The cross-correlations come out in a method-specific layout ``(B, *layout)`` over (rotation,
-    shift);
-    ``to_layout`` / ``from_layout`` convert (K, 2L, 2L) arrays such as the E-step's bias and
-    occupancy.
-    The FFT form packs rotations in pairs as the real and imaginary parts of one complex FFT (the
-    FFT of
-    two real signals for the price of one), so its layout is (ceil(K/2), 2L, 2L, 2).
+    shift); ``to_layout`` / ``from_layout`` convert (K, 2L, 2L) arrays such as the E-step's bias
+    and occupancy. The FFT form packs rotations in pairs as the real and imaginary parts of one
+    complex FFT (two real transforms for the price of one), so its layout is (ceil(K/2), 2L, 2L,
+    2).
+
+    The per-chunk arrays live in one work buffer that is reused from chunk to chunk: the arrays
+    ``correlate`` returns are overwritten by the next call.
 
     Args:
         patches: (D, L, L) patches.
@@ -89,12 +90,20 @@ class Correlator:
         self.dtype, self.device = patches.dtype, patches.device
         L, P = self.L, 2 * self.L
         self.energy = patches.reshape(self.D, -1).square().sum(1)  # ||M_m||^2, (D,)
+        self._work = None
         if method == "fft":
             self.spectra = torch.fft.fft2(patches, s=(P, P))  # FFT2(Z M_m), (D, 2L, 2L)
+            self.spectra_conj = self.spectra.conj().resolve_conj()
         else:
             ones = torch.ones(self.D, 1, dtype=self.dtype, device=self.device)
             self.flat = torch.cat([patches.reshape(self.D, L * L), ones], 1)  # (D, L^2 + 1)
             self.shifts = shift_table(L, self.device)  # (4L^2, L^2)
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        if self._work is None or self._work.numel() < n or self._work.dtype != dtype:
+            self._work = torch.empty(n, dtype=dtype, device=self.device)
+        return self._work[:n].view(shape)
 
     def to_layout(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(K, 2L, 2L) -> this method's layout; a padding rotation (odd K, FFT) gets ``fill``."""
@@ -120,27 +129,35 @@ class Correlator:
             scale: factor on the correlations.
             bias: (K, 2L, 2L) added to every patch's scaled correlations.
         """
-        if self.method == "fft":  # FFT2(G_2j + i G_2j+1), scaled
-            spec = torch.fft.fft2(torch.view_as_complex(self.to_layout(G))).mul_(scale)
-            return spec, self.to_layout(bias, fill=-math.inf)
         K = G.shape[0]
+        if self.method == "fft":
+            # FFT2(G_2j + i G_2j+1), scaled; the bias enters in the frequency domain (the IFFT is
+            # linear), fused with the product. A padding rotation (odd K) is masked after the IFFT.
+            spec = torch.fft.fft2(torch.view_as_complex(self.to_layout(G))).mul_(scale)
+            bias_hat = torch.fft.fft2(torch.view_as_complex(self.to_layout(bias)))
+            return spec, bias_hat, K % 2 == 1
         S = G.reshape(K, -1)[:, self.shifts].reshape(-1, self.L * self.L) * scale
         # The bias rides in the GEMM as one more column, against a column of ones in the patches.
-        return torch.cat([S, bias.reshape(-1, 1)], 1).T.contiguous(), None
+        return torch.cat([S, bias.reshape(-1, 1)], 1).T.contiguous(), None, False
 
     def correlate(self, start: int, stop: int, templates) -> torch.Tensor:
         """scale * c_m(l, k) + bias(l, k) for patches start..stop-1 (see ``prepare``).
 
         Returns:
-            (B, *layout) real.
+            (B, *layout) real, in the work buffer.
         """
-        spec, bias = templates
+        spec, bias_hat, odd = templates
+        B, P = stop - start, 2 * self.L
         if self.method == "fft":
             # IFFT2(conj(FFT2 ZM) (FFT2 G_2j + i FFT2 G_2j+1)) = c_2j + i c_2j+1: both are real.
-            prod = torch.conj(self.spectra[start:stop, None]) * spec[None]
-            return torch.view_as_real(torch.fft.ifft2(prod, out=prod)).add_(bias)
-        P = 2 * self.L
-        return (self.flat[start:stop] @ spec).reshape(stop - start, -1, P, P)
+            prod = self._buffer((B, *spec.shape), spec.dtype)
+            torch.addcmul(bias_hat, self.spectra_conj[start:stop, None], spec, out=prod)
+            out = torch.view_as_real(torch.fft.ifft2(prod))
+            if odd:
+                out[:, -1, ..., 1] = -math.inf
+            return out
+        out = self._buffer((B, spec.shape[1]), self.dtype)
+        return torch.matmul(self.flat[start:stop], spec, out=out).view(B, -1, P, P)
 
     def new_accumulator(self, K: int) -> torch.Tensor:
         """Zeros to accumulate the back-projection in."""
@@ -155,7 +172,8 @@ class Correlator:
         """Add the back-projection of weights scale[m] * w[m] (w: (B, *layout)) to acc."""
         if self.method == "fft":
             spec = torch.fft.fft2(torch.view_as_complex(w))  # FFT2(w_2j + i w_2j+1)
-            acc += (spec.mul_((self.spectra[start:stop] * scale.view(-1, 1, 1))[:, None])).sum(0)
+            spec.mul_((self.spectra[start:stop] * scale.view(-1, 1, 1))[:, None])
+            acc += spec.sum(0)
         else:
             rows = self.flat[start:stop, :-1] * scale.view(-1, 1)
             acc.addmm_(w.reshape(stop - start, -1).T, rows)

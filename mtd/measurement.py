@@ -2,8 +2,7 @@
 write.
 
 Randomness comes from one ``numpy.random.Generator`` (PCG64) seeded by ``seed``, drawn in a fixed
-order
-(positions, rotations, noise) and in float64, so the same seed gives the same bytes on every
+order (positions, rotations, noise) and in float64, so the same seed gives the same bytes on every
 machine.
 """
 
@@ -79,10 +78,8 @@ def _place(N: int, L: int, p: int, gap: int, rng: np.random.Generator) -> np.nda
     """Random sequential placement of p corners whose pairs differ by >= gap in row or in column.
 
     Candidates are uniform on {0..N-L}^2; a bucket grid of cell side ``gap`` holds at most one
-    corner per
-    cell, so a candidate is checked against the 3 x 3 neighbouring cells only. If random placement
-    jams,
-    it falls back to a random subset of the densest lattice, shifted at random.
+    corner per cell, so a candidate is checked against the 3 x 3 neighbouring cells only. If random
+    placement jams, it falls back to a random subset of the densest lattice, shifted at random.
     """
     W = N - L + 1
     cells = (W + gap - 1) // gap
@@ -151,15 +148,12 @@ def simulate(
     """Simulate an MTD measurement (eq. 1 of both papers).
 
     Exactly ``p = round(density * N^2 / L^2)`` copies of ``image`` are planted at random positions,
-    each
-    rotated by a random angle: k * 2*pi/K with k uniform (rotation="discrete"; exact rot90 for
+    each rotated by a random angle: k * 2*pi/K with k uniform (rotation="discrete"; exact rot90 for
     K = 4) or uniform on [0, 2*pi) (rotation="continuous"). With separation="well" any two copies'
-    top-left corners
-    differ by at least 2L - 1 pixels in row or in column, so no L x L window touches two copies;
-    with
-    separation="arbitrary" copies only must not overlap. White Gaussian noise of variance sigma^2
-    with
-    sigma = sqrt(||F||^2 / (snr L^2)) is added (snr = inf: no noise).
+    top-left corners differ by at least 2L - 1 pixels in row or in column, so no L x L window
+    touches two copies; with separation="arbitrary" copies only must not overlap. White Gaussian
+    noise of variance sigma^2 with sigma = sqrt(||F||^2 / (snr L^2)) is added (snr = inf: no
+    noise).
 
     Args:
         image: (L, L) image F.

@@ -21,11 +21,10 @@ def relative_error(truth, estimate, K: int = 4, max_shift: int = 0) -> float:
     """min_k ||truth - R_k estimate|| / ||truth|| over the K rotations by k * 2*pi/K.
 
     Eq. (19) of the approximate-EM paper, with the rotation set of the EM (exact rot90 for K = 4).
-    An
-    image with an empty (zero) border, such as an MNIST digit, is identifiable from MTD data only
-    up to a
-    translation inside its L x L frame: every patch is explained equally well by the shifted image.
-    ``max_shift > 0`` also minimises over translations of the estimate by up to that many pixels.
+    An image with an empty (zero) border, such as an MNIST digit, is identifiable from MTD data
+    only up to a translation inside its L x L frame: every patch is explained equally well by the
+    shifted image. ``max_shift > 0`` also minimises over translations of the estimate by up to that
+    many pixels.
 
     Args:
         truth: (L, L) tensor or array.

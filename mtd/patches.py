@@ -9,8 +9,7 @@ def extract_patches(data: torch.Tensor, L: int) -> torch.Tensor:
     """The D = (N // L)^2 non-overlapping L x L patches of a measurement, row-major.
 
     A remainder strip of ``N % L`` rows (and columns) at the bottom (and right) is dropped; the
-    caller
-    reports it.
+    caller reports it.
 
     Args:
         data: (N0, N1) measurement.

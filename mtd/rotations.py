@@ -1,18 +1,13 @@
 """In-plane rotations of L x L images about their centre ((L-1)/2, (L-1)/2).
 
 One operator serves the simulator and the EM (DESIGN section 3): bilinear interpolation,
-counter-clockwise
-like ``torch.rot90`` (row axis pointing down), zero outside the image. Sample positions that fall
-on the
-pixel grid are snapped to it, so angles that are multiples of pi/2 give ``torch.rot90`` exactly and
-the
-operator is then a permutation.
+counter-clockwise like ``torch.rot90`` (row axis pointing down), zero outside the image. Sample
+positions that fall on the pixel grid are snapped to it, so angles that are multiples of pi/2 give
+``torch.rot90`` exactly and the operator is then a permutation.
 
 A rotation is stored as a gather table: output pixel ``p`` is ``sum_j weight[p, j] * image[index[p,
-j]]``
-over the four bilinear neighbours. The adjoint ``R^T`` is the matching scatter-add, so nothing of
-size
-L^2 x L^2 is ever formed except where a dense normal matrix is asked for.
+j]]`` over the four bilinear neighbours. The adjoint ``R^T`` is the matching scatter-add, so
+nothing of size L^2 x L^2 is ever formed except where a dense normal matrix is asked for.
 """
 
 from __future__ import annotations
@@ -83,8 +78,7 @@ class Rotations(torch.nn.Module):
     """The K rotation operators R_k by k * 2*pi/K (eq. 8 of the approximate-EM paper).
 
     For K in {1, 2, 4} every R_k is a permutation (exact ``torch.rot90``) and ``is_permutation`` is
-    true,
-    which makes the closed-form M-step an elementwise division.
+    true, which makes the closed-form M-step an elementwise division.
 
     Args:
         L: image side.

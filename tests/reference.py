@@ -1,10 +1,8 @@
 """Approximate EM written the straightforward way: NumPy loops over patches, shifts and rotations.
 
 Each function transcribes an equation of the papers with no FFT, no batching and no
-sufficient-statistics
-shortcut. The tests compare the engine against it on tiny cases; the benchmark times it as the
-baseline
-(it is the way the papers' research code computes an iteration).
+sufficient-statistics shortcut. The tests compare the engine against it on tiny cases; the
+benchmark times it as the baseline (it is the way the papers' research code computes an iteration).
 """
 
 from __future__ import annotations
@@ -106,12 +104,12 @@ def statistics(w, patch_list, K):
     b = np.zeros((K, L, L))
     c = np.zeros((K, L, L))
     ones = np.ones((L, L))
-    for m, Mm in enumerate(patch_list):
-        for k in range(K):
-            for lx in range(2 * L):
-                for ly in range(2 * L):
+    for k in range(K):
+        for lx in range(2 * L):
+            for ly in range(2 * L):
+                for m, Mm in enumerate(patch_list):
                     b[k] += w[m, k, lx, ly] * crop_shift_adjoint(Mm, lx, ly)
-                    c[k] += w[m, k, lx, ly] * crop_shift_adjoint(ones, lx, ly)
+                c[k] += omega[k, lx, ly] * crop_shift_adjoint(ones, lx, ly)
     return omega, b, c
 
 
@@ -158,20 +156,43 @@ def grad_q(w, patch_list, F, sigma, K) -> np.ndarray:
 
 
 def iteration(patch_list, F, rho, sigma, K):
-    """One EM iteration as research code runs it: per patch, per shift, per rotation.
+    """One EM iteration as research code runs it: a Python loop over patches and shifts.
 
-    Returns the closed-form estimate, the new rho (eq. 18) and the log-likelihood; the M-step
-    solves the
-    elementwise (rot90) or small dense system built from the statistics accumulated in the loop.
+    The K rotated, shifted and cropped templates are formed once per iteration; inside the loops
+    NumPy works on the K rotations at once. Returns the closed-form estimate (eq. 16 set to zero),
+    the new rho (eq. 18) and the log-likelihood (eq. 5).
     """
-    w, total = e_step(patch_list, F, rho, sigma, K)
-    _, b, c = statistics(w, patch_list, K)
-    rhs = sum(rotations_adjoint(b[k], k, K) for k in range(K))
-    diag = sum(rotations_adjoint(c[k], k, K) for k in range(K))
-    return rhs / diag, w.sum((0, 1)) / len(patch_list), total
-
-
-def rotations_adjoint(X, k, K):
-    """R_k^T X for rot90 rotations (the inverse rotation)."""
-    assert K in (1, 2, 4)
-    return np.rot90(X, -(k * 4 // K)).copy()
+    L = F.shape[0]
+    P = 2 * L
+    RF = rotations(F, K)
+    T = np.stack(
+        [[crop_shift(RF[k], lx, ly) for k in range(K)] for lx in range(P) for ly in range(P)]
+    )
+    log_prior = np.log(rho).ravel() - math.log(K)  # (4L^2,)
+    const = 0.5 * L * L * math.log(2 * math.pi * sigma**2)
+    b = np.zeros((K, L, L))
+    omega = np.zeros((P * P, K))
+    total = 0.0
+    for Mm in patch_list:
+        ll = np.empty((P * P, K))
+        for l in range(P * P):  # eq. (10) for the K rotations at once
+            ll[l] = -((Mm - T[l]) ** 2).sum((1, 2)) / (2 * sigma**2)
+        a = ll + log_prior[:, None]  # eq. (11)
+        top = a.max()
+        e = np.exp(a - top)
+        s = e.sum()
+        w = e / s
+        total += top + math.log(s) - const
+        omega += w
+        for l in range(P * P):  # back-projection of the patch for each shift
+            back = crop_shift_adjoint(Mm, l // P, l % P)
+            b += w[l][:, None, None] * back
+    c = np.zeros((K, L, L))
+    ones = np.ones((L, L))
+    for l in range(P * P):
+        c += omega[l][:, None, None] * crop_shift_adjoint(ones, l // P, l % P)
+    R = [rotation_matrix(L, K, k) for k in range(K)]
+    lhs = sum(R[k].T @ np.diag(c[k].ravel()) @ R[k] for k in range(K))
+    rhs = sum(R[k].T @ b[k].ravel() for k in range(K))
+    rho_new = omega.sum(1).reshape(P, P) / len(patch_list)
+    return np.linalg.solve(lhs, rhs).reshape(L, L), rho_new, total

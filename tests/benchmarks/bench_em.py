@@ -1,0 +1,175 @@
+"""Seconds per EM iteration: the engine against a straightforward implementation and the bare FFT.
+
+    python -m tests.benchmarks.bench_em              # the engine issue's two cases, float64
+    python -m tests.benchmarks.bench_em --dtype float32
+    python -m tests.benchmarks.bench_em --methods    # FFT against GEMM by L (choose_method's rule)
+
+Everything is measured in this one run, on the same inputs:
+
+- engine: one iteration = E-step (streamed statistics) + closed-form M-step + rho update, the
+  median of several repeats.
+- straightforward: ``tests/reference.iteration`` (NumPy, a Python loop over patches and shifts, as
+  research code does it), timed on n and 2n patches and scaled to all D patches; that it computes
+  the engine's iteration is checked by tests/test_exact.py.
+- bare: the batched transforms the iteration cannot avoid, each in a single call with nothing else:
+  for the FFT form the forward and inverse complex FFTs of the (D, K/2, 2L, 2L) packed
+  correlations; for the GEMM form the products (D, L^2+1) x (L^2+1, 4KL^2), (4KL^2, D) x (D, L^2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mtd
+from mtd.likelihood import choose_method
+from tests import reference as ref
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def case_image(L: int, rng: np.random.Generator) -> np.ndarray:
+    if L == 28:
+        with np.load(ASSETS / "mnist_digits.npz") as f:
+            return f["images"][10].astype(np.float64) / 255.0
+    return rng.uniform(0, 1, (L, L))  # the approximate-EM paper's images
+
+
+def engine_iteration(em: mtd.ApproximateEM, data, F, rho, sigma):
+    corr = em.prepare(data)
+    F = torch.as_tensor(F, dtype=em.dtype)
+    log_rho = torch.as_tensor(np.log(rho), dtype=em.dtype)
+
+    def one():
+        stats = em.e_step(corr, F, log_rho, sigma**2)
+        em.closed_form(stats, F)
+        (stats.omega.sum(0) / stats.D).log()
+
+    return one, corr.D
+
+
+def bare(L: int, K: int, D: int, method: str, dtype, chunk: int):
+    """The bare batched transforms of one iteration, in chunks of the engine's size."""
+    P = 2 * L
+    if method == "fft":
+        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        x = torch.randn(min(chunk, D), (K + 1) // 2, P, P, dtype=cdtype)
+
+        def one():
+            for s in range(0, D, chunk):
+                n = min(chunk, D - s)
+                torch.fft.ifft2(x[:n])
+                torch.fft.fft2(x[:n])
+
+        return one
+    M = torch.randn(min(chunk, D), L * L + 1, dtype=dtype)
+    S = torch.randn(L * L + 1, K * P * P, dtype=dtype)
+
+    def one():
+        for s in range(0, D, chunk):
+            n = min(chunk, D - s)
+            c = M[:n] @ S
+            c.T @ M[:n, :-1]
+
+    return one
+
+
+def run_case(L, N, K, dtype, naive_patches, repeats, rng):
+    image = case_image(L, rng)
+    meas = mtd.simulate(image, N, density=0.1, snr=1.0, K=K, seed=0)
+    data = meas.data.numpy()
+    F = image + 0.1 * rng.standard_normal((L, L))
+    rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
+    em = mtd.ApproximateEM(L, K=K, dtype=dtype)
+    one, D = engine_iteration(em, data, F, rho, meas.sigma)
+    ours = timed(one, repeats)
+    plain = bare(L, K, D, em.method, dtype, em._chunk(D))
+    t_bare = timed(plain, repeats)
+    # The straightforward iteration on n and 2n patches: the difference is the cost of n patches,
+    # the rest (templates, M-step) is paid once; scale the per-patch cost to all D patches.
+    patch_list = ref.patches(data, L)
+    pick = rng.choice(len(patch_list), 2 * naive_patches, replace=False)
+    ref.iteration(patch_list[:1], F, rho, meas.sigma, K)  # warm-up (cached rotation matrices)
+    t = {}
+    for n in (naive_patches, 2 * naive_patches):
+        sub = [patch_list[i] for i in pick[:n]]
+        start = time.perf_counter()
+        ref.iteration(sub, F, rho, meas.sigma, K)
+        t[n] = time.perf_counter() - start
+    per_patch = (t[2 * naive_patches] - t[naive_patches]) / naive_patches
+    t_naive = t[naive_patches] + (D - naive_patches) * per_patch
+    return {
+        "case": f"L={L} N={N} K={K}",
+        "D": D,
+        "method": em.method,
+        "ours_ms": 1e3 * ours,
+        "bare_ms": 1e3 * t_bare,
+        "naive_s": t_naive,
+        "speedup": t_naive / ours,
+        "vs_bare": ours / t_bare,
+    }
+
+
+def compare_methods(dtype, repeats):
+    print(f"E-step + M-step ms per iteration, N = 22 L (D = 484), K = 8, {dtype}")
+    print(f"{'L':>4} {'fft':>9} {'gemm':>9}  faster   choose_method")
+    rng = np.random.default_rng(0)
+    for L in (3, 4, 5, 6, 7, 8, 10, 12, 16):
+        data = rng.standard_normal((22 * L, 22 * L))
+        F = rng.uniform(0, 1, (L, L))
+        rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
+        t = {}
+        for method in ("fft", "gemm"):
+            em = mtd.ApproximateEM(L, K=8, dtype=dtype, method=method)
+            one, _ = engine_iteration(em, data, F, rho, 1.0)
+            t[method] = 1e3 * timed(one, repeats)
+        best = min(t, key=t.get)
+        print(f"{L:>4} {t['fft']:>9.2f} {t['gemm']:>9.2f}  {best:>6}   {choose_method(L)}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--methods", action="store_true", help="compare the FFT and GEMM forms by L")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+    if args.methods:
+        compare_methods(dtype, args.repeats)
+        return
+    rng = np.random.default_rng(0)
+    rows = [
+        run_case(28, 308, 4, dtype, naive_patches=6, repeats=args.repeats, rng=rng),
+        run_case(5, 1000, 8, dtype, naive_patches=200, repeats=args.repeats, rng=rng),
+    ]
+    print(
+        f"{'case':<18} {'D':>6} {'form':>5} {'engine ms':>10} {'bare ms':>8} {'engine/bare':>11} "
+        f"{'plain s':>8} {'speed-up':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['case']:<18} {r['D']:>6} {r['method']:>5} {r['ours_ms']:>10.1f} "
+            f"{r['bare_ms']:>8.1f} "
+            f"{r['vs_bare']:>10.2f}x {r['naive_s']:>8.1f} {r['speedup']:>8.0f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
