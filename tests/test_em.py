@@ -257,3 +257,12 @@ def test_remainder_strip_is_reported():
     with pytest.warns(UserWarning, match="last 3 rows and 3 columns"):
         res = mtd.ApproximateEM(5, iterations=1).fit(mtd.simulate(image, 58, snr=5.0).data, mu)
     assert res.dropped == (3, 3)
+
+
+def test_log_prior_integrates_the_score():
+    # For N(mu, I) the line integral of the score from 0 to F is log p(F) - log p(0), exactly.
+    _, mu = gaussian_image(2)
+    F = mu + torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    em = mtd.ApproximateEM(5, m_step="gradient", dtype=torch.float64)
+    exact = -0.5 * ((F - mu).square().sum() - mu.square().sum())
+    assert em.log_prior(lambda x, t: -(x - mu), F) == pytest.approx(float(exact), rel=1e-12)

@@ -1,0 +1,138 @@
+"""The LightningModule that trains a score network, with an exponential moving average of its
+weights.
+
+Hyperparameters are plain values only (the network's registry name and keywords, the SDE's
+parameters, the loss, the data description), so a checkpoint loads with ``weights_only=True`` and
+``priors.prior.ScorePrior.from_checkpoint`` needs nothing else. The optimizer and scheduler arrive
+as partials from Hydra and are not stored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from priors.losses import dsm_loss, ism_loss
+from priors.nets import build_net
+from priors.sde import VPSDE, sample
+
+
+class ScoreModule(L.LightningModule):
+    """Trains ``net`` by DSM (eq. 7) or ISM (eq. 5); the EMA weights are what inference uses.
+
+    Args:
+        net: ``{"name": ..., **kwargs}`` for ``priors.nets.build_net``.
+        sde: VP-SDE parameters (beta_min, beta_max, N).
+        loss: "dsm" or "ism".
+        optimizer: a partial taking the parameters (Hydra ``_partial_: true``).
+        scheduler: a partial taking the optimizer, or None.
+        ema_decay: decay of the weights' moving average.
+        eps: smallest diffusion time of the DSM loss.
+        hutchinson: ISM with Hutchinson's trace estimator instead of the exact trace.
+        sample_every_n_epochs: how often a grid of reverse-SDE samples is drawn and logged (0:
+        never). n_samples, sample_steps: the grid's size and sampler steps.
+        data_meta: plain description of the data (``DataModule.meta()``), stored for inference.
+        n_held_out: number of held-out targets; their images are the ``held_out`` buffer.
+    """
+
+    def __init__(
+        self,
+        net: dict,
+        sde: dict | None = None,
+        loss: str = "dsm",
+        optimizer=None,
+        scheduler=None,
+        ema_decay: float = 0.999,
+        eps: float = 1e-5,
+        hutchinson: bool = False,
+        sample_every_n_epochs: int = 5,
+        n_samples: int = 64,
+        sample_steps: int = 500,
+        data_meta: dict | None = None,
+        n_held_out: int = 0,
+    ):
+        super().__init__()
+        if loss not in ("dsm", "ism"):
+            raise ValueError(f"loss must be 'dsm' or 'ism', got {loss!r}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.net = build_net(**net)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.sde = VPSDE(**(sde or {}))
+        size = int((data_meta or {}).get("image_size", 28))
+        self.register_buffer("held_out", torch.zeros(n_held_out, size, size))
+
+    def loss(self, net, x: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.hparams.loss == "ism":
+            return ism_loss(net, x, self.hparams.hutchinson, generator)
+        return dsm_loss(net, self.sde, x, self.hparams.eps, generator)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(self.net, batch[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        decay = self.hparams.ema_decay
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+            for e, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
+                e.copy_(b)
+
+    def validation_step(self, batch, batch_idx):
+        # The EMA network, with noise fixed per batch so that epochs compare.
+        g = torch.Generator(device=batch[0].device).manual_seed(batch_idx)
+        with torch.enable_grad():  # ISM differentiates the score
+            loss = self.loss(self.ema, batch[0], g)
+        self.log("val/loss", loss.detach(), prog_bar=True, on_epoch=True)
+
+    def on_validation_epoch_end(self):
+        every = self.hparams.sample_every_n_epochs
+        if not every or self.trainer.sanity_checking or (self.current_epoch + 1) % every:
+            return
+        if self.hparams.net.get("name") == "mlp" and not self.hparams.net.get("time", False):
+            return  # a time-free (ISM) score cannot drive the reverse SDE
+        self.log_samples()
+
+    @torch.no_grad()
+    def log_samples(self) -> torch.Tensor:
+        """Draw a grid of samples from the EMA network by the reverse SDE; save and log it."""
+        from torchvision.utils import make_grid, save_image
+
+        size = self.held_out.shape[-1]
+        g = torch.Generator(device=self.device).manual_seed(0)
+        x = sample(
+            self.sde,
+            self.ema,
+            (self.hparams.n_samples, 1, size, size),
+            steps=self.hparams.sample_steps,
+            generator=g,
+            device=self.device,
+        )
+        grid = make_grid(
+            x.clamp(0, 1) if self.hparams.data_meta.get("name") == "mnist" else x,
+            nrow=8,
+            normalize=True,
+        )
+        folder = Path(self.trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(grid, folder / f"epoch_{self.current_epoch:03d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("samples", [grid], step=self.global_step)
+        return x
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("ScoreModule needs an optimizer partial to train")
+        opt = self.optimizer_factory(params=self.net.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt)},
+        }

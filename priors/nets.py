@@ -1,0 +1,237 @@
+"""Score networks. Each maps (x: (B, 1, L, L), t: (B,)) to a score (B, 1, L, L) in data units.
+
+- ``PaperUNet``: the score-prior paper's MNIST network: ten convolutions with LogSigmoid, max-pool
+  down and transposed-convolution up, skip connections, t given as a constant input channel, the
+  score as output.
+- ``UNet``: residual blocks with GroupNorm and SiLU, a sinusoidal embedding of t added in every
+  block, and the output divided by sigma_t (the network predicts the noise, -sigma_t s), the usual
+  parameterisation of score_sde / EDM, which keeps the output of order one at every t.
+- ``MLP``: the paper's 3-layer Softplus MLP for 5 x 5 images; time-free (for the ISM loss at t = 0)
+  or with t appended to the input (for DSM).
+
+``build_net(name, **kwargs)`` rebuilds any of them from the plain values stored in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from priors.sde import VPSDE
+
+
+def _times(t, x: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t.reshape(x.shape[0])
+
+
+class PaperUNet(nn.Module):
+    """The score-prior paper's U-Net for 28 x 28 images (channels 32-64-128-256-256).
+
+    Args:
+        image_size: must be 28 (the pooling paddings are those of 28 -> 14 -> 7 -> 4 -> 2).
+        channels: widths of the five levels.
+    """
+
+    def __init__(self, image_size: int = 28, channels: tuple[int, ...] = (32, 64, 128, 256, 256)):
+        super().__init__()
+        if image_size != 28:
+            raise ValueError(f"PaperUNet is built for 28 x 28 images, got {image_size}")
+        c = list(channels)
+        self.first = nn.Conv2d(2, c[0], 3, padding=1)
+
+        def down(cin, cout, pad):
+            return nn.Sequential(
+                nn.MaxPool2d(2, 2, padding=pad),
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.LogSigmoid(),
+            )
+
+        def up(cin, cout, out_pad):
+            return nn.Sequential(
+                nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=out_pad),
+                nn.LogSigmoid(),
+            )
+
+        # 28 -> 14 -> 7 -> 4 -> 2 and back
+        self.downs = nn.ModuleList(
+            [down(c[0], c[1], 0), down(c[1], c[2], 0), down(c[2], c[3], 1), down(c[3], c[4], 0)]
+        )
+        self.ups = nn.ModuleList(
+            [
+                up(c[4], c[3], 1),
+                up(2 * c[3], c[2], 0),
+                up(2 * c[2], c[1], 1),
+                up(2 * c[1], c[0], 1),
+            ]
+        )
+        self.last = nn.Conv2d(c[0], 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = _times(t, x).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
+        h = self.first(torch.cat([x, t], 1))
+        skips = [h]
+        for down in self.downs:
+            h = down(h)
+            skips.append(h)
+        skips.pop()  # the bottom level has no skip
+        for i, up in enumerate(self.ups):
+            h = up(h if i == 0 else torch.cat([h, skips.pop()], 1))
+        return self.last(h)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1], scaled by 1000 like diffusion steps: (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
+    args = 1000 * t[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb: int, groups: int = 8):
+        super().__init__()
+        self.norm1, self.conv1 = (
+            nn.GroupNorm(min(groups, cin), cin),
+            nn.Conv2d(cin, cout, 3, padding=1),
+        )
+        self.emb = nn.Linear(emb, cout)
+        self.norm2, self.conv2 = (
+            nn.GroupNorm(min(groups, cout), cout),
+            nn.Conv2d(cout, cout, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, e):
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.emb(e)[:, :, None, None]
+        h = self.conv2(nn.functional.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class UNet(nn.Module):
+    """A small residual U-Net with a sinusoidal time embedding (two levels for 28 x 28).
+
+    The output is -eps_theta(x, t) / sigma_t: the network predicts the noise, the score follows.
+
+    Args:
+        image_size: side of the (square) images; must be divisible by 2^(len(mults) - 1).
+        channels: base width.
+        mults: width multipliers per level.
+        emb_dim: width of the time embedding. beta_min, beta_max: the VP-SDE whose sigma_t scales
+        the output.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        channels: int = 32,
+        mults: tuple[int, ...] = (1, 2, 2),
+        emb_dim: int = 128,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+    ):
+        super().__init__()
+        if image_size % 2 ** (len(mults) - 1):
+            raise ValueError(
+                f"image_size {image_size} must be divisible by {2 ** (len(mults) - 1)}"
+            )
+        self.sde = VPSDE(beta_min, beta_max)
+        self.emb_dim = emb_dim
+        self.emb = nn.Sequential(
+            nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        widths = [channels * m for m in mults]
+        self.inp = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.down_blocks, self.pools = nn.ModuleList(), nn.ModuleList()
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            self.down_blocks.append(ResBlock(cin, w, emb_dim))
+            self.pools.append(
+                nn.Conv2d(w, w, 3, stride=2, padding=1) if i < len(widths) - 1 else nn.Identity()
+            )
+            cin = w
+        self.mid = ResBlock(cin, cin, emb_dim)
+        self.up_blocks, self.ups = nn.ModuleList(), nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            self.up_blocks.append(ResBlock(cin + w, w, emb_dim))
+            self.ups.append(
+                nn.ConvTranspose2d(w, w, 4, stride=2, padding=1) if i > 0 else nn.Identity()
+            )
+            cin = w
+        self.out = nn.Sequential(
+            nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv2d(cin, 1, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = _times(t, x)
+        e = self.emb(timestep_embedding(t, self.emb_dim))
+        h = self.inp(x)
+        skips = []
+        for block, pool in zip(self.down_blocks, self.pools, strict=True):
+            h = block(h, e)
+            skips.append(h)
+            h = pool(h)
+        h = self.mid(h, e)
+        for block, up in zip(self.up_blocks, self.ups, strict=True):
+            h = up(block(torch.cat([h, skips.pop()], 1), e))
+        sigma = self.sde.sigma(t).to(x.dtype).view(-1, 1, 1, 1)
+        return -self.out(h) / sigma
+
+
+class MLP(nn.Module):
+    """The paper's MLP for L x L images: L^2 (+1 for t) -> hidden -> hidden -> L^2, Softplus.
+
+    Args:
+        image_size: L.
+        hidden: width of the two hidden layers.
+        time: whether t is an input (DSM); False gives a time-free score (ISM), t is then ignored.
+    """
+
+    def __init__(self, image_size: int = 5, hidden: int = 256, time: bool = False):
+        super().__init__()
+        d = image_size * image_size
+        self.time = time
+        self.layers = nn.Sequential(
+            nn.Linear(d + int(time), hidden),
+            nn.Softplus(),
+            nn.Linear(hidden, hidden),
+            nn.Softplus(),
+            nn.Linear(hidden, d),
+        )
+
+    def forward(self, x: torch.Tensor, t=None) -> torch.Tensor:
+        return self.layers(self._input(x, t)).view_as(x)
+
+    def _input(self, x, t):
+        h = x.flatten(1)
+        return torch.cat([h, _times(t, x)[:, None]], 1) if self.time else h
+
+    def score_and_divergence(self, x: torch.Tensor, t=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score and its exact divergence tr(d s / d x), in closed form: (B, 1, L, L), (B,).
+
+        With s = W3 softplus(W2 softplus(W1 x + b1) + b2) + b3, d s / d x = W3 D2 W2 D1 W1 with D =
+        diag(sigmoid(pre-activation)), so tr = sum_ab sigmoid(a2)_a W2[a, b] (W1 W3)[b, a]
+        sigmoid(a1)_b: one small matrix product instead of L^2 backward passes.
+        """
+        lin1, _, lin2, _, lin3 = self.layers
+        a1 = lin1(self._input(x, t))
+        a2 = lin2(nn.functional.softplus(a1))
+        s = lin3(nn.functional.softplus(a2)).view_as(x)
+        d = x[0].numel()
+        M = lin2.weight * (lin1.weight[:, :d] @ lin3.weight).T
+        div = ((torch.sigmoid(a2) @ M) * torch.sigmoid(a1)).sum(1)
+        return s, div
+
+
+NETS = {"unet_paper": PaperUNet, "unet": UNet, "mlp": MLP}
+
+
+def build_net(name: str, **kwargs) -> nn.Module:
+    """A network from its registry name and plain keyword values (as stored in checkpoints)."""
+    if name not in NETS:
+        raise ValueError(f"unknown network {name!r}; known: {sorted(NETS)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return NETS[name](**kwargs)

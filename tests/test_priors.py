@@ -1,0 +1,254 @@
+"""The VP-SDE, the losses, the priors and the training entry point (train.py)."""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from priors.losses import dsm_loss, ism_loss
+from priors.nets import MLP, PaperUNet, UNet
+from priors.prior import AnalyticGaussianPrior, ScorePrior
+from priors.sde import VPSDE, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# SDE and losses
+# ------------------------------------------------------------------------------------------------
+def test_vp_marginals_match_closed_form_and_simulation():
+    sde = VPSDE(0.1, 20.0)
+    for t in (0.01, 0.3, 1.0):
+        integral = np.trapezoid([0.1 + 19.9 * s for s in np.linspace(0, t, 2001)], dx=t / 2000)
+        assert float(sde.alpha(t)) == pytest.approx(math.exp(-0.5 * integral), rel=1e-9)
+        assert float(sde.sigma(t)) ** 2 == pytest.approx(1 - math.exp(-integral), rel=1e-9)
+    # Euler-Maruyama on eq. (6) from x0 = 2 reaches N(alpha_t x0, sigma_t^2) at t = 0.4.
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((40000, 1, 1, 1), 2.0, dtype=torch.float64)
+    n = 2000
+    for i in range(n):
+        drift, diff = sde.sde(x, torch.tensor(0.4 * i / n, dtype=torch.float64))
+        x = (
+            x
+            + drift * (0.4 / n)
+            + diff * math.sqrt(0.4 / n) * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        )
+    mean, std = sde.marginal_prob(torch.full((1, 1, 1, 1), 2.0, dtype=torch.float64), 0.4)
+    assert float(x.mean()) == pytest.approx(float(mean), abs=0.01)
+    assert float(x.std()) == pytest.approx(float(std), abs=0.01)
+
+
+def test_dsm_loss_at_exact_score_is_its_analytic_minimum():
+    # Data N(mu, I): the exact score is -(x - alpha_t mu) and DSM there equals d * E_t[alpha_t^2].
+    sde, d, eps = VPSDE(), 25, 1e-5
+    mu = torch.arange(25, dtype=torch.float64).reshape(1, 1, 5, 5) % 5
+    exact = AnalyticGaussianPrior(mu[0, 0], sde)
+    g = torch.Generator().manual_seed(1)
+    x0 = mu + torch.randn((200000, 1, 5, 5), generator=g, dtype=torch.float64)
+    loss = float(dsm_loss(exact, sde, x0, eps, generator=g))
+    ts = np.linspace(eps, 1, 20001)
+    expected = d * np.trapezoid(np.exp(2 * sde.log_alpha(ts)), ts) / (1 - eps)
+    assert loss == pytest.approx(expected, rel=0.01)
+    worse = float(dsm_loss(lambda x, t: exact(x, t) + 0.3, sde, x0, eps, generator=g))
+    assert worse > loss + 0.5
+
+
+@pytest.mark.parametrize("time", [False, True])
+def test_ism_closed_form_trace_equals_autograd(time):
+    torch.manual_seed(0)
+    net = MLP(5, 64, time).double()
+    x = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    s = net(x, torch.zeros(6, dtype=torch.float64)).flatten(1)
+    trace = sum(
+        torch.autograd.grad(s[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
+        for i in range(25)
+    )
+    expected = (0.5 * s.square().sum(1) + trace).mean()
+    assert float(ism_loss(net, x.detach())) == pytest.approx(float(expected), rel=1e-12)
+    # Generic path (any network): the same value through the batched Jacobian.
+    generic = ism_loss(lambda y, t: net(y, t), x.detach())
+    assert float(generic) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_ism_is_minimised_by_the_true_score():
+    # For N(mu, I) at t = 0 the ISM loss of s(x) = -(x - mu) is -d / 2 in expectation.
+    mu = torch.ones(1, 1, 5, 5, dtype=torch.float64)
+    x = mu + torch.randn(
+        (100000, 1, 5, 5), generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    true = float(ism_loss(lambda y, t: -(y - mu), x))
+    assert true == pytest.approx(-12.5, rel=0.01)
+    assert float(ism_loss(lambda y, t: -(y - mu) * 1.3, x)) > true + 0.5
+
+
+def test_reverse_sampler_with_exact_score_draws_the_data_distribution():
+    sde = VPSDE()
+    mu = torch.tensor([[0.0, 3.0], [1.0, 4.0]])
+    x = sample(
+        sde,
+        AnalyticGaussianPrior(mu, sde),
+        (4000, 1, 2, 2),
+        steps=500,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert torch.allclose(x.mean(0)[0], mu, atol=0.08)
+    assert torch.allclose(x.std(0)[0], torch.ones(2, 2), atol=0.08)
+
+
+def test_tweedie_denoiser_of_the_gaussian_prior():
+    sde = VPSDE()
+    mu = torch.full((1, 1, 5, 5), 2.0)
+    prior = AnalyticGaussianPrior(mu[0, 0], sde)
+    x = torch.randn(3, 1, 5, 5)
+    a = float(sde.alpha(0.3))
+    assert torch.allclose(prior.denoise(x, 0.3), mu + a * (x - a * mu), atol=1e-5)  # E[x0 | x_t]
+
+
+@pytest.mark.parametrize(
+    "net", [PaperUNet(), UNet(channels=8), MLP(28, 32, time=True)], ids=["paper", "unet", "mlp"]
+)
+def test_networks_take_and_return_images(net):
+    x = torch.randn(3, 1, 28, 28)
+    assert net(x, torch.rand(3)).shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py
+# ------------------------------------------------------------------------------------------------
+def write_mnist_idx(root: Path, digits: torch.Tensor) -> np.ndarray:
+    """Write real digits and their transposes as torchvision's raw MNIST IDX files."""
+    with np.load(ROOT / "assets" / "mnist_digits.npz") as f:
+        labels = f["labels"]
+    images = (digits.numpy() * 255).round().astype(np.uint8)
+    images = np.concatenate([images, images.transpose(0, 2, 1)])
+    labels = np.concatenate([labels, labels]).astype(np.uint8)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        with open(raw / f"{split}-images-idx3-ubyte", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
+        with open(raw / f"{split}-labels-idx1-ubyte", "wb") as f:
+            f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
+    return images
+
+
+def compose_train(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose(
+            "train",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                f"paths.data_dir={tmp_path / 'data'}",
+                "trainer=cpu",
+                "logger=none",
+                "data.num_workers=0",
+                *overrides,
+            ],
+        )
+
+
+def test_config_composition_picks_the_network_from_the_data():
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        assert compose("train", overrides=["data=mnist"]).model.net.name == "unet_paper"
+        gauss = compose("train", overrides=["data=gaussian"])
+        assert gauss.model.net.name == "mlp" and gauss.model.loss == "ism"
+        assert compose("train", overrides=["data=mnist", "model=unet"]).model.net.name == "unet"
+        with pytest.raises(Exception, match="no_such_key"):
+            compose("train", overrides=["data.no_such_key=1"])
+
+
+@pytest.mark.parametrize("data", ["mnist", "gaussian"])
+def test_fast_dev_run(tmp_path, digits, data):
+    import train
+
+    write_mnist_idx(tmp_path / "data", digits)
+    cfg = compose_train(
+        tmp_path,
+        f"data={data}",
+        "debug=fdr",
+        "data.download=false" if data == "mnist" else "data.n_train=64",
+    )
+    metrics, objects = train.train(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    assert objects["trainer"].global_step == 1
+
+
+def short_mnist_run(tmp_path, digits, *overrides):
+    import train
+
+    write_mnist_idx(tmp_path / "data", digits)
+    cfg = compose_train(
+        tmp_path,
+        "data=mnist",
+        "data.download=false",
+        "data.batch_size=8",
+        "data.val_fraction=0.2",
+        "model.sample_every_n_epochs=1",
+        "model.n_samples=4",
+        "model.sample_steps=3",
+        "trainer.max_epochs=2",
+        *overrides,
+    )
+    return train.train(cfg)
+
+
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, digits):
+    metrics, objects = short_mnist_run(tmp_path, digits)
+    ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert (tmp_path / "checkpoints" / "last.ckpt") in ckpts and all(
+        "=" not in p.name for p in ckpts
+    )
+    raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert raw["hyper_parameters"]["net"]["name"] == "unet_paper"
+    prior = ScorePrior.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    ema = objects["model"].ema
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(prior(x, 0.1), ema(x, torch.full((2,), 0.1)), atol=1e-6)
+    held = prior.meta["held_out"]
+    assert len(held) == 10 and torch.equal(prior.held_out, objects["datamodule"].images[held])
+    assert (tmp_path / "samples" / "epoch_001.png").is_file()
+
+
+def test_held_out_targets_never_reach_training(tmp_path, digits):
+    _, objects = short_mnist_run(tmp_path, digits, "trainer.max_epochs=1")
+    dm = objects["datamodule"]
+    held = dm.images[dm.meta()["held_out"]].flatten(1)
+    seen = torch.cat(
+        [b[0].flatten(1) for b in dm.train_dataloader()]
+        + [b[0].flatten(1) for b in dm.val_dataloader()]
+    )
+    assert len(seen) == len(dm.images) - len(held)
+    assert not (torch.cdist(seen, held) < 1e-6).any()
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, digits):
+    _, first = short_mnist_run(
+        tmp_path, digits, "trainer.max_epochs=1", "model.sample_every_n_epochs=0"
+    )
+    steps = first["trainer"].global_step
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    _, second = short_mnist_run(
+        tmp_path,
+        digits,
+        "trainer.max_epochs=2",
+        "model.sample_every_n_epochs=0",
+        f"ckpt_path={last}",
+    )
+    assert steps > 0 and second["trainer"].global_step == 2 * steps
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ScorePrior.from_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        ScorePrior.from_checkpoint(tmp_path / "corrupt.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="hyper_parameters"):
+        ScorePrior.from_checkpoint(tmp_path / "other.ckpt")

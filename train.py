@@ -1,0 +1,90 @@
+"""Train a score prior: ``python train.py data=mnist`` or ``python train.py data=gaussian``.
+
+Hydra composes ``configs/train.yaml``; ``train(cfg)`` does the work and can be called from tests.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def wandb_mode_for(cfg_logger: DictConfig | None) -> None:
+    """Send W&B offline when there are no credentials, saying once how to upload; never prompt."""
+    if not cfg_logger or "wandb" not in cfg_logger or os.environ.get("WANDB_MODE"):
+        return
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (FileNotFoundError, netrc.NetrcParseError):
+            has_key = False
+    if not has_key:
+        os.environ["WANDB_MODE"] = "offline"
+        save_dir = cfg_logger.wandb.get("save_dir", ".")
+        print(
+            "W&B: no credentials found, logging offline; upload later with "
+            f"`wandb sync {save_dir}/wandb/offline-run-*`"
+        )
+
+
+def instantiate_list(cfg: DictConfig | None) -> list:
+    """Instantiate every entry of a group that holds several objects (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit a score network as configured.
+
+    Returns:
+        (metrics, objects): the trainer's final metrics as floats, and the model, data module and
+        trainer.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    held_out = datamodule.held_out_images()
+    model = hydra.utils.instantiate(
+        cfg.model, data_meta=datamodule.meta(), n_held_out=len(held_out), _convert_="all"
+    )
+    model.held_out.copy_(held_out)
+    wandb_mode_for(cfg.get("logger"))
+    loggers = instantiate_list(cfg.get("logger"))
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    if not loggers:  # nothing to log the learning rate to
+        callbacks = [
+            c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)
+        ]
+    for logger in loggers:
+        if hasattr(logger, "log_hyperparams"):
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()  # so that the runs of a multirun do not share a W&B run
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    metrics, objects = train(cfg)
+    ckpt = objects["trainer"].checkpoint_callback
+    if ckpt is not None and ckpt.last_model_path:
+        print(f"checkpoints: {Path(ckpt.last_model_path).parent}  metrics: {metrics}")
+
+
+if __name__ == "__main__":
+    main()
