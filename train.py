@@ -81,9 +81,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     metrics, objects = train(cfg)
-    ckpt = objects["trainer"].checkpoint_callback
-    if ckpt is not None and ckpt.last_model_path:
-        print(f"checkpoints: {Path(ckpt.last_model_path).parent}  metrics: {metrics}")
+    saved = [c.best_model_path for c in objects["trainer"].checkpoint_callbacks]
+    saved = [p for p in saved if p]
+    print(f"metrics: {metrics}")
+    if saved:
+        print(f"checkpoints: {Path(saved[0]).parent} (last.ckpt and the best epoch)")
 
 
 if __name__ == "__main__":

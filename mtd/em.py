@@ -106,8 +106,7 @@ def _check_choice(name, value, allowed):
 
 
 class ApproximateEM(torch.nn.Module):
-    """Approximate EM over patches (approximate-EM paper, Algorithm 1; score-prior paper, Algorithm
-    1).
+    """Approximate EM over patches (Algorithm 1 of the approximate-EM and score-prior papers).
 
     Args:
         L: image side in pixels.
@@ -207,11 +206,7 @@ class ApproximateEM(torch.nn.Module):
             raise ValueError(
                 f"the measurement {tuple(data.shape)} is smaller than the image side L = {self.L}"
             )
-        if not data.is_floating_point() and data.dtype not in (
-            torch.int16,
-            torch.int32,
-            torch.uint8,
-        ):
+        if data.is_complex() or data.dtype == torch.bool:
             raise ValueError(f"the measurement must hold real numbers, got dtype {data.dtype}")
         data = data.to(device=self.device, dtype=self.dtype)
         if not torch.isfinite(data).all():
@@ -236,11 +231,11 @@ class ApproximateEM(torch.nn.Module):
         return G
 
     def _logits_chunks(self, corr: Correlator, F, log_rho, sigma2):
-        """Yield (start, stop, logits): log p(M_m | l, k, F) + log rho(l) - log K + ||M_m||^2 / 2
-        sigma^2.
+        """Yield (start, stop, logits) chunk by chunk, for all patches.
 
-        logits is (B, *layout) in the correlator's layout over (rotation, shift). The patch's own
-        term -||M_m||^2 / (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the
+        logits = log p(M_m | l, k, F) + log rho(l) - log K + ||M_m||^2 / (2 sigma^2), of shape
+        (B, *layout) in the correlator's layout over (rotation, shift). The patch's own term
+        -||M_m||^2 / (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the
         callers add it where they need the likelihood itself.
         """
         L, K = self.L, self.K
@@ -258,11 +253,10 @@ class ApproximateEM(torch.nn.Module):
             yield start, stop, corr.correlate(start, stop, templates)
 
     def log_likelihoods(self, data, F: torch.Tensor, sigma: float) -> torch.Tensor:
-        """-||M_m - C T_l Z R_k F||^2 / (2 sigma^2) for every patch, rotation and shift (eq. 10,
-        unnormalised).
+        """-||M_m - C T_l Z R_k F||^2 / (2 sigma^2) for every patch, rotation and shift (eq. 10).
 
-        Holds the whole (D, K, 2L, 2L) array: for inspection and tests on small cases; the EM never
-        does.
+        Holds the whole (D, K, 2L, 2L) array: for inspection and tests on small cases; the EM
+        never does.
 
         Returns:
             (D, K, 2L, 2L).
@@ -280,8 +274,7 @@ class ApproximateEM(torch.nn.Module):
         return torch.cat(out)
 
     def e_step(self, corr: Correlator, F: torch.Tensor, log_rho: torch.Tensor, sigma2: float):
-        """Posteriors (eq. 11 / 14) by log-sum-exp, reduced chunk by chunk to the sufficient
-        statistics.
+        """Posteriors (eq. 11 / 14) by log-sum-exp, reduced chunk by chunk to the statistics.
 
         Args:
             corr: the prepared patches.

@@ -113,11 +113,9 @@ class ScoreModule(L.LightningModule):
             generator=g,
             device=self.device,
         )
-        grid = make_grid(
-            x.clamp(0, 1) if self.hparams.data_meta.get("name") == "mnist" else x,
-            nrow=8,
-            normalize=True,
-        )
+        if (self.hparams.data_meta or {}).get("name") == "mnist":
+            x = x.clamp(0, 1)  # pixel units
+        grid = make_grid(x, nrow=8, normalize=True)
         folder = Path(self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         save_image(grid, folder / f"epoch_{self.current_epoch:03d}.png")

@@ -132,3 +132,40 @@ class ScorePrior(_Prior):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         out = self.net(x.to(p) / self.scale, t) / self.scale
         return out.to(x)
+
+
+def score_error(prior, truth, sample_x0, t, n: int = 10000, seed: int = 0) -> float:
+    """Relative L2 error of ``prior``'s score against ``truth``'s on x_t of the data distribution.
+
+    x_0 ~ ``sample_x0(n, generator)`` (B, 1, L, L); x_t = alpha_t x_0 + sigma_t z. Returns
+    sqrt(sum ||s - s*||^2 / sum ||s*||^2) over the n samples.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x0 = sample_x0(n, g)
+    sde = truth.sde
+    mean, std = sde.marginal_prob(x0, torch.full((n,), float(t), dtype=x0.dtype))
+    x = mean + std * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    s, s_true = prior(x, t), truth(x, t)
+    return float((s - s_true).square().sum().sqrt() / s_true.square().sum().sqrt())
+
+
+def export_ema(checkpoint, out) -> Path:
+    """Write a slim copy of a checkpoint: hyperparameters, EMA weights and held-out targets.
+
+    What ``ScorePrior.from_checkpoint`` needs and nothing else (no optimizer state, no raw
+    weights), written atomically; it still loads with ``torch.load(..., weights_only=True)``.
+    """
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    keep = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.") or k == "held_out"}
+    slim = {
+        "hyper_parameters": ckpt["hyper_parameters"],
+        "state_dict": keep,
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(slim, tmp)
+    tmp.replace(out)
+    return out

@@ -155,10 +155,11 @@ def compose_train(tmp_path: Path, *overrides: str):
 
 def test_config_composition_picks_the_network_from_the_data():
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        assert compose("train", overrides=["data=mnist"]).model.net.name == "unet_paper"
+        assert compose("train", overrides=["data=mnist"]).model.net.name == "unet"
         gauss = compose("train", overrides=["data=gaussian"])
         assert gauss.model.net.name == "mlp" and gauss.model.loss == "ism"
-        assert compose("train", overrides=["data=mnist", "model=unet"]).model.net.name == "unet"
+        paper = compose("train", overrides=["experiment=paper_mnist"])
+        assert paper.model.net.name == "unet_paper" and paper.dataset == "mnist"
         with pytest.raises(Exception, match="no_such_key"):
             compose("train", overrides=["data.no_such_key=1"])
 
@@ -205,7 +206,7 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, dig
         "=" not in p.name for p in ckpts
     )
     raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert raw["hyper_parameters"]["net"]["name"] == "unet_paper"
+    assert raw["hyper_parameters"]["net"]["name"] == "unet"
     prior = ScorePrior.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     ema = objects["model"].ema
     x = torch.rand(2, 1, 28, 28)
@@ -252,3 +253,29 @@ def test_bad_checkpoints_are_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="hyper_parameters"):
         ScorePrior.from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(
+    tmp_path, monkeypatch, capsys
+):
+    import train
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_train(
+        tmp_path,
+        "data=gaussian",
+        "data.n_train=64",
+        "data.n_val=16",
+        "logger=wandb",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1",
+    )
+    train.train(cfg)
+    out = capsys.readouterr().out
+    assert "wandb sync" in out and out.count("W&B:") == 1
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
