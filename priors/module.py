@@ -88,7 +88,7 @@ class ScoreModule(L.LightningModule):
         g = torch.Generator(device=batch[0].device).manual_seed(batch_idx)
         with torch.enable_grad():  # ISM differentiates the score
             loss = self.loss(self.ema, batch[0], g)
-        self.log("val/loss", loss.detach(), prog_bar=True, on_epoch=True)
+        self.log("val/loss", loss.detach(), prog_bar=True, on_epoch=True, sync_dist=True)
 
     def on_validation_epoch_end(self):
         every = self.hparams.sample_every_n_epochs
