@@ -10,24 +10,44 @@ from priors.sde import VPSDE
 
 
 def dsm_loss(
-    net, sde: VPSDE, x0: torch.Tensor, eps: float = 1e-5, generator: torch.Generator | None = None
+    net,
+    sde: VPSDE,
+    x0: torch.Tensor,
+    eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+    antithetic: bool = False,
+    weighting: str = "sigma2",
 ) -> torch.Tensor:
     """Denoising score matching, eq. (7), with lambda(t) = sigma_t^2 and t ~ U[eps, 1]:
 
         E || sigma_t s(x_t, t) + z ||^2,   x_t = alpha_t x0 + sigma_t z.
+
+    With ``antithetic`` every (x0, t) is used twice, with z and -z: each half is a plain sample,
+    so the loss is unchanged in expectation, but the leading noise term of the gradient, sigma_t z
+    times the network's Jacobian, cancels between the two. That noise dominates at small t (its
+    ratio to the signal grows like 1 / sigma_t), where the score is otherwise learned slowly.
 
     Args:
         net: ``net(x, t)`` -> score, (B, 1, L, L).
         sde: the VP-SDE.
         x0: (B, 1, L, L) data.
         eps: smallest time.
+        antithetic: pair every noise draw with its negative.
+        weighting: lambda(t): "sigma2" (the paper's sigma_t^2) or "none" (lambda = 1, i.e.
+            E ||s + z / sigma_t||^2, which weighs small t as much as large t).
     """
+    if weighting not in ("sigma2", "none"):
+        raise ValueError(f"weighting must be 'sigma2' or 'none', got {weighting!r}")
     t = eps + (1 - eps) * torch.rand(
         x0.shape[0], device=x0.device, dtype=x0.dtype, generator=generator
     )
     z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    if antithetic:
+        x0, t, z = torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([z, -z])
     mean, std = sde.marginal_prob(x0, t)
-    residual = std * net(mean + std * z, t) + z
+    residual = std * net(mean + std * z, t) + z  # sigma_t (s + z / sigma_t)
+    if weighting == "none":
+        residual = residual / std
     return residual.flatten(1).square().sum(1).mean()
 
 

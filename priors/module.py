@@ -32,6 +32,8 @@ class ScoreModule(L.LightningModule):
         ema_decay: decay of the weights' moving average.
         eps: smallest diffusion time of the DSM loss.
         hutchinson: ISM with Hutchinson's trace estimator instead of the exact trace.
+        antithetic: DSM with antithetic noise pairs (see ``priors.losses.dsm_loss``).
+        weighting: DSM's lambda(t): "sigma2" (eq. 7) or "none".
         sample_every_n_epochs: how often a grid of reverse-SDE samples is drawn and logged (0:
         never). n_samples, sample_steps: the grid's size and sampler steps.
         data_meta: plain description of the data (``DataModule.meta()``), stored for inference.
@@ -48,6 +50,8 @@ class ScoreModule(L.LightningModule):
         ema_decay: float = 0.999,
         eps: float = 1e-5,
         hutchinson: bool = False,
+        antithetic: bool = False,
+        weighting: str = "sigma2",
         sample_every_n_epochs: int = 5,
         n_samples: int = 64,
         sample_steps: int = 500,
@@ -68,7 +72,8 @@ class ScoreModule(L.LightningModule):
     def loss(self, net, x: torch.Tensor, generator=None) -> torch.Tensor:
         if self.hparams.loss == "ism":
             return ism_loss(net, x, self.hparams.hutchinson, generator)
-        return dsm_loss(net, self.sde, x, self.hparams.eps, generator)
+        hp = self.hparams
+        return dsm_loss(net, self.sde, x, hp.eps, generator, hp.antithetic, hp.weighting)
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(self.net, batch[0])

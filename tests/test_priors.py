@@ -55,14 +55,16 @@ def test_dsm_loss_at_exact_score_is_its_analytic_minimum():
     ts = np.linspace(eps, 1, 20001)
     expected = d * np.trapezoid(np.exp(2 * sde.log_alpha(ts)), ts) / (1 - eps)
     assert loss == pytest.approx(expected, rel=0.01)
+    paired = float(dsm_loss(exact, sde, x0[:100000], eps, generator=g, antithetic=True))
+    assert paired == pytest.approx(expected, rel=0.01)  # the same loss, in expectation
     worse = float(dsm_loss(lambda x, t: exact(x, t) + 0.3, sde, x0, eps, generator=g))
     assert worse > loss + 0.5
 
 
-@pytest.mark.parametrize("time", [False, True])
-def test_ism_closed_form_trace_equals_autograd(time):
+@pytest.mark.parametrize("time,residual", [(False, False), (True, False), (True, True)])
+def test_ism_closed_form_trace_equals_autograd(time, residual):
     torch.manual_seed(0)
-    net = MLP(5, 64, time).double()
+    net = MLP(5, 64, time, residual).double()
     x = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     s = net(x, torch.zeros(6, dtype=torch.float64)).flatten(1)
     trace = sum(
