@@ -188,16 +188,12 @@ class MLP(nn.Module):
         image_size: L.
         hidden: width of the two hidden layers.
         time: whether t is an input (DSM); False gives a time-free score (ISM), t is then ignored.
-        residual: output -x + MLP(x, t): the network learns the departure from -x, the score of the
-            VP-SDE's stationary N(0, I), rather than the whole score.
     """
 
-    def __init__(
-        self, image_size: int = 5, hidden: int = 256, time: bool = False, residual: bool = False
-    ):
+    def __init__(self, image_size: int = 5, hidden: int = 256, time: bool = False):
         super().__init__()
         d = image_size * image_size
-        self.time, self.residual = time, residual
+        self.time = time
         self.layers = nn.Sequential(
             nn.Linear(d + int(time), hidden),
             nn.Softplus(),
@@ -207,8 +203,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t=None) -> torch.Tensor:
-        out = self.layers(self._input(x, t)).view_as(x)
-        return out - x if self.residual else out
+        return self.layers(self._input(x, t)).view_as(x)
 
     def _input(self, x, t):
         h = x.flatten(1)
@@ -228,8 +223,6 @@ class MLP(nn.Module):
         d = x[0].numel()
         M = lin2.weight * (lin1.weight[:, :d] @ lin3.weight).T
         div = ((torch.sigmoid(a2) @ M) * torch.sigmoid(a1)).sum(1)
-        if self.residual:  # s - x: the divergence of -x is -d
-            return s - x, div - d
         return s, div
 
 
