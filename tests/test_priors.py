@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from priors.losses import dsm_loss, ism_loss
 from priors.nets import MLP, PaperUNet, UNet
-from priors.prior import AnalyticGaussianPrior, ScorePrior
+from priors.prior import AnalyticGaussianPrior, ScorePrior, score_error
 from priors.sde import VPSDE, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,3 +281,27 @@ def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(
     assert "wandb sync" in out and out.count("W&B:") == 1
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+
+
+@pytest.mark.slow
+def test_training_the_gaussian_prior_reaches_the_analytic_score(tmp_path):
+    """The README's gaussian_ism.ckpt recipe, end to end (about 6 minutes on one core)."""
+    import train
+
+    cfg = compose_train(
+        tmp_path,
+        "data=gaussian",
+        "data.n_train=1000000",
+        "data.batch_size=1000",
+        "+trainer.limit_train_batches=100",
+        "trainer.max_epochs=150",
+        "trainer.check_val_every_n_epoch=10",
+    )
+    train.train(cfg)
+    prior = ScorePrior.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    mu = torch.tensor(prior.meta["mu"]).reshape(5, 5)
+
+    def draw(n, g):
+        return mu + torch.randn((n, 1, 5, 5), generator=g)
+
+    assert score_error(prior, AnalyticGaussianPrior(mu, prior.sde), draw, 0.0) < 0.05
