@@ -178,7 +178,7 @@ def main(argv=None):
         return
     rng = np.random.default_rng(0)
     rows = [
-        run_case(28, 308, 4, dtype, naive_patches=6, repeats=args.repeats, rng=rng),
+        run_case(28, 308, 4, dtype, naive_patches=12, repeats=args.repeats, rng=rng),
         run_case(5, 1000, 8, dtype, naive_patches=200, repeats=args.repeats, rng=rng),
     ]
     print(
