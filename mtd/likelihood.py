@@ -13,8 +13,8 @@ Two equivalent forms compute both; ``choose_method`` picks one by the sizes:
 - "fft": c = IFFT2(conj(FFT2(Z M_m)) * FFT2(G_k)), g = IFFT2(sum_m FFT2(w_m) * FFT2(Z M_m)). The
   patch FFTs are computed once. Cost per patch ~ K * 2 FFTs of 2L x 2L.
 - "gemm": every shifted crop C T_l G_k is a row of a (K*4L^2, L^2) template matrix S; c = M S^T and
-  the back-projection is w^T M scattered back through the same shift table. Cost per patch K * 4L^2
-  * L^2 MACs, which wins for small L where tiny FFTs are dominated by overhead.
+  the back-projection is w^T M scattered back through the same shift table. Cost per patch
+  K * 4L^4 MACs, which wins for small L where tiny FFTs are dominated by overhead.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def shift_table(L: int, device=None) -> torch.Tensor:
     """Flat indices into a 2L x 2L image of the crop C T_l for every shift l.
 
     Returns:
-        (4L^2, L^2) int64: row ``l = l_x * 2L + l_y``, column ``i * L + j`` holds ``((i + l_x) mod
-        2L) * 2L + (j + l_y) mod 2L`` (eq. 7 of the approximate-EM paper).
+        (4L^2, L^2) int64: row ``l = l_x * 2L + l_y``, column ``i * L + j`` holds
+        ``((i + l_x) mod 2L) * 2L + (j + l_y) mod 2L`` (eq. 7 of the approximate-EM paper).
     """
     P = 2 * L
     lx, ly = torch.meshgrid(torch.arange(P), torch.arange(P), indexing="ij")
@@ -71,8 +71,8 @@ class Correlator:
     The cross-correlations come out in a method-specific layout ``(B, *layout)`` over (rotation,
     shift); ``to_layout`` / ``from_layout`` convert (K, 2L, 2L) arrays such as the E-step's bias
     and occupancy. The FFT form packs rotations in pairs as the real and imaginary parts of one
-    complex FFT (two real transforms for the price of one), so its layout is (ceil(K/2), 2L, 2L,
-    2).
+    complex FFT (two real transforms for the price of one), so its layout is
+    (ceil(K/2), 2L, 2L, 2).
 
     The per-chunk arrays live in one work buffer that is reused from chunk to chunk: the arrays
     ``correlate`` returns are overwritten by the next call.
@@ -105,13 +105,13 @@ class Correlator:
             self._work = torch.empty(n, dtype=dtype, device=self.device)
         return self._work[:n].view(shape)
 
-    def to_layout(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """(K, 2L, 2L) -> this method's layout; a padding rotation (odd K, FFT) gets ``fill``."""
+    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, 2L, 2L) -> this method's layout; odd K (FFT) gets a zero padding rotation."""
         if self.method == "gemm":
             return x
         K, P = x.shape[0], x.shape[-1]
         if K % 2:
-            x = torch.cat([x, torch.full_like(x[:1], fill)])
+            x = torch.cat([x, torch.zeros_like(x[:1])])
         return x.reshape(-1, 2, P, P).permute(0, 2, 3, 1).contiguous()
 
     def from_layout(self, y: torch.Tensor, K: int) -> torch.Tensor:
