@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()  # the held-out targets are needed before fit
     datamodule.setup("fit")
     held_out = datamodule.held_out_images()
     model = hydra.utils.instantiate(

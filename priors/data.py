@@ -70,7 +70,7 @@ class MNISTDataModule(L.LightningDataModule):
             return torch.from_numpy(X.reshape(-1, 28, 28).astype(np.float32) / 255.0), y
         from torchvision.datasets import MNIST
 
-        ds = MNIST(self.root, train=True, download=self.download)
+        ds = MNIST(self.root, train=True, download=False)  # prepare_data downloads, once
         return ds.data.float() / 255.0, ds.targets.numpy()
 
     def prepare_data(self):
