@@ -404,7 +404,8 @@ class ApproximateEM(torch.nn.Module):
             callback: called after every iteration with that iteration's history dict: ``restart``,
                 ``iteration``, ``loglik`` (at the E-step's estimate), ``delta`` (||F_new - F||),
                 ``sigma``, ``gamma``, ``lr``, ``empty_mass`` (rho's mass on shifts that leave the
-                patch empty) and ``error`` (when truth is given).
+                patch empty) and ``error`` (when truth is given); the callback's copy also holds
+                ``estimate``, the (L, L) new iterate.
 
         Returns:
             ``EMResult`` of the restart with the highest log-likelihood (plus gamma * log-prior).
@@ -488,7 +489,7 @@ class ApproximateEM(torch.nn.Module):
             logliks.append(float(stats.loglik))
             F = F_new
             if callback is not None:
-                callback(entry)
+                callback({**entry, "estimate": F})
             if not math.isfinite(delta):
                 raise FloatingPointError(
                     f"EM diverged at iteration {tau} (non-finite estimate); lower lr ({self.lr})"

@@ -272,6 +272,9 @@ def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
             with mrcfile.new(tmp, overwrite=True) as mrc:
                 mrc.set_data(array.astype(np.float32))
                 mrc.voxel_size = voxel_size
+                # mrcfile labels new files with the time; a fixed label keeps runs byte-identical.
+                mrc.header.label[0] = b"written by mtd"
+                mrc.header.nlabl = 1
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -160,7 +160,7 @@ def test_config_composition_picks_the_network_from_the_data():
         assert compose("train", overrides=["data=mnist"]).model.net.name == "unet"
         gauss = compose("train", overrides=["data=gaussian"])
         assert gauss.model.net.name == "mlp" and gauss.model.loss == "ism"
-        paper = compose("train", overrides=["experiment=paper_mnist"])
+        paper = compose("train", overrides=["experiment=paper_mnist_prior"])
         assert paper.model.net.name == "unet_paper" and paper.dataset == "mnist"
         with pytest.raises(Exception, match="no_such_key"):
             compose("train", overrides=["data.no_such_key=1"])

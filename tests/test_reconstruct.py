@@ -1,0 +1,323 @@
+"""reconstruct.py end to end, its bad-input errors, its outputs, and report.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import mtd
+import reconstruct as rec
+from priors.nets import build_net
+
+ROOT = Path(__file__).resolve().parents[1]
+MU = (torch.arange(25, dtype=torch.float64).reshape(5, 5) * 7 % 5).tolist()
+
+
+def compose_rec(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose(
+            "reconstruct",
+            overrides=[f"paths.output_dir={tmp_path / 'out'}", "logger=none", *overrides],
+        )
+
+
+def write_gaussian_ckpt(path: Path, time: bool = True, image_size: int = 5) -> Path:
+    """A checkpoint as train.py writes it (hyperparameters + EMA weights), untrained."""
+    net_hp = {"name": "mlp", "image_size": image_size, "hidden": 16, "time": time}
+    torch.manual_seed(0)
+    net = build_net(**net_hp)
+    mu = (torch.arange(image_size**2) % 5).float().tolist() if image_size != 5 else MU
+    ckpt = {
+        "hyper_parameters": {
+            "net": net_hp,
+            "sde": {"beta_min": 0.1, "beta_max": 20.0, "N": 1000},
+            "data_meta": {"name": "gaussian", "image_size": image_size, "units": 1.0, "mu": mu},
+        },
+        "state_dict": {f"ema.{k}": v for k, v in net.state_dict().items()},
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+GAUSS = (
+    "em=paper_gaussian",
+    "em.iterations=30",
+    "measurement.snr=10",
+    "measurement.N=40",
+    "measurement.density=0.12",
+)
+
+
+@pytest.fixture
+def gauss_ckpt(tmp_path):
+    return write_gaussian_ckpt(tmp_path / "gauss.ckpt")
+
+
+def test_end_to_end_with_the_analytic_prior_outputs_match_summary(tmp_path, gauss_ckpt):
+    cfg = compose_rec(tmp_path, f"ckpt={gauss_ckpt}", "oracle=true", *GAUSS)
+    metrics = rec.reconstruct(cfg)
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"] == pytest.approx(metrics)
+    truth = np.load(out / "truth.npy")
+    # The target is the Gaussian draw the config names, from the checkpoint's stored mu.
+    g = torch.Generator().manual_seed(cfg.measurement.target_seed)
+    expected = (
+        torch.tensor(MU, dtype=torch.float64)
+        + torch.randn(1, 5, 5, generator=g, dtype=torch.float64)[0]
+    )
+    np.testing.assert_allclose(truth, expected.numpy())
+    for v in ("prior", "no_prior"):
+        est = np.load(out / f"estimate_{v}.npy")
+        assert est.shape == (5, 5)
+        err = mtd.relative_error(torch.from_numpy(truth), torch.from_numpy(est))
+        assert err == pytest.approx(metrics[f"error/{v}"], abs=1e-12)
+        assert summary["runs"][v]["iterations"] == metrics[f"iterations/{v}"]
+        mrc = mtd.read_micrograph(out / f"estimate_{v}.mrc")
+        np.testing.assert_allclose(mrc.numpy(), est, rtol=1e-6, atol=1e-6)  # float32 in MRC
+    # The oracle's exact score pulls the estimate to the data mean: better than no prior.
+    assert metrics["error/prior"] < metrics["error/no_prior"]
+    assert (out / "reconstruction.png").stat().st_size > 1000
+    saved = mtd.read_micrograph(out / "measurement.mrc")
+    assert saved.shape == (40, 40)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_the_network_prior_from_a_test_checkpoint_runs_and_ckpt_none_runs_without(
+    tmp_path, gauss_ckpt
+):
+    cfg = compose_rec(tmp_path, f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=3")
+    with_net = rec.reconstruct(cfg)
+    assert {"error/prior", "error/no_prior", "error/init"} <= set(with_net)
+    # ckpt=none: the same target (from measurement.reference_ckpt), no prior run.
+    cfg = compose_rec(
+        tmp_path,
+        "ckpt=none",
+        f"measurement.reference_ckpt={gauss_ckpt}",
+        *GAUSS,
+        "em.iterations=3",
+    )
+    alone = rec.reconstruct(cfg)
+    assert "error/prior" not in alone
+    assert alone["error/no_prior"] == pytest.approx(with_net["error/no_prior"], abs=1e-12)
+
+
+def test_runs_are_reproducible_byte_for_byte(tmp_path, gauss_ckpt):
+    over = (f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=5")
+    rec.reconstruct(compose_rec(tmp_path / "a", *over))
+    rec.reconstruct(compose_rec(tmp_path / "b", *over))
+    for name in ("estimate_prior.npy", "estimate_no_prior.npy", "measurement.mrc"):
+        assert (tmp_path / "a/out" / name).read_bytes() == (tmp_path / "b/out" / name).read_bytes()
+
+
+def test_default_run_uses_the_shipped_prior_and_a_held_out_digit():
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose("reconstruct", overrides=["paths.output_dir=unused"])
+    prior = rec.load_prior(cfg, torch.device("cpu"))
+    truth, where = rec.target_image(cfg, prior)
+    assert truth.shape == (28, 28) and "held-out" in where
+    # The init digits are training digits, none of them a held-out target.
+    init = rec.initial_guess(cfg, 28, prior, truth, "cpu")
+    assert init.shape == (1, 28, 28)
+    with np.load(cfg.em.init_digits) as f:
+        used = f["source_index"][list(cfg.em.init_indices)]
+    assert not set(used.tolist()) & set(prior.meta["held_out"])
+
+
+def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):
+    truth = torch.tensor(MU, dtype=torch.float64)
+    meas = mtd.simulate(truth, 40, density=0.12, snr=20, seed=3)
+    meas.save(tmp_path / "m.mrc")
+    np.save(tmp_path / "m.npy", meas.data.numpy())
+    np.save(tmp_path / "truth.npy", truth.numpy())
+    errors = []
+    for name in ("m.mrc", "m.npy"):
+        cfg = compose_rec(
+            tmp_path / f"run_{name}",
+            "ckpt=none",
+            "measurement=file",
+            f"measurement.path={tmp_path / name}",
+            "measurement.L=5",
+            f"measurement.truth={tmp_path / 'truth.npy'}",
+            "em=paper_gaussian",
+            "em.baseline=closed_form",
+            "em.init=file",
+            f"em.init_file={tmp_path / 'truth.npy'}",
+            "em.iterations=10",
+        )
+        errors.append(rec.reconstruct(cfg)["error/no_prior"])
+        assert (tmp_path / f"run_{name}" / "out/summary.json").is_file()
+    assert errors[0] == pytest.approx(errors[1], abs=1e-5)  # MRC holds float32
+    assert errors[0] < 0.2
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error before EM starts, nothing written
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_em(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("EM started")
+
+    monkeypatch.setattr(mtd.ApproximateEM, "fit", fail)
+
+
+def _bad(tmp_path, match, *overrides):
+    cfg = compose_rec(tmp_path, *overrides)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        rec.reconstruct(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint(tmp_path, no_em):
+    _bad(tmp_path, "no checkpoint at", f"ckpt={tmp_path / 'nope.ckpt'}")
+
+
+def test_corrupt_checkpoint(tmp_path, no_em):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    _bad(tmp_path, "not a readable checkpoint", f"ckpt={bad}")
+
+
+def test_checkpoint_of_another_image_size(tmp_path, no_em):
+    ckpt = write_gaussian_ckpt(tmp_path / "g6.ckpt", image_size=6)
+    np.save(tmp_path / "m.npy", np.zeros((40, 40)))
+    _bad(
+        tmp_path,
+        "6 x 6 images; the measurement's L is 5",
+        f"ckpt={ckpt}",
+        "measurement=file",
+        f"measurement.path={tmp_path / 'm.npy'}",
+        "measurement.L=5",
+    )
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [(np.full((30, 30), np.nan), "non-finite"), (np.zeros((2, 30, 30)), "a measurement is 2-D")],
+)
+def test_bad_measurement_file(tmp_path, no_em, array, match):
+    np.save(tmp_path / "m.npy", array)
+    _bad(
+        tmp_path,
+        match,
+        "ckpt=none",
+        "measurement=file",
+        f"measurement.path={tmp_path / 'm.npy'}",
+        "measurement.L=5",
+    )
+
+
+@pytest.mark.parametrize("sigma", [0, -1.0])
+def test_sigma_must_be_positive(tmp_path, no_em, sigma):
+    np.save(tmp_path / "m.npy", np.zeros((30, 30)))
+    _bad(
+        tmp_path,
+        "sigma must be > 0",
+        "ckpt=none",
+        "measurement=file",
+        f"measurement.path={tmp_path / 'm.npy'}",
+        "measurement.L=5",
+        f"measurement.sigma={sigma}",
+    )
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    with pytest.raises(Exception, match="no_such_key"):
+        compose_rec(tmp_path, "em.no_such_key=1")
+    with pytest.raises(Exception, match="no_such_key"):
+        compose_rec(tmp_path, "no_such_key=1")
+
+
+def test_oracle_needs_a_gaussian_checkpoint(tmp_path, no_em):
+    _bad(tmp_path, "oracle=true needs", "oracle=true")
+
+
+# ------------------------------------------------------------------------------------------------
+# Interruption: whole files or none
+# ------------------------------------------------------------------------------------------------
+def test_interrupted_run_leaves_no_half_written_file(tmp_path, gauss_ckpt, monkeypatch):
+    cfg = compose_rec(tmp_path, f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=3")
+    fit = mtd.ApproximateEM.fit
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C during the second EM
+        if self.m_step == "gradient" and kwargs.get("prior") is not None:
+            raise KeyboardInterrupt
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(mtd.ApproximateEM, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rec.reconstruct(cfg)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    # Ctrl-C while the figure is being written: the files written before it are whole, no
+    # temporary is left and there is no summary.json (it is written last).
+    monkeypatch.setattr(mtd.ApproximateEM, "fit", fit)
+
+    def figure(tmp):  # the figure's temporary file is half written when Ctrl-C comes
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rec, "save_figure", lambda path, *a: rec._atomic(path, figure))
+    with pytest.raises(KeyboardInterrupt):
+        rec.reconstruct(cfg)
+    out = tmp_path / "out"
+    assert not (out / "summary.json").exists() and not (out / "reconstruction.png").exists()
+    assert not list(out.glob(".*"))
+    assert np.load(out / "estimate_prior.npy").shape == (5, 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# W&B and the report
+# ------------------------------------------------------------------------------------------------
+def test_wandb_offline_run(tmp_path, gauss_ckpt, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose(
+            "reconstruct",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                f"ckpt={gauss_ckpt}",
+                *GAUSS,
+                "em.iterations=4",
+                "image_every=2",
+            ],
+        )
+    metrics = rec.reconstruct(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and metrics["error/prior"] >= 0
+    assert any(f.suffix == ".wandb" for f in runs[0].iterdir())
+
+
+def test_report_means_match_the_runs(tmp_path, gauss_ckpt, capsys):
+    import report
+
+    errors = {}
+    for snr in (5, 10):
+        for index in (0, 1):
+            d = tmp_path / "sweep" / f"{snr}_{index}"
+            cfg = compose_rec(
+                d,
+                f"ckpt={gauss_ckpt}",
+                *GAUSS,
+                "em.iterations=3",
+                f"measurement.snr={snr}",
+                f"measurement.index={index}",
+            )
+            cfg.paths.output_dir = str(d)
+            errors[(snr, index)] = rec.reconstruct(cfg)
+    assert report.main([str(tmp_path / "sweep")]) == 0
+    text = capsys.readouterr().out
+    for variant, word in (("prior", "with"), ("no_prior", "without")):
+        row = next(line for line in text.splitlines() if f"| {word} |" in line)
+        for snr in (5, 10):
+            mean = np.mean([errors[(snr, i)][f"error/{variant}"] for i in (0, 1)])
+            assert f"{mean:.3f}" in row
+    assert (tmp_path / "sweep/errors.png").is_file()
+    assert (tmp_path / "sweep/estimates_paper_gaussian_snr10.png").is_file()
