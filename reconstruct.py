@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parent
 OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
 
 INITS = ("digits", "uniform", "prior_mean", "prior_samples", "file")
+# EM history key -> W&B name under em/<variant>/ ("step" is ||F_new - F||, the update's size).
+W_AND_B_KEYS = {
+    "loglik": "loglik",
+    "delta": "step",
+    "error": "error",
+    "empty_mass": "empty_mass",
+    "sigma": "sigma",
+    "gamma": "gamma",
+    "lr": "lr",
+    "noise": "noise",
+}
 
 
 def _none(value) -> bool:
@@ -235,6 +246,9 @@ def build_em(
         gamma=e.gamma,
         gamma_max=float(e.gamma_max),
         prior_t=float(e.prior_t),
+        noise_scale=float(e.noise_scale),
+        anneal_from=None if _none(e.anneal_from) else float(e.anneal_from),
+        anneal_iterations=int(e.anneal_iterations),
         iterations=int(e.iterations),
         tol=float(e.tol),
         chunk_size=None if _none(e.chunk_size) else int(e.chunk_size),
@@ -377,10 +391,16 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
         ["prior"] if prior is not None else []
     )
     ems = {v: build_em(cfg, L, K, sigma, v == "prior", device) for v in variants}
-    if prior is not None and ems["prior"].m_step != "gradient":
+    if prior is not None and ems["prior"].m_step == "closed_form":
         raise ValueError(
-            "a prior needs em.m_step=gradient; the closed-form M-step has no prior term"
+            "a prior needs em.m_step=gradient or denoise; the closed-form M-step has no prior term"
         )
+    if prior is not None and cfg.em.m_step == "denoise" and not cfg.oracle:
+        if getattr(prior.net, "time", True) is False:
+            raise ValueError(
+                f"em.m_step=denoise needs a time-conditioned prior; {cfg.ckpt} is time-free "
+                "(ISM): use em.m_step=gradient"
+            )
     init = initial_guess(cfg, L, prior, truth, device)
     ems[variants[-1]].prepare(data)  # the measurement's own checks (finite, 2-D, N >= L)
 
@@ -432,15 +452,8 @@ def _run(em, variant, data, init, prior, truth, run, cfg):
         if run is None:
             return
         row = {"em/iteration": entry["iteration"]}
-        for key, name in (
-            ("loglik", "loglik"),
-            ("delta", "step"),
-            ("error", "error"),
-            ("empty_mass", "empty_mass"),
-            ("sigma", "sigma"),
-            ("gamma", "gamma"),
-        ):
-            if key in entry:
+        for key, name in W_AND_B_KEYS.items():
+            if key in entry and entry[key] == entry[key]:  # NaN: not used by this M-step
                 row[f"em/{variant}/{name}"] = entry[key]
         if len(init) > 1:
             row[f"em/{variant}/restart"] = entry["restart"]

@@ -113,13 +113,21 @@ class ApproximateEM(torch.nn.Module):
         K: number of in-plane rotations searched, k * 2*pi/K (exact rot90 for K = 4).
         sigma: noise standard deviation; None estimates sigma^2 in every M-step.
         rho: "estimate" (eq. 18 of the approximate-EM paper) or "uniform" (the score-prior paper).
-        m_step: "closed_form" (no prior) or "gradient" (eq. 18 of the score-prior paper).
+        m_step: "closed_form" (no prior), "gradient" (eq. 18 of the score-prior paper) or
+            "denoise": the closed-form step, then the prior's posterior mean at the noise level
+            of that estimate, blended in with weight gamma (see ``denoise_step``).
         steps: gradient ascent steps per EM iteration (the score-prior paper's N).
         lr: gradient ascent learning rate mu.
         gamma: weight of the prior along the iterations: "linear" (gamma_max * tau / (T - 1), the
             paper's ``linspace(0, 1, T)``) or "constant" (gamma_max).
         gamma_max: the prior weight's largest value.
         prior_t: diffusion time at which the score prior is evaluated.
+        noise_scale: ``m_step="denoise"``: factor on the estimated noise level handed to the
+            denoiser.
+        anneal_from: ``m_step="denoise"``: noise level of the denoiser at the first iteration
+            (None: no annealing); it decays geometrically to the estimated level over the first
+            ``anneal_iterations`` iterations, coarse to fine, and never goes below that level.
+        anneal_iterations: length of that schedule.
         iterations: maximum number of EM iterations T.
         tol: stop when ||F_new - F||_F < tol.
         chunk_size: patches per E-step chunk; None picks one from the sizes.
@@ -140,6 +148,9 @@ class ApproximateEM(torch.nn.Module):
         gamma: str = "linear",
         gamma_max: float = 1.0,
         prior_t: float = 0.01,
+        noise_scale: float = 1.0,
+        anneal_from: float | None = None,
+        anneal_iterations: int = 0,
         iterations: int = 100,
         tol: float = 1e-5,
         chunk_size: int | None = None,
@@ -163,7 +174,7 @@ class ApproximateEM(torch.nn.Module):
                 f"sigma must be > 0 and finite (or None to estimate it), got {sigma!r}"
             )
         _check_choice("rho", rho, ("estimate", "uniform"))
-        _check_choice("m_step", m_step, ("closed_form", "gradient"))
+        _check_choice("m_step", m_step, ("closed_form", "gradient", "denoise"))
         _check_choice("gamma", gamma, ("linear", "constant"))
         _check_choice("method", method, ("auto", "fft", "gemm"))
         if int(steps) != steps or steps < 1:
@@ -172,6 +183,14 @@ class ApproximateEM(torch.nn.Module):
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not 0 < prior_t <= 1:
             raise ValueError(f"prior_t must be in (0, 1], got {prior_t!r}")
+        if not (math.isfinite(noise_scale) and noise_scale > 0):
+            raise ValueError(f"noise_scale must be > 0, got {noise_scale!r}")
+        if anneal_from is not None and not (math.isfinite(anneal_from) and anneal_from > 0):
+            raise ValueError(f"anneal_from must be > 0 or None, got {anneal_from!r}")
+        if int(anneal_iterations) != anneal_iterations or anneal_iterations < 0:
+            raise ValueError(
+                f"anneal_iterations must be an integer >= 0, got {anneal_iterations!r}"
+            )
         if int(iterations) != iterations or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
         if not tol >= 0:
@@ -182,6 +201,8 @@ class ApproximateEM(torch.nn.Module):
         self.sigma, self.rho_mode, self.m_step = sigma, rho, m_step
         self.steps, self.lr, self.gamma, self.gamma_max = int(steps), lr, gamma, gamma_max
         self.prior_t, self.iterations, self.tol = prior_t, int(iterations), tol
+        self.noise_scale, self.anneal_from = noise_scale, anneal_from
+        self.anneal_iterations = int(anneal_iterations)
         self.chunk_size = chunk_size
         self.method = choose_method(self.L) if method == "auto" else method
         self.device, self.dtype = torch.device(device), dtype
@@ -344,6 +365,35 @@ class ApproximateEM(torch.nn.Module):
         """The F-dependent part of Q (eq. 16): -residual / (2 sigma^2)."""
         return -self.residual(stats, F) / (2 * sigma2)
 
+    def denoise_noise(self, stats: Statistics, sigma2: float, tau: int) -> float:
+        """The noise level handed to the denoiser at iteration tau (see ``denoise_step``)."""
+        coverage = float(stats.c.sum()) / self.L**2
+        level = self.noise_scale * math.sqrt(sigma2 / max(coverage, 1e-12))
+        if self.anneal_from is None or tau >= self.anneal_iterations:
+            return level
+        u = tau / self.anneal_iterations
+        return max(level, self.anneal_from ** (1 - u) * level**u)
+
+    def denoise_step(
+        self, stats: Statistics, F: torch.Tensor, sigma2: float, prior, gamma, noise=None
+    ) -> torch.Tensor:
+        """Closed-form step, then the prior's posterior mean: F <- (1 - g) F_ml + g E[x | F_ml].
+
+        The closed-form estimate F_ml is modelled as the image plus white noise of variance
+        sigma^2 / (mean per-pixel coverage), the curvature of Q (eq. 16); E[x | F_ml] is the
+        prior's MMSE denoiser at that noise (Tweedie's formula for a score prior). For a Gaussian
+        prior and uniform coverage this is exactly the MAP M-step, argmax_F Q(F) + log p(F).
+        """
+        F_ml = self.closed_form(stats, F)
+        if prior is None or gamma == 0:
+            return F_ml
+        noise = (
+            self.denoise_noise(stats, sigma2, self.anneal_iterations) if noise is None else noise
+        )
+        x = F_ml.reshape(1, 1, self.L, self.L)
+        denoised = prior.posterior_mean(x, noise).reshape(self.L, self.L).to(F)
+        return (1 - gamma) * F_ml + gamma * denoised
+
     def gamma_at(self, tau: int) -> float:
         """The prior weight gamma^(tau) of eq. (18)."""
         if self.gamma == "constant" or self.iterations == 1:
@@ -399,20 +449,28 @@ class ApproximateEM(torch.nn.Module):
             data: (N, N) measurement.
             init: (L, L) initial guess, or (R, L, L) for R restarts.
             prior: callable ``score(x: (B, 1, L, L), t: float) -> (B, 1, L, L)`` in measurement
-                units; needs ``m_step="gradient"``.
+                units; needs ``m_step="gradient"``, or ``"denoise"`` with a
+                ``posterior_mean(y, noise)`` method as ``priors.ScorePrior`` has.
             truth: (L, L) true image, to record the error along the iterations.
             callback: called after every iteration with that iteration's history dict: ``restart``,
                 ``iteration``, ``loglik`` (at the E-step's estimate), ``delta`` (||F_new - F||),
                 ``sigma``, ``gamma``, ``lr``, ``empty_mass`` (rho's mass on shifts that leave the
-                patch empty) and ``error`` (when truth is given); the callback's copy also holds
-                ``estimate``, the (L, L) new iterate.
+                patch empty), ``noise`` (the denoiser's noise level with ``m_step="denoise"``) and
+                ``error`` (when truth is given); the callback's copy also holds ``estimate``, the
+                (L, L) new iterate.
 
         Returns:
             ``EMResult`` of the restart with the highest log-likelihood (plus gamma * log-prior).
         """
-        if prior is not None and self.m_step != "gradient":
+        if prior is not None and self.m_step == "closed_form":
             raise ValueError(
-                'a prior needs m_step="gradient"; the closed-form M-step has no prior term'
+                'a prior needs m_step="gradient" or "denoise"; the closed-form M-step has no '
+                "prior term"
+            )
+        if prior is not None and self.m_step == "denoise" and not hasattr(prior, "posterior_mean"):
+            raise ValueError(
+                'm_step="denoise" needs a prior with posterior_mean(y, noise) (priors.ScorePrior '
+                "and AnalyticGaussianPrior have one); a bare score function has not"
             )
         inits = self._validate_image("init", init)
         if inits.ndim not in (2, 3):
@@ -459,8 +517,12 @@ class ApproximateEM(torch.nn.Module):
         for tau in range(self.iterations):
             stats = self.e_step(corr, F, rho.log(), sigma2)
             gamma = self.gamma_at(tau)
+            noise = float("nan")
             if self.m_step == "closed_form":
                 F_new = self.closed_form(stats, F)
+            elif self.m_step == "denoise":
+                noise = self.denoise_noise(stats, sigma2, tau)
+                F_new = self.denoise_step(stats, F, sigma2, prior, gamma, noise)
             else:  # eq. (18) of the score-prior paper, `steps` times from the E-step's F
                 F_new = F
                 for _ in range(self.steps):
@@ -482,6 +544,7 @@ class ApproximateEM(torch.nn.Module):
                 "gamma": gamma if prior is not None else 0.0,
                 "lr": self.lr if self.m_step == "gradient" else float("nan"),
                 "empty_mass": float(rho[empty].sum()),
+                "noise": noise,
             }
             if truth is not None:
                 entry["error"] = relative_error(truth, F_new, self.K)

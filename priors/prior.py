@@ -34,6 +34,15 @@ class _Prior:
         s = s.to(x).view(-1, *(1,) * (x.ndim - 1)) if s.ndim else float(s)
         return (x + s**2 * self.score(x, t)) / a
 
+    def posterior_mean(self, y: torch.Tensor, noise: float) -> torch.Tensor:
+        """E[x_0 | y] for y = x_0 + noise * z, z ~ N(0, I): Tweedie at the matching diffusion time.
+
+        y is x_t / alpha_t for the t with sigma_t / alpha_t = noise, so E[x_0 | y] is
+        ``denoise(alpha_t y, t)``. This is the prior step of EM's ``m_step="denoise"``.
+        """
+        t = self.sde.time_at_noise(noise)
+        return self.denoise(float(self.sde.alpha(t)) * y, t)
+
 
 class AnalyticGaussianPrior(_Prior):
     """Data N(mu, I) under the VP-SDE: x_t ~ N(alpha_t mu, I), so s(x, t) = -(x - alpha_t mu).
@@ -132,6 +141,14 @@ class ScorePrior(_Prior):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         out = self.net(x.to(p) / self.scale, t) / self.scale
         return out.to(x)
+
+    def posterior_mean(self, y: torch.Tensor, noise: float) -> torch.Tensor:
+        if getattr(self.net, "time", True) is False:
+            raise ValueError(
+                "this prior's network is time-free (trained by ISM at t = 0): it has no score at "
+                "the diffusion time a denoiser needs; use m_step=gradient"
+            )
+        return super().posterior_mean(y, noise)
 
 
 def score_error(prior, truth, sample_x0, t, n: int = 10000, seed: int = 0) -> float:

@@ -57,6 +57,18 @@ class VPSDE:
             -torch.expm1(2 * self.log_alpha(torch.as_tensor(t, dtype=torch.float64)))
         )
 
+    def time_at_noise(self, noise: float) -> float:
+        """The t at which x_t / alpha_t = x_0 + noise * z, i.e. sigma_t / alpha_t = noise.
+
+        sigma_t^2 / alpha_t^2 = exp(int_0^t beta) - 1, so int_0^t beta = log(1 + noise^2): a
+        quadratic in t. Clamped to (0, T].
+        """
+        if not noise > 0:
+            raise ValueError(f"noise must be > 0, got {noise!r}")
+        a, b, c = 0.5 * (self.beta_max - self.beta_min), self.beta_min, -math.log1p(noise**2)
+        t = 2 * -c / (b + math.sqrt(b * b - 4 * a * c))  # the positive root, stable for small c
+        return min(t, self.T)
+
     def marginal_prob(self, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean alpha_t x0 and std sigma_t of x_t given x0 (eq. 8), broadcast to x0."""
         la = self.log_alpha(_col(t, x0))

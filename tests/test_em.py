@@ -169,7 +169,9 @@ def test_history_and_callback():
     seen = []
     em = mtd.ApproximateEM(5, K=4, iterations=5, tol=0, dtype=torch.float64)
     res = em.fit(meas.data, mu, truth=image, callback=seen.append)
+    estimates = [entry.pop("estimate") for entry in seen]
     assert seen == res.history and len(seen) == 5
+    assert torch.equal(estimates[-1], res.estimate)  # the callback sees each new iterate
     assert {"loglik", "delta", "error", "empty_mass", "sigma", "iteration"} <= set(seen[0])
     assert seen[-1]["error"] == pytest.approx(mtd.relative_error(image, res.estimate))
     assert 0 <= seen[-1]["empty_mass"] <= 1 and seen[0]["empty_mass"] > 0
@@ -239,6 +241,35 @@ def test_unknown_option_is_refused():
         mtd.ApproximateEM(5, m_step="newton")
     with pytest.raises(ValueError, match="rho must be one of"):
         mtd.ApproximateEM(5, rho="learned")
+
+
+def test_denoise_m_step_is_the_map_step_for_a_gaussian_prior_with_uniform_coverage():
+    from priors.prior import AnalyticGaussianPrior
+
+    _, mu = gaussian_image(5)
+    g = torch.Generator().manual_seed(2)
+    em = mtd.ApproximateEM(5, K=4, m_step="denoise", dtype=torch.float64)
+    sigma2 = 0.7
+    stats = mtd.Statistics(
+        omega=torch.zeros(4, 10, 10, dtype=torch.float64),
+        b=torch.randn(4, 5, 5, generator=g, dtype=torch.float64) * 3,
+        c=torch.full((4, 5, 5), 2.5, dtype=torch.float64),
+        loglik=torch.zeros((), dtype=torch.float64),
+        energy=torch.zeros((), dtype=torch.float64),
+        D=9,
+    )
+    F = em.denoise_step(stats, mu, sigma2, AnalyticGaussianPrior(mu), gamma=1.0)
+    expected = map_solution(em, stats, sigma2, mu, 1.0)
+    assert torch.allclose(F, expected, atol=1e-10), (F - expected).abs().max()
+    # gamma blends the closed-form step and the denoised one.
+    half = em.denoise_step(stats, mu, sigma2, AnalyticGaussianPrior(mu), gamma=0.5)
+    assert torch.allclose(half, 0.5 * (expected + em.closed_form(stats, mu)), atol=1e-10)
+
+
+def test_denoise_m_step_needs_a_posterior_mean():
+    em = mtd.ApproximateEM(5, m_step="denoise")
+    with pytest.raises(ValueError, match="posterior_mean"):
+        em.fit(torch.randn(20, 20), torch.zeros(5, 5), prior=lambda x, t: -x)
 
 
 def test_prior_with_closed_form_is_refused():

@@ -44,6 +44,22 @@ def test_vp_marginals_match_closed_form_and_simulation():
     assert float(x.std()) == pytest.approx(float(std), abs=0.01)
 
 
+def test_posterior_mean_at_a_noise_level_is_the_gaussian_closed_form():
+    # y = x0 + s z with x0 ~ N(mu, I): E[x0 | y] = (y + s^2 mu) / (1 + s^2).
+    sde = VPSDE()
+    mu = torch.arange(25, dtype=torch.float64).reshape(5, 5) % 5
+    prior = AnalyticGaussianPrior(mu, sde)
+    y = torch.randn(3, 1, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for s in (0.01, 0.3, 2.0):
+        t = sde.time_at_noise(s)
+        assert float(sde.sigma(t) / sde.alpha(t)) == pytest.approx(s, rel=1e-9)
+        expected = (y + s * s * mu) / (1 + s * s)
+        torch.testing.assert_close(prior.posterior_mean(y, s), expected, rtol=1e-9, atol=1e-9)
+    assert sde.time_at_noise(1e6) == 1.0  # beyond the SDE's end: clamped
+    with pytest.raises(ValueError, match="noise must be > 0"):
+        sde.time_at_noise(0.0)
+
+
 def test_dsm_loss_at_exact_score_is_its_analytic_minimum():
     # Data N(mu, I): the exact score is -(x - alpha_t mu) and DSM there equals d * E_t[alpha_t^2].
     sde, d, eps = VPSDE(), 25, 1e-5

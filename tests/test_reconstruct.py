@@ -234,6 +234,11 @@ def test_unknown_config_key_is_refused(tmp_path):
         compose_rec(tmp_path, "no_such_key=1")
 
 
+def test_denoise_m_step_refuses_a_time_free_prior(tmp_path, no_em):
+    ckpt = write_gaussian_ckpt(tmp_path / "ism.ckpt", time=False)
+    _bad(tmp_path, "needs a time-conditioned prior", f"ckpt={ckpt}", *GAUSS, "em=gaussian")
+
+
 def test_oracle_needs_a_gaussian_checkpoint(tmp_path, no_em):
     _bad(tmp_path, "oracle=true needs", "oracle=true")
 
