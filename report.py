@@ -21,9 +21,12 @@ import numpy as np
 
 def load_runs(folders: list[Path]) -> list[dict]:
     """One dict per run: preset, snr, index, errors {variant: e}, seconds, folder."""
-    runs = []
+    runs, seen = [], set()
     for folder in folders:
         for path in sorted(folder.rglob("summary.json")):
+            if path.resolve() in seen:  # overlapping folders: count each run once
+                continue
+            seen.add(path.resolve())
             s = json.loads(path.read_text())
             cfg, m = s["config"], s["metrics"]
             errors = {
@@ -31,12 +34,14 @@ def load_runs(folders: list[Path]) -> list[dict]:
             }
             if not errors:
                 continue
+            shifted = {k[12:]: v for k, v in m.items() if k.startswith("error_shift/")}
             runs.append(
                 {
                     "preset": cfg["em"]["name"] + (" (oracle)" if cfg.get("oracle") else ""),
                     "snr": float(s["measurement"]["snr"]),
                     "index": int(cfg["measurement"]["index"]),
                     "errors": errors,
+                    "shifted": shifted,
                     "seconds": sum(v for k, v in m.items() if k.startswith("seconds/")),
                     "folder": path.parent,
                 }
@@ -44,11 +49,11 @@ def load_runs(folders: list[Path]) -> list[dict]:
     return runs
 
 
-def table(runs: list[dict]) -> tuple[str, dict]:
+def table(runs: list[dict], key: str = "errors") -> tuple[str, dict]:
     """Markdown table of mean errors and the means themselves {(preset, variant): {snr: mean}}."""
     cells = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        for variant, e in r["errors"].items():
+        for variant, e in r[key].items():
             cells[(r["preset"], variant)][r["snr"]].append(e)
     snrs = sorted({r["snr"] for r in runs})
     means = {key: {snr: float(np.mean(v)) for snr, v in by.items()} for key, by in cells.items()}
@@ -143,7 +148,12 @@ def main(argv=None) -> int:
         )
     text, means = table(runs)
     seconds = sum(r["seconds"] for r in runs)
+    print("Mean relative error (the paper's: minimised over rotations)\n")
     print(text)
+    if all(r["shifted"] for r in runs):
+        shift = json.loads((runs[0]["folder"] / "summary.json").read_text())["config"]["max_shift"]
+        print(f"\nMinimised over rotations and translations by up to {shift} pixels\n")
+        print(table(runs, "shifted")[0])
     print(f"\n{len(runs)} runs, {seconds:.0f} s of EM in all")
     out = args.folders[0]
     plot_errors(means, out / "errors.png")
