@@ -131,6 +131,21 @@ def target_image(cfg: DictConfig, prior: ScorePrior | None) -> tuple[torch.Tenso
     return source.held_out[index].to(torch.float64).cpu(), where
 
 
+def _measurement_paths(spec) -> list[Path]:
+    """measurement.path: one file, a list of files, or a glob pattern (sorted)."""
+    import glob
+
+    items = list(spec) if OmegaConf.is_list(spec) or isinstance(spec, list) else [spec]
+    paths = []
+    for item in items:
+        item = str(item)
+        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not found:
+            raise FileNotFoundError(f"measurement.path: no file matches {item}")
+        paths += [Path(f) for f in found]
+    return paths
+
+
 def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
     """The measurement.
 
@@ -164,7 +179,9 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
         sigma = float(meas.sigma) if m.sigma_known else None
         return meas.data, sigma, truth, info, meas
     if m.source == "file":
-        data = mtd.read_micrograph(m.path)
+        paths = _measurement_paths(m.path)
+        arrays = [mtd.open_micrograph(p) for p in paths]  # memory-mapped; checked while streamed
+        data = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
         L = int(m.L)
         if not _none(m.sigma) and not (math.isfinite(float(m.sigma)) and float(m.sigma) > 0):
             raise ValueError(
@@ -173,7 +190,11 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
         truth = None if _none(m.truth) else _read_stack(m.truth)[0]
         if truth is not None and truth.shape != (L, L):
             raise ValueError(f"measurement.truth is {tuple(truth.shape)}, not ({L}, {L})")
-        info = {"target": str(m.path), "N": list(data.shape), "L": L}
+        info = {
+            "target": [str(p) for p in paths],
+            "N": [list(a.shape) for a in arrays],
+            "L": L,
+        }
         return data, None if _none(m.sigma) else float(m.sigma), truth, info, None
     raise ValueError(f"measurement.source must be simulate or file, got {m.source!r}")
 
@@ -252,6 +273,9 @@ def build_em(
         iterations=int(e.iterations),
         tol=float(e.tol),
         chunk_size=None if _none(e.chunk_size) else int(e.chunk_size),
+        stream=None if _none(e.stream) else bool(e.stream),
+        stochastic=float(e.stochastic),
+        seed=int(cfg.seed),
         method=e.method,
         device=device,
         dtype=getattr(torch, cfg.dtype),
@@ -344,7 +368,8 @@ def save_figure(path: Path, truth, data, estimates: dict, K: int, crop: int, mea
         panels.append((title, _aligned(truth, est, K)))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.1))
     for ax, (title, img) in zip(np.atleast_1d(axes), panels, strict=True):
-        ax.imshow(torch.as_tensor(img).double().cpu().numpy(), cmap="gray")
+        img = img.detach().double().cpu().numpy() if torch.is_tensor(img) else img
+        ax.imshow(np.asarray(img, dtype=np.float64), cmap="gray")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
@@ -375,7 +400,12 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
         ``seconds/<variant>``, ``iterations/<variant>`` for the variants run (prior, no_prior).
     """
     out = Path(out_dir if out_dir is not None else cfg.paths.output_dir)
-    device = resolve_device(cfg.device)
+    device, comm, rank = resolve_device(cfg.device), None, 0
+    if cfg.get("launcher"):  # several processes: Fabric starts them and the process group
+        fabric = hydra.utils.instantiate(cfg.launcher)
+        fabric.launch()
+        device, rank = fabric.device, fabric.global_rank
+        comm = mtd.TorchDistributed() if fabric.world_size > 1 else None
     if cfg.dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
     if cfg.em.init not in INITS:
@@ -404,12 +434,12 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 "(ISM): use em.m_step=gradient"
             )
     init = initial_guess(cfg, L, prior, truth, device)
-    ems[variants[-1]].prepare(data)  # the measurement's own checks (finite, 2-D, N >= L)
+    patches = ems[variants[-1]].prepare(data)  # one pass: every value checked, transforms
 
     tags = [*cfg.tags, f"em={cfg.em.name}", f"K={K}"] + (["oracle"] if cfg.oracle else [])
     if "snr" in info:
         tags.append(f"snr={info['snr']:g}")
-    run = start_wandb(cfg, tags)
+    run = start_wandb(cfg, tags) if rank == 0 else None
     metrics: dict = {}
     if truth is not None:
         metrics["error/init"] = min(mtd.relative_error(truth, x, K) for x in init)
@@ -417,7 +447,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     try:
         for v in variants:
             score = em_prior(cfg, prior) if v == "prior" else None
-            results[v] = _run(ems[v], v, data, init, score, truth, run, cfg)
+            results[v] = _run(ems[v], v, patches, init, score, truth, run, cfg, comm, rank)
             res = results[v]
             metrics[f"seconds/{v}"] = res.seconds
             metrics[f"iterations/{v}"] = len(res.history)
@@ -427,7 +457,8 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                     metrics[f"error_shift/{v}"] = mtd.relative_error(
                         truth, res.estimate, K, max_shift=int(cfg.max_shift)
                     )
-        write_outputs(out, cfg, info, data, truth, init, results, metrics, K, meas)
+        if rank == 0:
+            write_outputs(out, cfg, info, data, truth, init, results, metrics, K, meas)
         if run is not None:
             run.summary.update(metrics)
     finally:
@@ -436,11 +467,12 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     return metrics
 
 
-def _run(em, variant, data, init, prior, truth, run, cfg):
+def _run(em, variant, data, init, prior, truth, run, cfg, comm=None, rank=0):
     """One EM fit with a progress bar and W&B logging; ``res.seconds`` is its wall time."""
     from tqdm import tqdm
 
     bar = tqdm(
+        disable=rank != 0,
         total=em.iterations * len(init),
         desc=f"EM {variant.replace('_', ' ')}",
         unit="it",
@@ -471,7 +503,9 @@ def _run(em, variant, data, init, prior, truth, run, cfg):
 
     start = time.perf_counter()
     try:
-        res = em.fit(data, init.to(em.device), prior=prior, truth=truth, callback=callback)
+        res = em.fit(
+            data, init.to(em.device), prior=prior, truth=truth, callback=callback, comm=comm
+        )
     finally:
         bar.close()
     res.seconds = time.perf_counter() - start
@@ -490,6 +524,8 @@ def write_outputs(out: Path, cfg, info, data, truth, init, results, metrics, K, 
     if meas is not None and cfg.measurement.get("save", True):
         meas.save(out / "measurement.mrc")
     shown = {v: (r.estimate.cpu(), metrics.get(f"error/{v}")) for v, r in results.items()}
+    if not torch.is_tensor(data):  # files: a crop of the first, memory-mapped
+        data = mtd.open_micrograph(data if isinstance(data, str) else data[0])
     save_figure(out / "reconstruction.png", truth, data, shown, K, int(cfg.crop), meas)
     summary = {
         "metrics": metrics,
@@ -516,6 +552,8 @@ def write_outputs(out: Path, cfg, info, data, truth, init, results, metrics, K, 
 @hydra.main(version_base="1.3", config_path="configs", config_name="reconstruct")
 def main(cfg: DictConfig) -> None:
     metrics = reconstruct(cfg)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # rank 0 reports
     names = {"init": "initial guess", "no_prior": "without prior", "prior": "with prior"}
     for key, title in (("error", "relative error"), ("error_shift", "up to translation")):
         found = [

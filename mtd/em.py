@@ -13,13 +13,14 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from mtd.likelihood import Correlator, choose_method, template_energy
 from mtd.metrics import relative_error
-from mtd.patches import extract_patches
+from mtd.patches import PatchSource
 from mtd.rotations import Rotations
 
 Prior = Callable[[torch.Tensor, float], torch.Tensor]
@@ -28,6 +29,9 @@ Prior = Callable[[torch.Tensor, float], torch.Tensor]
 # large enough to amortise the per-call overhead, small enough that a chunk's intermediates stay in
 # cache (measured with tests/benchmarks/bench_em.py on 2 CPU cores).
 _CHUNK_ELEMENTS = {"fft": 1 << 18, "gemm": 1 << 19}
+# Streamed E-steps read and transform patches a block of chunks at a time: at most this many bytes
+# of patch transforms in memory.
+_STREAM_BLOCK_BYTES = 64 << 20
 
 
 @dataclass
@@ -49,6 +53,65 @@ class Statistics:
     loglik: torch.Tensor
     energy: torch.Tensor
     D: int
+
+
+@dataclass
+class Patches:
+    """A measurement (or several) ready for the E-steps (``ApproximateEM.prepare``).
+
+    Attributes:
+        source: the ``PatchSource`` the patches are read from.
+        energy: (D,) ||M_m||^2 of every patch.
+        corr: the ``Correlator`` of all patches when their transforms are held in memory, None
+            when they are streamed chunk by chunk.
+        layout: a correlator that prepares templates and accumulators (no patches needed).
+    """
+
+    source: PatchSource
+    energy: torch.Tensor
+    corr: Correlator | None
+    layout: Correlator
+
+    @property
+    def D(self) -> int:
+        return self.source.D
+
+
+class TorchDistributed:
+    """The E-step's view of a torch.distributed process group (gloo, NCCL), e.g. under Fabric.
+
+    Statistics are sums over patches, so all-reducing them with SUM gives every process the
+    statistics of all patches, and the M-step, run identically on every process, the same F.
+    """
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialised (launch with Fabric/torchrun)"
+            )
+        self.dist, self.group = dist, group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+
+def _count(index) -> int:
+    return index.stop - index.start if isinstance(index, slice) else len(index)
+
+
+def _as_index(index) -> torch.Tensor:
+    return torch.arange(index.start, index.stop) if isinstance(index, slice) else index
+
+
+def _check_finite(patches: torch.Tensor) -> None:
+    if not torch.isfinite(patches).all():
+        bad = int((~torch.isfinite(patches)).sum())
+        raise ValueError(f"the measurement has {bad} non-finite values (NaN or inf)")
 
 
 @dataclass
@@ -131,6 +194,12 @@ class ApproximateEM(torch.nn.Module):
         iterations: maximum number of EM iterations T.
         tol: stop when ||F_new - F||_F < tol.
         chunk_size: patches per E-step chunk; None picks one from the sizes.
+        stream: hold the patch transforms in memory (False) or stream the patches from the
+            measurement chunk by chunk in every E-step (True: memory bounded by the chunk size);
+            None streams measurements given as files and holds in-memory ones.
+        stochastic: the stochastic-EM factor S in (0, 1]: each iteration's E-step uses
+            floor(S D) patches drawn uniformly at random (1: all patches).
+        seed: of those draws.
         method: "auto", "fft" or "gemm" (the cross-correlation form; "auto" picks by L).
         device: torch device of the computation.
         dtype: floating dtype of the computation.
@@ -154,6 +223,9 @@ class ApproximateEM(torch.nn.Module):
         iterations: int = 100,
         tol: float = 1e-5,
         chunk_size: int | None = None,
+        stream: bool | None = None,
+        stochastic: float = 1.0,
+        seed: int = 0,
         method: str = "auto",
         device="cpu",
         dtype=torch.float32,
@@ -203,7 +275,17 @@ class ApproximateEM(torch.nn.Module):
         self.prior_t, self.iterations, self.tol = prior_t, int(iterations), tol
         self.noise_scale, self.anneal_from = noise_scale, anneal_from
         self.anneal_iterations = int(anneal_iterations)
-        self.chunk_size = chunk_size
+        if not 0 < stochastic <= 1:
+            raise ValueError(
+                f"stochastic (the fraction S of patches per E-step) must be in (0, 1], "
+                f"got {stochastic!r}"
+            )
+        self.chunk_size, self.stream, self.stochastic, self.seed = (
+            chunk_size,
+            stream,
+            stochastic,
+            int(seed),
+        )
         self.method = choose_method(self.L) if method == "auto" else method
         self.device, self.dtype = torch.device(device), dtype
         self.rotations = Rotations(self.L, self.K, self.device, dtype)
@@ -211,29 +293,43 @@ class ApproximateEM(torch.nn.Module):
     # --------------------------------------------------------------------------------------------
     # Data
     # --------------------------------------------------------------------------------------------
-    def prepare(self, data) -> Correlator:
-        """Validate a measurement, cut it into patches and compute their transforms once.
+    def prepare(self, data) -> Patches:
+        """Validate the measurement(s) and get the patches ready for the E-steps.
+
+        In memory (``stream=False``) the patch transforms are computed once; streamed
+        (``stream=True``, the default for files) the patches are read and transformed chunk by
+        chunk in every E-step, so memory is bounded by the chunk size. Either way one pass checks
+        every value and computes ||M_m||^2.
 
         Args:
-            data: (N, N) measurement (tensor or array); a rectangular one is accepted too.
+            data: an (N0, N1) measurement (tensor or array), the path of a .npy / .mrc file
+                (memory-mapped), or a list of these treated as one data set.
 
         Returns:
-            The ``Correlator`` holding the patches.
+            ``Patches``.
         """
-        data = torch.as_tensor(data)
-        if data.ndim != 2:
-            raise ValueError(f"the measurement must be a 2-D array, got shape {tuple(data.shape)}")
-        if min(data.shape) < self.L:
-            raise ValueError(
-                f"the measurement {tuple(data.shape)} is smaller than the image side L = {self.L}"
+        source = PatchSource(data, self.L, self.dtype, self.device)
+        stream = self.stream
+        if stream is None:
+            stream = any(
+                isinstance(x, (str, Path))
+                for x in (data if isinstance(data, (list, tuple)) else [data])
             )
-        if data.is_complex() or data.dtype == torch.bool:
-            raise ValueError(f"the measurement must hold real numbers, got dtype {data.dtype}")
-        data = data.to(device=self.device, dtype=self.dtype)
-        if not torch.isfinite(data).all():
-            bad = int((~torch.isfinite(data)).sum())
-            raise ValueError(f"the measurement has {bad} non-finite values (NaN or inf)")
-        return Correlator(extract_patches(data, self.L), self.method)
+        empty = torch.zeros(0, self.L, self.L, dtype=self.dtype, device=self.device)
+        if not stream:
+            patches = source.read(slice(0, source.D))
+            _check_finite(patches)
+            corr = Correlator(patches, self.method)
+            return Patches(source, corr.energy, corr, corr)
+        energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
+        chunk = self._chunk(source.D)
+        for start in range(0, source.D, chunk):
+            patches = source.read(slice(start, min(start + chunk, source.D)))
+            _check_finite(patches)
+            energy[start : start + len(patches)] = (
+                patches.reshape(len(patches), -1).square().sum(1)
+            )
+        return Patches(source, energy, None, Correlator(empty, self.method))
 
     def _chunk(self, D: int) -> int:
         if self.chunk_size is not None:
@@ -251,8 +347,19 @@ class ApproximateEM(torch.nn.Module):
         G[:, :L, :L] = self.rotations(F)
         return G
 
-    def _logits_chunks(self, corr: Correlator, F, log_rho, sigma2):
-        """Yield (start, stop, logits) chunk by chunk, for all patches.
+    def _chunks(self, data: Patches, subset: torch.Tensor | None, comm) -> list:
+        """The patch indices of this process's chunks: slices of all patches, or of ``subset``."""
+        chunk = self._chunk(data.D)
+        if subset is None:
+            chunks = [slice(s, min(s + chunk, data.D)) for s in range(0, data.D, chunk)]
+        else:
+            chunks = [subset[s : s + chunk] for s in range(0, len(subset), chunk)]
+        if comm is not None:  # every rank takes every world_size-th chunk
+            chunks = chunks[comm.rank :: comm.world_size]
+        return chunks
+
+    def _logits_chunks(self, data: Patches, F, log_rho, sigma2, subset=None, comm=None):
+        """Yield (correlator, local index, global index, logits) chunk by chunk.
 
         logits = log p(M_m | l, k, F) + log rho(l) - log K + ||M_m||^2 / (2 sigma^2), of shape
         (B, *layout) in the correlator's layout over (rotation, shift). The patch's own term
@@ -267,11 +374,31 @@ class ApproximateEM(torch.nn.Module):
         # log-likelihood (eq. 5).
         bias = -template_energy(G, L) * inv + log_rho - math.log(K)
         bias = bias - 0.5 * L * L * math.log(2 * math.pi * sigma2)
-        templates = corr.prepare(G, 2 * inv, bias)  # correlate() gives c / sigma^2 + bias
-        chunk = self._chunk(corr.D)
-        for start in range(0, corr.D, chunk):
-            stop = min(start + chunk, corr.D)
-            yield start, stop, corr.correlate(start, stop, templates)
+        templates = data.layout.prepare(G, 2 * inv, bias)  # correlate(): c / sigma^2 + bias
+        chunks = self._chunks(data, subset, comm)
+        if data.corr is not None:  # all transforms in memory
+            for index in chunks:
+                index = index if isinstance(index, slice) else index.to(self.device)
+                yield data.corr, index, index, data.corr.correlate(index, templates)
+            return
+        # Streamed: read and transform a block of chunks at a time (one read and one transform
+        # call per block, memory bounded by the block), then correlate chunk by chunk.
+        per_patch = 2 * 16 * 4 * L * L if self.method == "fft" else 8 * (L * L + 1)
+        block = max(1, _STREAM_BLOCK_BYTES // per_patch)
+        work, i = None, 0
+        while i < len(chunks):
+            group, n = [], 0
+            while i < len(chunks) and (not group or n + _count(chunks[i]) <= block):
+                group.append(chunks[i])
+                n += _count(chunks[i])
+                i += 1
+            index = torch.cat([_as_index(c) for c in group]).to(self.device)
+            corr = Correlator(data.source.read(index), self.method, work=work)
+            work, offset = corr.work, 0
+            for c in group:
+                local = slice(offset, offset + _count(c))
+                offset = local.stop
+                yield corr, local, index[local], corr.correlate(local, templates)
 
     def log_likelihoods(self, data, F: torch.Tensor, sigma: float) -> torch.Tensor:
         """-||M_m - C T_l Z R_k F||^2 / (2 sigma^2) for every patch, rotation and shift (eq. 10).
@@ -282,26 +409,40 @@ class ApproximateEM(torch.nn.Module):
         Returns:
             (D, K, 2L, 2L).
         """
-        corr = self.prepare(data)
+        data = self.prepare(data)
         F = torch.as_tensor(F, device=self.device, dtype=self.dtype)
         sigma2 = float(sigma) ** 2
         zero = torch.zeros(2 * self.L, 2 * self.L, dtype=self.dtype, device=self.device)
         # Undo the prior and normalisation terms of the bias; add the patch energies back.
         shift = math.log(self.K) + 0.5 * self.L**2 * math.log(2 * math.pi * sigma2)
         out = []
-        for start, stop, lg in self._logits_chunks(corr, F, zero, sigma2):
+        for corr, _, index, lg in self._logits_chunks(data, F, zero, sigma2):
             lg = torch.stack([corr.from_layout(x, self.K) for x in lg])
-            out.append(lg + shift - (corr.energy[start:stop] / (2 * sigma2)).view(-1, 1, 1, 1))
+            out.append(lg + shift - (data.energy[index] / (2 * sigma2)).view(-1, 1, 1, 1))
         return torch.cat(out)
 
-    def e_step(self, corr: Correlator, F: torch.Tensor, log_rho: torch.Tensor, sigma2: float):
+    def e_step(
+        self,
+        data: Patches,
+        F: torch.Tensor,
+        log_rho: torch.Tensor,
+        sigma2: float,
+        subset: torch.Tensor | None = None,
+        comm=None,
+    ) -> Statistics:
         """Posteriors (eq. 11 / 14) by log-sum-exp, reduced chunk by chunk to the statistics.
 
         Args:
-            corr: the prepared patches.
+            data: the prepared patches (``prepare``).
             F: (L, L) current estimate.
             log_rho: (2L, 2L) log of the current shift distribution.
             sigma2: noise variance.
+            subset: sorted int64 indices of the patches to use (stochastic EM), or None for all;
+                the sums over a subset are scaled by D / len(subset), an unbiased estimate of the
+                sums over all patches.
+            comm: ``mtd.TorchDistributed`` (or any object with rank, world_size and a summing
+                all_reduce): this process takes every world_size-th chunk and the sums are
+                all-reduced, so every process gets the statistics of all patches.
 
         Returns:
             ``Statistics``.
@@ -309,23 +450,34 @@ class ApproximateEM(torch.nn.Module):
         L, K = self.L, self.K
         # exp below log(tiny) underflows anyway, and takes a slow path on some CPUs: clamp first.
         floor = math.log(torch.finfo(self.dtype).tiny) + 1
-        omega, acc = 0.0, corr.new_accumulator(K)
+        zeros = torch.zeros(K, 2 * L, 2 * L, dtype=self.dtype, device=self.device)
+        omega, acc = data.layout.to_layout(zeros), data.layout.new_accumulator(K)
         loglik = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start, stop, logits in self._logits_chunks(corr, F, log_rho, sigma2):
-            x = logits.view(stop - start, -1)
+        energy = torch.zeros((), dtype=self.dtype, device=self.device)
+        for corr, local, index, logits in self._logits_chunks(
+            data, F, log_rho, sigma2, subset, comm
+        ):
+            x = logits.view(logits.shape[0], -1)
             # Log-sum-exp, keeping exp(x - max) unnormalised: the 1 / sum is folded into the
             # (small) reductions below instead of a pass over the (B, K * 4L^2) array.
             top = x.amax(1, keepdim=True)
             e = x.sub_(top).clamp_(min=floor).exp_()
             total = e.sum(1)
             inv_total = total.reciprocal()
-            omega = omega + (inv_total @ e).view(logits.shape[1:])  # sum_m w_m(l, k)
-            corr.accumulate(start, stop, logits, inv_total, acc)
-            lse = top.view(-1) + total.log() - corr.energy[start:stop] / (2 * sigma2)
+            omega += (inv_total @ e).view(logits.shape[1:])  # sum_m w_m(l, k)
+            corr.accumulate(local, logits, inv_total, acc)
+            patch_energy = data.energy[index]
+            lse = top.view(-1) + total.log() - patch_energy / (2 * sigma2)
             loglik += lse.sum(dtype=torch.float64)
-        omega = corr.from_layout(omega, K)
-        b = corr.finish(acc, K)[:, :L, :L]
-        return Statistics(omega, b, coverage(omega, L), loglik, corr.energy.sum(), corr.D)
+            energy += patch_energy.sum()
+        omega = data.layout.from_layout(omega, K)
+        b = data.layout.finish(acc, K)[:, :L, :L]
+        if comm is not None:
+            omega, b, loglik, energy = (comm.all_reduce(t) for t in (omega, b, loglik, energy))
+        if subset is not None and len(subset) < data.D:
+            scale = data.D / len(subset)
+            omega, b, loglik, energy = omega * scale, b * scale, loglik * scale, energy * scale
+        return Statistics(omega, b, coverage(omega, L), loglik, energy, data.D)
 
     # --------------------------------------------------------------------------------------------
     # M-step
@@ -442,11 +594,13 @@ class ApproximateEM(torch.nn.Module):
         prior: Prior | None = None,
         truth=None,
         callback: Callable[[dict], None] | None = None,
+        comm=None,
     ) -> EMResult:
         """Run EM from each initial guess and keep the best (approximate-EM paper, Section 3).
 
         Args:
-            data: (N, N) measurement.
+            data: (N, N) measurement, a .npy / .mrc path, or a list of these (see ``prepare``),
+                or what ``prepare`` returned for them.
             init: (L, L) initial guess, or (R, L, L) for R restarts.
             prior: callable ``score(x: (B, 1, L, L), t: float) -> (B, 1, L, L)`` in measurement
                 units; needs ``m_step="gradient"``, or ``"denoise"`` with a
@@ -458,6 +612,8 @@ class ApproximateEM(torch.nn.Module):
                 patch empty), ``noise`` (the denoiser's noise level with ``m_step="denoise"``) and
                 ``error`` (when truth is given); the callback's copy also holds ``estimate``, the
                 (L, L) new iterate.
+            comm: for a run across processes, ``mtd.TorchDistributed()`` (see ``e_step``); every
+                process passes the same data and gets the same result.
 
         Returns:
             ``EMResult`` of the restart with the highest log-likelihood (plus gamma * log-prior).
@@ -480,18 +636,20 @@ class ApproximateEM(torch.nn.Module):
             truth = self._validate_image("truth", truth)
             if truth.ndim != 2:
                 raise ValueError(f"truth must be one (L, L) image, got shape {tuple(truth.shape)}")
-        corr = self.prepare(data)
-        shape = torch.as_tensor(data).shape
-        dropped = (shape[0] % self.L, shape[1] % self.L)
-        if any(dropped):
-            warnings.warn(
-                f"the measurement {tuple(shape)} is not a multiple of L = {self.L}: the last "
-                f"{dropped[0]} rows and {dropped[1]} columns are outside the patch grid, unused",
-                stacklevel=2,
-            )
+        data = data if isinstance(data, Patches) else self.prepare(data)
+        for name, array, rest in zip(
+            data.source.names, data.source.arrays, data.source.dropped, strict=True
+        ):
+            if any(rest):
+                warnings.warn(
+                    f"{name} {tuple(array.shape)} is not a multiple of L = {self.L}: the last "
+                    f"{rest[0]} rows and {rest[1]} columns are outside the patch grid, unused",
+                    stacklevel=2,
+                )
+        dropped = data.source.dropped[0] if len(data.source.dropped) == 1 else data.source.dropped
         results, scores = [], []
         for r, F0 in enumerate(inits):
-            res = self._fit_one(corr, F0, prior, truth, callback, r)
+            res = self._fit_one(data, F0, prior, truth, callback, r, comm)
             score = float(res.loglik[-1])
             if prior is not None:
                 score += self.gamma_at(len(res.history) - 1) * self.log_prior(prior, res.estimate)
@@ -502,20 +660,28 @@ class ApproximateEM(torch.nn.Module):
         result.restart, result.scores, result.dropped = best, torch.tensor(scores), dropped
         return result
 
-    def _initial_sigma2(self, corr: Correlator) -> float:
+    def _initial_sigma2(self, data: Patches) -> float:
         # The patches' mean power: an upper bound on sigma^2 that the M-steps then lower.
-        return max(float(corr.energy.sum()) / (corr.D * self.L**2), 1e-12)
+        return max(float(data.energy.sum()) / (data.D * self.L**2), 1e-12)
 
-    def _fit_one(self, corr, F, prior, truth, callback, restart) -> EMResult:
+    def _subset(self, data: Patches, generator: torch.Generator) -> torch.Tensor | None:
+        """Stochastic EM (stochastic-EM paper, Algorithm 1): floor(S D) patches drawn uniformly."""
+        if self.stochastic >= 1:
+            return None
+        n = max(1, math.floor(self.stochastic * data.D))
+        return torch.randperm(data.D, generator=generator)[:n].sort().values
+
+    def _fit_one(self, data, F, prior, truth, callback, restart, comm) -> EMResult:
         L = self.L
         F = F.clone()
         rho = torch.full((2 * L, 2 * L), 1.0 / (4 * L * L), dtype=self.dtype, device=self.device)
-        sigma2 = self.sigma**2 if self.sigma is not None else self._initial_sigma2(corr)
+        sigma2 = self.sigma**2 if self.sigma is not None else self._initial_sigma2(data)
+        generator = torch.Generator().manual_seed(self.seed + restart)
         empty = torch.zeros(2 * L, 2 * L, dtype=torch.bool, device=self.device)
         empty[L, :] = empty[:, L] = True  # l_x = L or l_y = L: the shifted copy misses the patch
         history, logliks, converged = [], [], False
         for tau in range(self.iterations):
-            stats = self.e_step(corr, F, rho.log(), sigma2)
+            stats = self.e_step(data, F, rho.log(), sigma2, self._subset(data, generator), comm)
             gamma = self.gamma_at(tau)
             noise = float("nan")
             if self.m_step == "closed_form":
@@ -560,7 +726,7 @@ class ApproximateEM(torch.nn.Module):
             if delta < self.tol:
                 converged = True
                 break
-        logliks.append(float(self.e_step(corr, F, rho.log(), sigma2).loglik))
+        logliks.append(float(self.e_step(data, F, rho.log(), sigma2, comm=comm).loglik))
         return EMResult(
             estimate=F,
             rho=rho,

@@ -77,20 +77,23 @@ class Correlator:
     The per-chunk arrays live in one work buffer that is reused from chunk to chunk: the arrays
     ``correlate`` returns are overwritten by the next call.
 
+    Patches are addressed by ``index``: a slice or a 1-D int64 tensor of positions in ``patches``.
+
     Args:
         patches: (D, L, L) patches.
         method: "fft" or "gemm".
+        work: a work buffer to reuse (``.work`` of another correlator), or None.
     """
 
-    def __init__(self, patches: torch.Tensor, method: str):
+    def __init__(self, patches: torch.Tensor, method: str, work: torch.Tensor | None = None):
         if method not in ("fft", "gemm"):
             raise ValueError(f"correlation method must be 'fft' or 'gemm', got {method!r}")
         self.method = method
         self.D, self.L = patches.shape[0], patches.shape[-1]
         self.dtype, self.device = patches.dtype, patches.device
         L, P = self.L, 2 * self.L
-        self.energy = patches.reshape(self.D, -1).square().sum(1)  # ||M_m||^2, (D,)
-        self._work = None
+        self.energy = patches.reshape(self.D, L * L).square().sum(1)  # ||M_m||^2, (D,)
+        self.work = work
         if method == "fft":
             self.spectra = torch.fft.fft2(patches, s=(P, P))  # FFT2(Z M_m), (D, 2L, 2L)
             self.spectra_conj = self.spectra.conj().resolve_conj()
@@ -101,9 +104,9 @@ class Correlator:
 
     def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape)
-        if self._work is None or self._work.numel() < n or self._work.dtype != dtype:
-            self._work = torch.empty(n, dtype=dtype, device=self.device)
-        return self._work[:n].view(shape)
+        if self.work is None or self.work.numel() < n or self.work.dtype != dtype:
+            self.work = torch.empty(n, dtype=dtype, device=self.device)
+        return self.work[:n].view(shape)
 
     def to_layout(self, x: torch.Tensor) -> torch.Tensor:
         """(K, 2L, 2L) -> this method's layout; odd K (FFT) gets a zero padding rotation."""
@@ -140,24 +143,26 @@ class Correlator:
         # The bias rides in the GEMM as one more column, against a column of ones in the patches.
         return torch.cat([S, bias.reshape(-1, 1)], 1).T.contiguous(), None, False
 
-    def correlate(self, start: int, stop: int, templates) -> torch.Tensor:
-        """scale * c_m(l, k) + bias(l, k) for patches start..stop-1 (see ``prepare``).
+    def correlate(self, index, templates) -> torch.Tensor:
+        """scale * c_m(l, k) + bias(l, k) for the patches at ``index`` (see ``prepare``).
 
         Returns:
             (B, *layout) real, in the work buffer.
         """
         spec, bias_hat, odd = templates
-        B, P = stop - start, 2 * self.L
+        P = 2 * self.L
         if self.method == "fft":
             # IFFT2(conj(FFT2 ZM) (FFT2 G_2j + i FFT2 G_2j+1)) = c_2j + i c_2j+1: both are real.
-            prod = self._buffer((B, *spec.shape), spec.dtype)
-            torch.addcmul(bias_hat, self.spectra_conj[start:stop, None], spec, out=prod)
+            conj = self.spectra_conj[index]
+            prod = self._buffer((conj.shape[0], *spec.shape), spec.dtype)
+            torch.addcmul(bias_hat, conj[:, None], spec, out=prod)
             out = torch.view_as_real(torch.fft.ifft2(prod))
             if odd:
                 out[:, -1, ..., 1] = -math.inf
             return out
-        out = self._buffer((B, spec.shape[1]), self.dtype)
-        return torch.matmul(self.flat[start:stop], spec, out=out).view(B, -1, P, P)
+        flat = self.flat[index]
+        out = self._buffer((flat.shape[0], spec.shape[1]), self.dtype)
+        return torch.matmul(flat, spec, out=out).view(flat.shape[0], -1, P, P)
 
     def new_accumulator(self, K: int) -> torch.Tensor:
         """Zeros to accumulate the back-projection in."""
@@ -166,17 +171,15 @@ class Correlator:
             return torch.zeros((K + 1) // 2, P, P, dtype=self.spectra.dtype, device=self.device)
         return torch.zeros(K * P * P, L * L, dtype=self.dtype, device=self.device)
 
-    def accumulate(
-        self, start: int, stop: int, w: torch.Tensor, scale: torch.Tensor, acc: torch.Tensor
-    ) -> None:
+    def accumulate(self, index, w: torch.Tensor, scale: torch.Tensor, acc: torch.Tensor) -> None:
         """Add the back-projection of weights scale[m] * w[m] (w: (B, *layout)) to acc."""
         if self.method == "fft":
             spec = torch.fft.fft2(torch.view_as_complex(w))  # FFT2(w_2j + i w_2j+1)
-            spec.mul_((self.spectra[start:stop] * scale.view(-1, 1, 1))[:, None])
+            spec.mul_((self.spectra[index] * scale.view(-1, 1, 1))[:, None])
             acc += spec.sum(0)
         else:
-            rows = self.flat[start:stop, :-1] * scale.view(-1, 1)
-            acc.addmm_(w.reshape(stop - start, -1).T, rows)
+            rows = self.flat[index, :-1] * scale.view(-1, 1)
+            acc.addmm_(w.reshape(rows.shape[0], -1).T, rows)
 
     def finish(self, acc: torch.Tensor, K: int) -> torch.Tensor:
         """The back-projection g_k on the 2L x 2L grid from an accumulator.

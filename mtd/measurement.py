@@ -248,6 +248,42 @@ def read_micrograph(path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def open_micrograph(path) -> np.ndarray:
+    """Memory-map a 2-D .npy or .mrc measurement read-only: nothing is read until it is sliced.
+
+    The checks of ``read_micrograph`` that need no pass over the data (2-D, real numbers) are done
+    here; non-finite values are found when the patches are streamed (``mtd.PatchSource``).
+
+    Returns:
+        (N0, N1) read-only ``numpy.memmap`` (an MRC file stays open while it is referenced).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no measurement file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    elif suffix in MRC_SUFFIXES:
+        import mrcfile
+
+        try:
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a readable MRC file ({e})") from e
+        if mrc.data is None:
+            raise ValueError(f"{path} is not a readable MRC file")
+        array = mrc.data
+    else:
+        raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"{path} holds an array of shape {array.shape}; a measurement is 2-D")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{path} holds dtype {array.dtype}; a measurement holds real numbers")
+    return array
+
+
 def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
     """Write a 2-D measurement as .npy (its dtype) or .mrc (float32), atomically.
 

@@ -154,6 +154,24 @@ def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):
         assert (tmp_path / f"run_{name}" / "out/summary.json").is_file()
     assert errors[0] == pytest.approx(errors[1], abs=1e-5)  # MRC holds float32
     assert errors[0] < 0.2
+    # Two files (split at a patch row) as a list, and as a glob: one data set, the same result.
+    np.save(tmp_path / "part_a.npy", meas.data.numpy()[:20])
+    np.save(tmp_path / "part_b.npy", meas.data.numpy()[20:])
+    for spec in (f"[{tmp_path}/part_a.npy,{tmp_path}/part_b.npy]", f"{tmp_path}/part_*.npy"):
+        cfg = compose_rec(
+            tmp_path / "parts",
+            "ckpt=none",
+            "measurement=file",
+            f"measurement.path={spec}",
+            "measurement.L=5",
+            f"measurement.truth={tmp_path / 'truth.npy'}",
+            "em=paper_gaussian",
+            "em.baseline=closed_form",
+            "em.init=file",
+            f"em.init_file={tmp_path / 'truth.npy'}",
+            "em.iterations=10",
+        )
+        assert rec.reconstruct(cfg)["error/no_prior"] == pytest.approx(errors[1], abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +212,7 @@ def test_checkpoint_of_another_image_size(tmp_path, no_em):
         "measurement=file",
         f"measurement.path={tmp_path / 'm.npy'}",
         "measurement.L=5",
+        "em=paper_gaussian",
     )
 
 

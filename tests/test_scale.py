@@ -1,0 +1,133 @@
+"""Data on disk, streaming, several micrographs, several processes, stochastic EM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mtd
+
+from .test_em import gaussian_image
+
+
+def measurement(seed=0, N=60, snr=5.0):
+    image, mu = gaussian_image(seed)
+    return mtd.simulate(image, N, density=0.1, snr=snr, seed=seed), image, mu
+
+
+def engine(**kw):
+    kw = {"K": 4, "iterations": 6, "tol": 0, "dtype": torch.float64, **kw}
+    return mtd.ApproximateEM(5, **kw)
+
+
+def test_files_streamed_equal_in_memory_whatever_the_split_and_chunks(tmp_path):
+    meas, image, mu = measurement()
+    data = meas.data.double()
+    ref = engine().fit(data, mu)
+    # Two files split at a patch row, memory-mapped and streamed in chunks of 7 patches.
+    np.save(tmp_path / "a.npy", data[:25].numpy())
+    np.save(tmp_path / "b.npy", data[25:].numpy())
+    files = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    for kw in ({"chunk_size": 7}, {"chunk_size": 1}, {"chunk_size": None, "stream": False}):
+        res = engine(**kw).fit(files, mu)
+        torch.testing.assert_close(res.estimate, ref.estimate, rtol=0, atol=1e-10)
+        torch.testing.assert_close(res.loglik, ref.loglik, rtol=1e-12, atol=0)
+    # In-memory pieces as a list, streamed.
+    res = engine(stream=True, chunk_size=5).fit([data[:25], data[25:]], mu)
+    torch.testing.assert_close(res.estimate, ref.estimate, rtol=0, atol=1e-10)
+
+
+def test_mrc_is_memory_mapped_and_checked_while_streaming(tmp_path):
+    meas, _, mu = measurement(1)
+    meas.save(tmp_path / "m.mrc")
+    mapped = mtd.open_micrograph(tmp_path / "m.mrc")
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    a = engine().fit(tmp_path / "m.mrc", mu)  # streamed (a file)
+    b = engine().fit(mtd.read_micrograph(tmp_path / "m.mrc"), mu)  # read whole
+    torch.testing.assert_close(a.estimate, b.estimate, rtol=0, atol=1e-10)
+    bad = meas.data.double().numpy().copy()
+    bad[33, 7] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(ValueError, match="1 non-finite"):
+        engine().fit(tmp_path / "bad.npy", mu)
+
+
+def test_a_micrograph_smaller_than_L_is_named(tmp_path):
+    np.save(tmp_path / "tiny.npy", np.zeros((3, 40)))
+    with pytest.raises(ValueError, match="tiny.npy"):
+        engine().fit([np.zeros((40, 40)), tmp_path / "tiny.npy"], torch.zeros(5, 5))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes
+# ------------------------------------------------------------------------------------------------
+def _worker(rank, world, port, data, init, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        res = engine(chunk_size=7).fit(data, init, comm=mtd.TorchDistributed())
+        out[rank] = res.estimate.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_gloo_equal_one_process():
+    meas, _, mu = measurement(2)
+    data = meas.data.double()
+    single = engine(chunk_size=7).fit(data, mu).estimate
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(2, _free_port(), data, mu, out), nprocs=2, join=True)
+        estimates = [out[0], out[1]]
+    torch.testing.assert_close(estimates[0], estimates[1], rtol=0, atol=0)  # the same F everywhere
+    torch.testing.assert_close(estimates[0], single, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stochastic EM
+# ------------------------------------------------------------------------------------------------
+def test_stochastic_statistics_are_the_subset_sums_scaled_to_all_patches():
+    meas, image, mu = measurement(3)
+    em = engine()
+    data = em.prepare(meas.data)
+    log_rho = torch.full((10, 10), 0.01, dtype=torch.float64).log()
+    subset = torch.tensor([0, 3, 4, 9, 17, 30, 101, 140])
+    part = em.e_step(data, mu, log_rho, 2.0, subset)
+    alone = em.e_step(em.prepare(data.source.read(subset).reshape(-1, 5)), mu, log_rho, 2.0)
+    scale = data.D / len(subset)
+    assert part.D == data.D
+    for name in ("omega", "b", "c", "loglik", "energy"):
+        torch.testing.assert_close(getattr(part, name), getattr(alone, name) * scale)
+    # All patches as the subset: the full statistics.
+    full, every = (
+        em.e_step(data, mu, log_rho, 2.0),
+        em.e_step(data, mu, log_rho, 2.0, torch.arange(data.D)),
+    )
+    torch.testing.assert_close(every.b, full.b, rtol=0, atol=1e-12)
+
+
+def test_stochastic_em_is_seeded_and_s_one_is_full_em():
+    meas, image, mu = measurement(4, N=110)
+    full = engine().fit(meas.data, mu)
+    same = engine(stochastic=1.0).fit(meas.data, mu)
+    torch.testing.assert_close(same.estimate, full.estimate, rtol=0, atol=0)
+    a = engine(stochastic=0.3, seed=1).fit(meas.data, mu)
+    b = engine(stochastic=0.3, seed=1).fit(meas.data, mu)
+    c = engine(stochastic=0.3, seed=2).fit(meas.data, mu)
+    assert torch.equal(a.estimate, b.estimate) and not torch.equal(a.estimate, c.estimate)
+    with pytest.raises(ValueError, match="stochastic"):
+        engine(stochastic=0.0)
