@@ -229,6 +229,7 @@ def test_bad_measurement_file(tmp_path, no_em, array, match):
         "measurement=file",
         f"measurement.path={tmp_path / 'm.npy'}",
         "measurement.L=5",
+        "em=paper_gaussian",
     )
 
 
