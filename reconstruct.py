@@ -275,6 +275,7 @@ def build_em(
         chunk_size=None if _none(e.chunk_size) else int(e.chunk_size),
         stream=None if _none(e.stream) else bool(e.stream),
         stochastic=float(e.stochastic),
+        polish=int(e.polish),
         seed=int(cfg.seed),
         method=e.method,
         device=device,

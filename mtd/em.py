@@ -200,6 +200,9 @@ class ApproximateEM(torch.nn.Module):
         stochastic: the stochastic-EM factor S in (0, 1]: each iteration's E-step uses
             floor(S D) patches drawn uniformly at random (1: all patches).
         seed: of those draws.
+        polish: with stochastic < 1, up to this many iterations on all patches after the
+            ``iterations`` stochastic ones (rho and sigma carried over), to remove the sampling
+            noise of the last draws.
         method: "auto", "fft" or "gemm" (the cross-correlation form; "auto" picks by L).
         device: torch device of the computation.
         dtype: floating dtype of the computation.
@@ -226,6 +229,7 @@ class ApproximateEM(torch.nn.Module):
         stream: bool | None = None,
         stochastic: float = 1.0,
         seed: int = 0,
+        polish: int = 0,
         method: str = "auto",
         device="cpu",
         dtype=torch.float32,
@@ -286,6 +290,9 @@ class ApproximateEM(torch.nn.Module):
             stochastic,
             int(seed),
         )
+        if int(polish) != polish or polish < 0:
+            raise ValueError(f"polish must be an integer >= 0, got {polish!r}")
+        self.polish = int(polish)
         self.method = choose_method(self.L) if method == "auto" else method
         self.device, self.dtype = torch.device(device), dtype
         self.rotations = Rotations(self.L, self.K, self.device, dtype)
@@ -550,7 +557,7 @@ class ApproximateEM(torch.nn.Module):
         """The prior weight gamma^(tau) of eq. (18)."""
         if self.gamma == "constant" or self.iterations == 1:
             return self.gamma_max
-        return self.gamma_max * tau / (self.iterations - 1)
+        return self.gamma_max * min(tau / (self.iterations - 1), 1.0)
 
     def _prior_score(self, prior: Prior, F: torch.Tensor, t: float) -> torch.Tensor:
         s = prior(F.reshape(1, 1, self.L, self.L), t)
@@ -680,8 +687,11 @@ class ApproximateEM(torch.nn.Module):
         empty = torch.zeros(2 * L, 2 * L, dtype=torch.bool, device=self.device)
         empty[L, :] = empty[:, L] = True  # l_x = L or l_y = L: the shifted copy misses the patch
         history, logliks, converged = [], [], False
-        for tau in range(self.iterations):
-            stats = self.e_step(data, F, rho.log(), sigma2, self._subset(data, generator), comm)
+        stochastic = self.stochastic < 1
+        for tau in range(self.iterations + (self.polish if stochastic else 0)):
+            # Stochastic EM draws its patches for the first `iterations`, then polishes on all.
+            subset = self._subset(data, generator) if tau < self.iterations else None
+            stats = self.e_step(data, F, rho.log(), sigma2, subset, comm)
             gamma = self.gamma_at(tau)
             noise = float("nan")
             if self.m_step == "closed_form":

@@ -131,3 +131,13 @@ def test_stochastic_em_is_seeded_and_s_one_is_full_em():
     assert torch.equal(a.estimate, b.estimate) and not torch.equal(a.estimate, c.estimate)
     with pytest.raises(ValueError, match="stochastic"):
         engine(stochastic=0.0)
+    # Polish: full-data iterations after the stochastic ones, carrying rho over, lead to the full
+    # EM's fixed point, which the noisy stochastic iterate alone misses.
+    fixed = engine(iterations=400, tol=1e-10).fit(meas.data, mu)
+    assert fixed.converged
+    noisy = engine(stochastic=0.3, seed=1, iterations=30).fit(meas.data, mu)
+    polished = engine(stochastic=0.3, seed=1, iterations=30, polish=400, tol=1e-10)
+    polished = polished.fit(meas.data, mu)
+    assert len(noisy.history) == 30 and 30 < len(polished.history) <= 430
+    gap = (polished.estimate - fixed.estimate).norm()
+    assert gap < 1e-3 and gap < (noisy.estimate - fixed.estimate).norm() / 20
