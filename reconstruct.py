@@ -199,7 +199,7 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
     raise ValueError(f"measurement.source must be simulate or file, got {m.source!r}")
 
 
-def initial_guess(cfg: DictConfig, L: int, prior, truth, device) -> torch.Tensor:
+def initial_guess(cfg: DictConfig, L: int, prior, truth) -> torch.Tensor:
     """(R, L, L) float64 initial guesses, R = em.restarts."""
     e = cfg.em
     R = int(e.restarts)
@@ -286,14 +286,17 @@ def build_em(
 # ------------------------------------------------------------------------------------------------
 # Logging and outputs
 # ------------------------------------------------------------------------------------------------
-def start_wandb(cfg: DictConfig, tags: list[str]):
-    """A W&B run for this reconstruction, or None with logger=none."""
-    logger = cfg.get("logger") or {}
-    others = [k for k in logger if k != "wandb"]
+def _check_logger(cfg: DictConfig) -> None:
+    others = [k for k in (cfg.get("logger") or {}) if k != "wandb"]
     if others:
         raise ValueError(
             f"reconstruct.py logs to W&B only: logger=wandb or logger=none, got {others}"
         )
+
+
+def start_wandb(cfg: DictConfig, tags: list[str]):
+    """A W&B run for this reconstruction, or None with logger=none."""
+    logger = cfg.get("logger") or {}
     if "wandb" not in logger:
         return None
     from train import wandb_mode_for
@@ -411,6 +414,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
         raise ValueError(f"dtype must be float32 or float64, got {cfg.dtype!r}")
     if cfg.em.init not in INITS:
         raise ValueError(f"em.init must be one of {INITS}, got {cfg.em.init!r}")
+    _check_logger(cfg)
     # Everything that can be wrong is checked before EM starts.
     prior = load_prior(cfg, device)
     data, sigma, truth, info, meas = get_measurement(cfg, prior)
@@ -434,7 +438,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 f"em.m_step=denoise needs a time-conditioned prior; {cfg.ckpt} is time-free "
                 "(ISM): use em.m_step=gradient"
             )
-    init = initial_guess(cfg, L, prior, truth, device)
+    init = initial_guess(cfg, L, prior, truth)
     patches = ems[variants[-1]].prepare(data)  # one pass: every value checked, transforms
 
     tags = [*cfg.tags, f"em={cfg.em.name}", f"K={K}"] + (["oracle"] if cfg.oracle else [])
@@ -474,7 +478,7 @@ def _run(em, variant, data, init, prior, truth, run, cfg, comm=None, rank=0):
 
     bar = tqdm(
         disable=rank != 0,
-        total=em.iterations * len(init),
+        total=(em.iterations + (em.polish if em.stochastic < 1 else 0)) * len(init),
         desc=f"EM {variant.replace('_', ' ')}",
         unit="it",
         file=sys.stdout,

@@ -304,9 +304,9 @@ class ApproximateEM(torch.nn.Module):
         """Validate the measurement(s) and get the patches ready for the E-steps.
 
         In memory (``stream=False``) the patch transforms are computed once; streamed
-        (``stream=True``, the default for files) the patches are read and transformed chunk by
-        chunk in every E-step, so memory is bounded by the chunk size. Either way one pass checks
-        every value and computes ||M_m||^2.
+        (``stream=True``, the default for files) the patches are read and transformed a block at a
+        time in every E-step, so memory is bounded by the block, not by N. Either way one pass
+        checks every value and computes ||M_m||^2.
 
         Args:
             data: an (N0, N1) measurement (tensor or array), the path of a .npy / .mrc file
@@ -329,9 +329,9 @@ class ApproximateEM(torch.nn.Module):
             corr = Correlator(patches, self.method)
             return Patches(source, corr.energy, corr, corr)
         energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
-        chunk = self._chunk(source.D)
-        for start in range(0, source.D, chunk):
-            patches = source.read(slice(start, min(start + chunk, source.D)))
+        block = max(1, _STREAM_BLOCK_BYTES // (8 * self.L * self.L))
+        for start in range(0, source.D, block):
+            patches = source.read(slice(start, min(start + block, source.D)))
             _check_finite(patches)
             energy[start : start + len(patches)] = (
                 patches.reshape(len(patches), -1).square().sum(1)

@@ -122,7 +122,7 @@ def test_default_run_uses_the_shipped_prior_and_a_held_out_digit():
     truth, where = rec.target_image(cfg, prior)
     assert truth.shape == (28, 28) and "held-out" in where
     # The init digits are training digits, none of them a held-out target.
-    init = rec.initial_guess(cfg, 28, prior, truth, "cpu")
+    init = rec.initial_guess(cfg, 28, prior, truth)
     assert init.shape == (1, 28, 28)
     with np.load(cfg.em.init_digits) as f:
         used = f["source_index"][list(cfg.em.init_indices)]
@@ -257,6 +257,10 @@ def test_unknown_config_key_is_refused(tmp_path):
 def test_denoise_m_step_refuses_a_time_free_prior(tmp_path, no_em):
     ckpt = write_gaussian_ckpt(tmp_path / "ism.ckpt", time=False)
     _bad(tmp_path, "needs a time-conditioned prior", f"ckpt={ckpt}", *GAUSS, "em=gaussian")
+
+
+def test_a_logger_other_than_wandb_is_refused(tmp_path, no_em):
+    _bad(tmp_path, "W&B only", "logger=csv")
 
 
 def test_oracle_needs_a_gaussian_checkpoint(tmp_path, no_em):
