@@ -17,6 +17,7 @@ def dsm_loss(
     generator: torch.Generator | None = None,
     antithetic: bool = False,
     weighting: str = "sigma2",
+    t_sampling: str = "uniform",
 ) -> torch.Tensor:
     """Denoising score matching, eq. (7), with lambda(t) = sigma_t^2 and t ~ U[eps, 1]:
 
@@ -35,12 +36,16 @@ def dsm_loss(
         antithetic: pair every noise draw with its negative.
         weighting: lambda(t): "sigma2" (the paper's sigma_t^2) or "none" (lambda = 1, i.e.
             E ||s + z / sigma_t||^2, which weighs small t as much as large t).
+        t_sampling: "uniform" (t ~ U[eps, 1], eq. 7) or "log" (log t ~ U[log eps, 0]: more
+            samples at small t; another positive weighting of the same objective, whose
+            minimiser is still the true score at every t).
     """
     if weighting not in ("sigma2", "none"):
         raise ValueError(f"weighting must be 'sigma2' or 'none', got {weighting!r}")
-    t = eps + (1 - eps) * torch.rand(
-        x0.shape[0], device=x0.device, dtype=x0.dtype, generator=generator
-    )
+    if t_sampling not in ("uniform", "log"):
+        raise ValueError(f"t_sampling must be 'uniform' or 'log', got {t_sampling!r}")
+    u = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype, generator=generator)
+    t = eps + (1 - eps) * u if t_sampling == "uniform" else eps ** (1 - u)
     z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     if antithetic:
         x0, t, z = torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([z, -z])

@@ -34,6 +34,7 @@ class ScoreModule(L.LightningModule):
         hutchinson: ISM with Hutchinson's trace estimator instead of the exact trace.
         antithetic: DSM with antithetic noise pairs (see ``priors.losses.dsm_loss``).
         weighting: DSM's lambda(t): "sigma2" (eq. 7) or "none".
+        t_sampling: DSM's distribution of t: "uniform" (eq. 7) or "log".
         sample_every_n_epochs: how often a grid of reverse-SDE samples is drawn and logged (0:
         never). n_samples, sample_steps: the grid's size and sampler steps.
         data_meta: plain description of the data (``DataModule.meta()``), stored for inference.
@@ -52,6 +53,7 @@ class ScoreModule(L.LightningModule):
         hutchinson: bool = False,
         antithetic: bool = False,
         weighting: str = "sigma2",
+        t_sampling: str = "uniform",
         sample_every_n_epochs: int = 5,
         n_samples: int = 64,
         sample_steps: int = 500,
@@ -73,7 +75,9 @@ class ScoreModule(L.LightningModule):
         if self.hparams.loss == "ism":
             return ism_loss(net, x, self.hparams.hutchinson, generator)
         hp = self.hparams
-        return dsm_loss(net, self.sde, x, hp.eps, generator, hp.antithetic, hp.weighting)
+        return dsm_loss(
+            net, self.sde, x, hp.eps, generator, hp.antithetic, hp.weighting, hp.t_sampling
+        )
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(self.net, batch[0])

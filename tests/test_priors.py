@@ -75,6 +75,12 @@ def test_dsm_loss_at_exact_score_is_its_analytic_minimum():
     assert paired == pytest.approx(expected, rel=0.01)  # the same loss, in expectation
     worse = float(dsm_loss(lambda x, t: exact(x, t) + 0.3, sde, x0, eps, generator=g))
     assert worse > loss + 0.5
+    # log t ~ U[log eps, 0]: the expectation over that density, 1 / (t log(1 / eps)).
+    eps = 1e-3
+    logged = float(dsm_loss(exact, sde, x0, eps, generator=g, t_sampling="log"))
+    ls = np.linspace(np.log(eps), 0, 20001)
+    expected = d * np.trapezoid(np.exp(2 * sde.log_alpha(np.exp(ls))), ls) / -np.log(eps)
+    assert logged == pytest.approx(expected, rel=0.01)
 
 
 @pytest.mark.parametrize("time", [False, True])
