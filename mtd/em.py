@@ -195,8 +195,8 @@ class ApproximateEM(torch.nn.Module):
         tol: stop when ||F_new - F||_F < tol.
         chunk_size: patches per E-step chunk; None picks one from the sizes.
         stream: hold the patch transforms in memory (False) or stream the patches from the
-            measurement chunk by chunk in every E-step (True: memory bounded by the chunk size);
-            None streams measurements given as files and holds in-memory ones.
+            measurement a block at a time in every E-step (True: memory bounded by the block,
+            not by N); None streams measurements given as files and holds in-memory ones.
         stochastic: the stochastic-EM factor S in (0, 1]: each iteration's E-step uses
             floor(S D) patches drawn uniformly at random (1: all patches).
         seed: of those draws.
@@ -284,12 +284,8 @@ class ApproximateEM(torch.nn.Module):
                 f"stochastic (the fraction S of patches per E-step) must be in (0, 1], "
                 f"got {stochastic!r}"
             )
-        self.chunk_size, self.stream, self.stochastic, self.seed = (
-            chunk_size,
-            stream,
-            stochastic,
-            int(seed),
-        )
+        self.chunk_size, self.stream = chunk_size, stream
+        self.stochastic, self.seed = stochastic, int(seed)
         if int(polish) != polish or polish < 0:
             raise ValueError(f"polish must be an integer >= 0, got {polish!r}")
         self.polish = int(polish)
