@@ -455,6 +455,7 @@ class ApproximateEM(torch.nn.Module):
         floor = math.log(torch.finfo(self.dtype).tiny) + 1
         zeros = torch.zeros(K, 2 * L, 2 * L, dtype=self.dtype, device=self.device)
         omega, acc = data.layout.to_layout(zeros), data.layout.new_accumulator(K)
+        gemm_omega = data.layout.occupancy(acc, K) is not None  # omega rides in the GEMM
         loglik = torch.zeros((), dtype=torch.float64, device=self.device)
         energy = torch.zeros((), dtype=self.dtype, device=self.device)
         for corr, local, index, logits in self._logits_chunks(
@@ -467,13 +468,14 @@ class ApproximateEM(torch.nn.Module):
             e = x.sub_(top).clamp_(min=floor).exp_()
             total = e.sum(1)
             inv_total = total.reciprocal()
-            omega += (inv_total @ e).view(logits.shape[1:])  # sum_m w_m(l, k)
+            if not gemm_omega:
+                omega += (inv_total @ e).view(logits.shape[1:])  # sum_m w_m(l, k)
             corr.accumulate(local, logits, inv_total, acc)
             patch_energy = data.energy[index]
             lse = top.view(-1) + total.log() - patch_energy / (2 * sigma2)
             loglik += lse.sum(dtype=torch.float64)
             energy += patch_energy.sum()
-        omega = data.layout.from_layout(omega, K)
+        omega = data.layout.occupancy(acc, K) if gemm_omega else data.layout.from_layout(omega, K)
         b = data.layout.finish(acc, K)[:, :L, :L]
         if comm is not None:
             omega, b, loglik, energy = (comm.all_reduce(t) for t in (omega, b, loglik, energy))

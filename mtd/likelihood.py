@@ -165,11 +165,22 @@ class Correlator:
         return torch.matmul(flat, spec, out=out).view(flat.shape[0], -1, P, P)
 
     def new_accumulator(self, K: int) -> torch.Tensor:
-        """Zeros to accumulate the back-projection in."""
+        """Zeros to accumulate the back-projection in.
+
+        GEMM form: (K 4L^2, L^2 + 1); the last column, the product with the patches' column of
+        ones, accumulates the occupancy omega in the same GEMM (see ``occupancy``).
+        """
         L, P = self.L, 2 * self.L
         if self.method == "fft":
             return torch.zeros((K + 1) // 2, P, P, dtype=self.spectra.dtype, device=self.device)
-        return torch.zeros(K * P * P, L * L, dtype=self.dtype, device=self.device)
+        return torch.zeros(K * P * P, L * L + 1, dtype=self.dtype, device=self.device)
+
+    def occupancy(self, acc: torch.Tensor, K: int) -> torch.Tensor | None:
+        """sum_m scale[m] w_m from a GEMM accumulator, (K, 2L, 2L); None for the FFT form."""
+        if self.method == "fft":
+            return None
+        P = 2 * self.L
+        return acc[:, -1].reshape(K, P, P)
 
     def accumulate(self, index, w: torch.Tensor, scale: torch.Tensor, acc: torch.Tensor) -> None:
         """Add the back-projection of weights scale[m] * w[m] (w: (B, *layout)) to acc."""
@@ -178,7 +189,7 @@ class Correlator:
             spec.mul_((self.spectra[index] * scale.view(-1, 1, 1))[:, None])
             acc += spec.sum(0)
         else:
-            rows = self.flat[index, :-1] * scale.view(-1, 1)
+            rows = self.flat[index] * scale.view(-1, 1)  # the ones column gives omega
             acc.addmm_(w.reshape(rows.shape[0], -1).T, rows)
 
     def finish(self, acc: torch.Tensor, K: int) -> torch.Tensor:
@@ -192,5 +203,5 @@ class Correlator:
         P = 2 * self.L
         g = torch.zeros(K, P * P, dtype=acc.dtype, device=acc.device)
         idx = self.shifts.reshape(-1).expand(K, -1)
-        g.scatter_add_(1, idx, acc.reshape(K, -1))
+        g.scatter_add_(1, idx, acc[:, :-1].reshape(K, -1))
         return g.reshape(K, P, P)
