@@ -220,27 +220,7 @@ def read_micrograph(path) -> torch.Tensor:
     Returns:
         (N0, N1) tensor in the file's floating dtype (float32 for MRC).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no measurement file at {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-    elif suffix in MRC_SUFFIXES:
-        import mrcfile
-
-        with mrcfile.open(path, permissive=True) as mrc:
-            if mrc.data is None:
-                raise ValueError(f"{path} is not a readable MRC file")
-            array = np.array(mrc.data)
-    else:
-        raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise ValueError(f"{path} holds an array of shape {array.shape}; a measurement is 2-D")
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"{path} holds dtype {array.dtype}; a measurement holds real numbers")
+    array = np.array(open_micrograph(path))  # the checks of the file, then one read
     if not np.isfinite(array).all():
         raise ValueError(f"{path} has {int((~np.isfinite(array)).sum())} non-finite values")
     if not np.issubdtype(array.dtype, np.floating):
