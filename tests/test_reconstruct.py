@@ -135,31 +135,10 @@ def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):
     meas.save(tmp_path / "m.mrc")
     np.save(tmp_path / "m.npy", meas.data.numpy())
     np.save(tmp_path / "truth.npy", truth.numpy())
-    errors = []
-    for name in ("m.mrc", "m.npy"):
+
+    def run(folder, spec):  # closed-form EM on the file(s), started from the truth
         cfg = compose_rec(
-            tmp_path / f"run_{name}",
-            "ckpt=none",
-            "measurement=file",
-            f"measurement.path={tmp_path / name}",
-            "measurement.L=5",
-            f"measurement.truth={tmp_path / 'truth.npy'}",
-            "em=paper_gaussian",
-            "em.baseline=closed_form",
-            "em.init=file",
-            f"em.init_file={tmp_path / 'truth.npy'}",
-            "em.iterations=10",
-        )
-        errors.append(rec.reconstruct(cfg)["error/no_prior"])
-        assert (tmp_path / f"run_{name}" / "out/summary.json").is_file()
-    assert errors[0] == pytest.approx(errors[1], abs=1e-5)  # MRC holds float32
-    assert errors[0] < 0.2
-    # Two files (split at a patch row) as a list, and as a glob: one data set, the same result.
-    np.save(tmp_path / "part_a.npy", meas.data.numpy()[:20])
-    np.save(tmp_path / "part_b.npy", meas.data.numpy()[20:])
-    for spec in (f"[{tmp_path}/part_a.npy,{tmp_path}/part_b.npy]", f"{tmp_path}/part_*.npy"):
-        cfg = compose_rec(
-            tmp_path / "parts",
+            folder,
             "ckpt=none",
             "measurement=file",
             f"measurement.path={spec}",
@@ -171,7 +150,19 @@ def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):
             f"em.init_file={tmp_path / 'truth.npy'}",
             "em.iterations=10",
         )
-        assert rec.reconstruct(cfg)["error/no_prior"] == pytest.approx(errors[1], abs=1e-12)
+        return rec.reconstruct(cfg)["error/no_prior"]
+
+    errors = []
+    for name in ("m.mrc", "m.npy"):
+        errors.append(run(tmp_path / f"run_{name}", tmp_path / name))
+        assert (tmp_path / f"run_{name}" / "out/summary.json").is_file()
+    assert errors[0] == pytest.approx(errors[1], abs=1e-5)  # MRC holds float32
+    assert errors[0] < 0.2
+    # Two files (split at a patch row) as a list, and as a glob: one data set, the same result.
+    np.save(tmp_path / "part_a.npy", meas.data.numpy()[:20])
+    np.save(tmp_path / "part_b.npy", meas.data.numpy()[20:])
+    for spec in (f"[{tmp_path}/part_a.npy,{tmp_path}/part_b.npy]", f"{tmp_path}/part_*.npy"):
+        assert run(tmp_path / "parts", spec) == pytest.approx(errors[1], abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
