@@ -455,7 +455,7 @@ class ApproximateEM(torch.nn.Module):
         floor = math.log(torch.finfo(self.dtype).tiny) + 1
         zeros = torch.zeros(K, 2 * L, 2 * L, dtype=self.dtype, device=self.device)
         omega, acc = data.layout.to_layout(zeros), data.layout.new_accumulator(K)
-        gemm_omega = data.layout.occupancy(acc, K) is not None  # omega rides in the GEMM
+        gemm_omega = data.layout.method == "gemm"  # omega rides in the back-projection GEMM
         loglik = torch.zeros((), dtype=torch.float64, device=self.device)
         energy = torch.zeros((), dtype=self.dtype, device=self.device)
         for corr, local, index, logits in self._logits_chunks(

@@ -175,10 +175,8 @@ class Correlator:
             return torch.zeros((K + 1) // 2, P, P, dtype=self.spectra.dtype, device=self.device)
         return torch.zeros(K * P * P, L * L + 1, dtype=self.dtype, device=self.device)
 
-    def occupancy(self, acc: torch.Tensor, K: int) -> torch.Tensor | None:
-        """sum_m scale[m] w_m from a GEMM accumulator, (K, 2L, 2L); None for the FFT form."""
-        if self.method == "fft":
-            return None
+    def occupancy(self, acc: torch.Tensor, K: int) -> torch.Tensor:
+        """GEMM form: sum_m scale[m] w_m, (K, 2L, 2L), from the accumulator's last column."""
         P = 2 * self.L
         return acc[:, -1].reshape(K, P, P)
 
