@@ -337,8 +337,10 @@ class ApproximateEM(torch.nn.Module):
     def _chunk(self, D: int) -> int:
         if self.chunk_size is not None:
             return min(self.chunk_size, D)
-        budget = _CHUNK_ELEMENTS[self.method]
-        return max(1, min(D, budget // (self.K * 4 * self.L * self.L)))
+        most = max(1, min(D, _CHUNK_ELEMENTS[self.method] // (self.K * 4 * self.L * self.L)))
+        # Equal chunks: D = 121 in chunks of at most 20 is 7 chunks of 18 or fewer, not a last
+        # chunk of one patch that costs the per-chunk overhead for nothing.
+        return -(-D // -(-D // most))
 
     # --------------------------------------------------------------------------------------------
     # E-step

@@ -167,18 +167,18 @@ class Correlator:
     def new_accumulator(self, K: int) -> torch.Tensor:
         """Zeros to accumulate the back-projection in.
 
-        GEMM form: (K 4L^2, L^2 + 1); the last column, the product with the patches' column of
-        ones, accumulates the occupancy omega in the same GEMM (see ``occupancy``).
+        GEMM form: (L^2 + 1, K 4L^2); the last row, the product with the patches' column of ones,
+        accumulates the occupancy omega in the same GEMM (see ``occupancy``).
         """
         L, P = self.L, 2 * self.L
         if self.method == "fft":
             return torch.zeros((K + 1) // 2, P, P, dtype=self.spectra.dtype, device=self.device)
-        return torch.zeros(K * P * P, L * L + 1, dtype=self.dtype, device=self.device)
+        return torch.zeros(L * L + 1, K * P * P, dtype=self.dtype, device=self.device)
 
     def occupancy(self, acc: torch.Tensor, K: int) -> torch.Tensor:
-        """GEMM form: sum_m scale[m] w_m, (K, 2L, 2L), from the accumulator's last column."""
+        """GEMM form: sum_m scale[m] w_m, (K, 2L, 2L), from the accumulator's last row."""
         P = 2 * self.L
-        return acc[:, -1].reshape(K, P, P)
+        return acc[-1].reshape(K, P, P)
 
     def accumulate(self, index, w: torch.Tensor, scale: torch.Tensor, acc: torch.Tensor) -> None:
         """Add the back-projection of weights scale[m] * w[m] (w: (B, *layout)) to acc."""
@@ -188,7 +188,8 @@ class Correlator:
             acc += spec.sum(0)
         else:
             rows = self.flat[index] * scale.view(-1, 1)  # the ones column gives omega
-            acc.addmm_(w.reshape(rows.shape[0], -1).T, rows)
+            # (L^2 + 1, B) x (B, K 4L^2): w is read row-major, ~1.5x faster than w^T x rows.
+            acc.addmm_(rows.T, w.reshape(rows.shape[0], -1))
 
     def finish(self, acc: torch.Tensor, K: int) -> torch.Tensor:
         """The back-projection g_k on the 2L x 2L grid from an accumulator.
@@ -201,5 +202,5 @@ class Correlator:
         P = 2 * self.L
         g = torch.zeros(K, P * P, dtype=acc.dtype, device=acc.device)
         idx = self.shifts.reshape(-1).expand(K, -1)
-        g.scatter_add_(1, idx, acc[:, :-1].reshape(K, -1))
+        g.scatter_add_(1, idx, acc[:-1].T.reshape(K, -1))
         return g.reshape(K, P, P)

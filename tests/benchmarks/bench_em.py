@@ -14,7 +14,7 @@ Everything is measured in this one run, on the same inputs:
 - bare: the batched transforms the iteration cannot avoid, each in a single call with nothing else:
   for the FFT form the forward and inverse complex FFTs of the (D, K/2, 2L, 2L) packed
   correlations (and, printed apart, the plain rfft2/irfft2 pair of the (D, K, 2L, 2L) ones); for
-  the GEMM form the products (D, L^2+1) x (L^2+1, 4KL^2) and (4KL^2, D) x (D, L^2).
+  the GEMM form the products (D, L^2+1) x (L^2+1, 4KL^2) and (L^2, D) x (D, 4KL^2).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real: bool = Fa
         for s in range(0, D, chunk):
             n = min(chunk, D - s)
             c = M[:n] @ S
-            c.T @ M[:n, :-1]
+            M[:n, :-1].T @ c
 
     return one
 
