@@ -184,8 +184,9 @@ class Correlator:
         """Add the back-projection of weights scale[m] * w[m] (w: (B, *layout)) to acc."""
         if self.method == "fft":
             spec = torch.fft.fft2(torch.view_as_complex(w))  # FFT2(w_2j + i w_2j+1)
-            spec.mul_((self.spectra[index] * scale.view(-1, 1, 1))[:, None])
-            acc += spec.sum(0)
+            spec.mul_(self.spectra[index][:, None])
+            # The weighted sum over patches as one product: scale^T (B, ...).
+            acc.view(1, -1).addmm_(scale.to(spec.dtype).view(1, -1), spec.view(len(spec), -1))
         else:
             rows = self.flat[index] * scale.view(-1, 1)  # the ones column gives omega
             # (L^2 + 1, B) x (B, K 4L^2): w is read row-major, ~1.5x faster than w^T x rows.
