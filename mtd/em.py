@@ -323,7 +323,7 @@ class ApproximateEM(torch.nn.Module):
             patches = source.read(slice(0, source.D))
             _check_finite(patches)
             corr = Correlator(patches, self.method)
-            return Patches(source, corr.energy, corr, corr)
+            return Patches(source, patches.reshape(source.D, -1).square().sum(1), corr, corr)
         energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
         block = max(1, _STREAM_BLOCK_BYTES // (8 * self.L * self.L))
         for start in range(0, source.D, block):

@@ -92,7 +92,6 @@ class Correlator:
         self.D, self.L = patches.shape[0], patches.shape[-1]
         self.dtype, self.device = patches.dtype, patches.device
         L, P = self.L, 2 * self.L
-        self.energy = patches.reshape(self.D, L * L).square().sum(1)  # ||M_m||^2, (D,)
         self.work = work
         if method == "fft":
             self.spectra = torch.fft.fft2(patches, s=(P, P))  # FFT2(Z M_m), (D, 2L, 2L)

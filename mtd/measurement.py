@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,8 +276,9 @@ def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
     if suffix not in (".npy", *MRC_SUFFIXES):
         raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    # A plain open (not mkstemp, which makes 0600 files) so the file gets the user's umask; the
+    # suffix stays last because np.save appends .npy to any other name.
+    tmp = str(path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}"))
     try:
         if suffix == ".npy":
             np.save(tmp, array)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -129,6 +130,9 @@ def test_write_read_round_trip(tmp_path, suffix):
     expected = meas.data if suffix == ".npy" else meas.data.float()
     assert back.shape == (60, 60) and torch.equal(back, expected.to(back.dtype))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"m{suffix}"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the user's umask, not a private 0600
 
 
 def test_read_refuses_bad_files(tmp_path):
