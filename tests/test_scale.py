@@ -85,6 +85,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Alone:
+    """One rank's view with no other process: all_reduce leaves its partial sums as they are."""
+
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size = rank, world_size
+
+    def all_reduce(self, tensor):
+        return tensor
+
+
+def test_ranks_partial_statistics_sum_to_all_patches_even_a_rank_without_chunks():
+    meas, _, mu = measurement(2)
+    em = engine(chunk_size=100)  # 144 patches: 2 chunks for 3 ranks, rank 2 gets none
+    data = em.prepare(meas.data.double())
+    log_rho = torch.full((10, 10), 0.01, dtype=torch.float64).log()
+    full = em.e_step(data, mu, log_rho, 2.0)
+    parts = [em.e_step(data, mu, log_rho, 2.0, comm=_Alone(r, 3)) for r in range(3)]
+    assert float(parts[2].loglik) == 0 and float(parts[2].omega.abs().sum()) == 0
+    for name in ("omega", "b", "loglik", "energy"):
+        total = sum(getattr(p, name) for p in parts)
+        torch.testing.assert_close(total, getattr(full, name), rtol=1e-12, atol=1e-12)
+
+
 def test_two_processes_gloo_equal_one_process():
     meas, _, mu = measurement(2)
     data = meas.data.double()
