@@ -458,9 +458,8 @@ class ApproximateEM(torch.nn.Module):
         zeros = torch.zeros(K, 2 * L, 2 * L, dtype=self.dtype, device=self.device)
         omega, acc = data.layout.to_layout(zeros), data.layout.new_accumulator(K)
         gemm_omega = data.layout.method == "gemm"  # omega rides in the back-projection GEMM
-        # Per-patch max, sum and energy are kept and reduced once after the loop: fewer small
-        # calls per chunk.
-        tops, totals, energies = [], [], []
+        loglik = torch.zeros((), dtype=torch.float64, device=self.device)
+        energy = torch.zeros((), dtype=self.dtype, device=self.device)
         for corr, local, index, logits in self._logits_chunks(
             data, F, log_rho, sigma2, subset, comm
         ):
@@ -474,16 +473,10 @@ class ApproximateEM(torch.nn.Module):
             if not gemm_omega:
                 omega += (inv_total @ e).view(logits.shape[1:])  # sum_m w_m(l, k)
             corr.accumulate(local, logits, inv_total, acc)
-            tops.append(top.view(-1))
-            totals.append(total)
-            energies.append(data.energy[index])
-        if tops:
-            patch_energy = torch.cat(energies)
-            lse = torch.cat(tops) + torch.cat(totals).log() - patch_energy / (2 * sigma2)
-            loglik, energy = lse.sum(dtype=torch.float64), patch_energy.sum()
-        else:  # a process with no chunk (more processes than chunks) adds nothing
-            loglik = torch.zeros((), dtype=torch.float64, device=self.device)
-            energy = torch.zeros((), dtype=self.dtype, device=self.device)
+            patch_energy = data.energy[index]
+            lse = top.view(-1) + total.log() - patch_energy / (2 * sigma2)
+            loglik += lse.sum(dtype=torch.float64)
+            energy += patch_energy.sum()
         omega = data.layout.occupancy(acc, K) if gemm_omega else data.layout.from_layout(omega, K)
         b = data.layout.finish(acc, K)[:, :L, :L]
         if comm is not None:

@@ -142,7 +142,7 @@ def main(argv=None):
         )
         print(
             f"L = 5, N = 1000, K = 8: engine {r['ours_ms']:.1f} ms, straightforward NumPy "
-            f"{r['naive_s']:.1f} s: {r['speedup']:.0f}x faster"
+            f"{r['naive_s']:.1f} s: {1e3 * r['naive_s'] / r['ours_ms']:.0f}x faster"
         )
 
 
