@@ -105,7 +105,9 @@ def _count(index) -> int:
 
 
 def _as_index(index) -> torch.Tensor:
-    return torch.arange(index.start, index.stop) if isinstance(index, slice) else index
+    if isinstance(index, slice):
+        return torch.arange(index.start, index.stop, device="cpu")
+    return index
 
 
 def _check_finite(patches: torch.Tensor) -> None:
@@ -664,7 +666,11 @@ class ApproximateEM(torch.nn.Module):
             scores.append(score)
         best = int(np.argmax(scores))
         result = results[best]
-        result.restart, result.scores, result.dropped = best, torch.tensor(scores), dropped
+        result.restart, result.scores, result.dropped = (
+            best,
+            torch.tensor(scores, device="cpu"),
+            dropped,
+        )
         return result
 
     def _initial_sigma2(self, data: Patches) -> float:
@@ -676,7 +682,7 @@ class ApproximateEM(torch.nn.Module):
         if self.stochastic >= 1:
             return None
         n = max(1, math.floor(self.stochastic * data.D))
-        return torch.randperm(data.D, generator=generator)[:n].sort().values
+        return torch.randperm(data.D, generator=generator, device="cpu")[:n].sort().values
 
     def _fit_one(self, data, F, prior, truth, callback, restart, comm) -> EMResult:
         L = self.L
@@ -741,7 +747,7 @@ class ApproximateEM(torch.nn.Module):
             estimate=F,
             rho=rho,
             sigma=math.sqrt(sigma2),
-            loglik=torch.tensor(logliks, dtype=torch.float64),
+            loglik=torch.tensor(logliks, dtype=torch.float64, device="cpu"),
             history=history,
             converged=converged,
             restart=restart,

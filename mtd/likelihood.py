@@ -41,11 +41,12 @@ def shift_table(L: int, device=None) -> torch.Tensor:
         ``((i + l_x) mod 2L) * 2L + (j + l_y) mod 2L`` (eq. 7 of the approximate-EM paper).
     """
     P = 2 * L
-    lx, ly = torch.meshgrid(torch.arange(P), torch.arange(P), indexing="ij")
-    i, j = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    ar = torch.arange(P, device=device)
+    lx, ly = torch.meshgrid(ar, ar, indexing="ij")
+    i, j = torch.meshgrid(ar[:L], ar[:L], indexing="ij")
     rows = (i.reshape(1, -1) + lx.reshape(-1, 1)) % P
     cols = (j.reshape(1, -1) + ly.reshape(-1, 1)) % P
-    return (rows * P + cols).to(device)
+    return rows * P + cols
 
 
 def template_energy(G: torch.Tensor, L: int) -> torch.Tensor:
@@ -94,7 +95,11 @@ class Correlator:
         L, P = self.L, 2 * self.L
         self.work = work
         if method == "fft":
-            self.spectra = torch.fft.fft2(patches, s=(P, P))  # FFT2(Z M_m), (D, 2L, 2L)
+            if self.D:
+                self.spectra = torch.fft.fft2(patches, s=(P, P))  # FFT2(Z M_m), (D, 2L, 2L)
+            else:  # a layout-only correlator (streamed data); MKL refuses an empty transform
+                cdtype = self.dtype.to_complex()
+                self.spectra = torch.zeros(0, P, P, dtype=cdtype, device=self.device)
             self.spectra_conj = self.spectra.conj().resolve_conj()
         else:
             ones = torch.ones(self.D, 1, dtype=self.dtype, device=self.device)

@@ -118,7 +118,7 @@ def _copies(image: torch.Tensor, angles: torch.Tensor, K: int, rotation: str) ->
     if rotation == "discrete":
         k = torch.round(angles * K / (2 * math.pi)).long() % K
         return Rotations(L, K, image.device, image.dtype)(image)[k]
-    out = torch.empty(len(angles), L, L, dtype=image.dtype)
+    out = torch.empty(len(angles), L, L, dtype=image.dtype, device=image.device)
     flat = image.reshape(-1)
     for s in range(0, len(angles), 4096):  # bounded memory for many copies
         index, weight = _bilinear_table(L, angles[s : s + 4096])
@@ -128,7 +128,7 @@ def _copies(image: torch.Tensor, angles: torch.Tensor, K: int, rotation: str) ->
 
 def _plant(data: torch.Tensor, copies: torch.Tensor, positions: torch.Tensor) -> None:
     L = copies.shape[-1]
-    ar = torch.arange(L)
+    ar = torch.arange(L, device=positions.device)
     rows = (positions[:, 0, None, None] + ar[None, :, None]).expand(-1, L, L)
     cols = (positions[:, 1, None, None] + ar[None, None, :]).expand(-1, L, L)
     data.index_put_((rows, cols), copies, accumulate=True)
@@ -167,7 +167,7 @@ def simulate(
     Returns:
         ``Measurement`` with the data and the truth.
     """
-    image = torch.as_tensor(image, dtype=torch.float64).cpu()
+    image = torch.as_tensor(image, dtype=torch.float64, device="cpu")
     if image.ndim != 2 or image.shape[0] != image.shape[1]:
         raise ValueError(f"image must be a square 2-D array, got shape {tuple(image.shape)}")
     if not torch.isfinite(image).all():
@@ -269,7 +269,7 @@ def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
     The file appears whole or not at all: it is written next to ``path`` and renamed.
     """
     path = Path(path)
-    array = np.asarray(torch.as_tensor(data).detach().cpu())
+    array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     if array.ndim != 2:
         raise ValueError(f"a measurement is 2-D, got shape {array.shape}")
     suffix = path.suffix.lower()

@@ -36,7 +36,8 @@ def relative_error(truth, estimate, K: int = 4, max_shift: int = 0) -> float:
     Returns:
         The relative error as a Python float.
     """
-    truth = torch.as_tensor(truth, dtype=torch.float64)
+    device = truth.device if isinstance(truth, torch.Tensor) else "cpu"
+    truth = torch.as_tensor(truth, dtype=torch.float64, device=device)
     estimate = torch.as_tensor(estimate, dtype=torch.float64, device=truth.device)
     if truth.ndim != 2 or truth.shape != estimate.shape or truth.shape[0] != truth.shape[1]:
         raise ValueError(

@@ -52,7 +52,11 @@ class PatchSource:
             if isinstance(item, (str, Path)):
                 array, name = open_micrograph(item), str(item)
             else:
-                array, name = torch.as_tensor(item), f"micrograph {i}"
+                # Kept where it is (no copy to a default device): patches move a chunk at a time.
+                array = (
+                    item if isinstance(item, torch.Tensor) else torch.from_numpy(np.asarray(item))
+                )
+                name = f"micrograph {i}"
                 if array.ndim != 2:
                     raise ValueError(
                         f"the measurement must be a 2-D array, got shape {tuple(array.shape)}"
@@ -101,9 +105,10 @@ class PatchSource:
         Returns:
             (B, L, L) in ``dtype`` on ``device``.
         """
+        # Positions are worked out on the CPU, where the micrographs are; only patches move.
         if isinstance(index, slice):
-            index = torch.arange(*index.indices(self.D))
-        index = torch.as_tensor(index, dtype=torch.int64).cpu()
+            index = torch.arange(*index.indices(self.D), device="cpu")
+        index = torch.as_tensor(index, dtype=torch.int64, device="cpu")
         if len(index) and int(index[-1]) - int(index[0]) == len(index) - 1:  # a contiguous run
             return self._run(int(index[0]), int(index[-1]) + 1)
         parts = []

@@ -33,7 +33,9 @@ def _bilinear_table(
     angles = angles.to(torch.float64).cpu()
     c = (L - 1) / 2
     i, j = torch.meshgrid(
-        torch.arange(L, dtype=torch.float64), torch.arange(L, dtype=torch.float64), indexing="ij"
+        torch.arange(L, dtype=torch.float64, device="cpu"),
+        torch.arange(L, dtype=torch.float64, device="cpu"),
+        indexing="ij",
     )
     y, x = (i - c).reshape(1, -1), (j - c).reshape(1, -1)
     cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]
@@ -90,7 +92,7 @@ class Rotations(torch.nn.Module):
     def __init__(self, L: int, K: int, device="cpu", dtype=torch.float64):
         super().__init__()
         self.L, self.K = L, K
-        angles = torch.arange(K, dtype=torch.float64) * (2 * math.pi / K)
+        angles = torch.arange(K, dtype=torch.float64, device="cpu") * (2 * math.pi / K)
         index, weight = _bilinear_table(L, angles)
         self.register_buffer("index", index.to(device))
         self.register_buffer("weight", weight.to(device=device, dtype=dtype))

@@ -297,3 +297,29 @@ def test_log_prior_integrates_the_score():
     em = mtd.ApproximateEM(5, m_step="gradient", dtype=torch.float64)
     exact = -0.5 * ((F - mu).square().sum() - mu.square().sum())
     assert em.log_prior(lambda x, t: -(x - mu), F) == pytest.approx(float(exact), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "gemm"},
+        {"method": "fft", "K": 6},
+        {"stream": True, "chunk_size": 7, "stochastic": 0.5, "polish": 1, "m_step": "gradient"},
+    ],
+)
+def test_no_tensor_lands_on_the_default_device(tmp_path, options):
+    """Every tensor is made on the engine's device (or on the CPU where the data lies), never on
+    torch's default device: a user with ``torch.set_default_device("cuda")`` and an engine on
+    another device must not get mixed devices. The "meta" default device has no data, so any
+    tensor made there fails the run."""
+    image = torch.rand(5, 5, dtype=torch.float64)
+    em = mtd.ApproximateEM(5, **{"K": 4, "iterations": 2, "dtype": torch.float64, **options})
+    torch.set_default_device("meta")
+    try:
+        meas = mtd.simulate(image, 60, snr=5, K=em.K, rotation="continuous", seed=0)
+        path = mtd.write_micrograph(tmp_path / "m.mrc", meas.data)
+        res = em.fit(path, image + 0.1, truth=image)
+        error = mtd.relative_error(image, res.estimate, K=em.K, max_shift=1)
+    finally:
+        torch.set_default_device(None)
+    assert res.estimate.device.type == "cpu" and math.isfinite(error)

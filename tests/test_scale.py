@@ -22,20 +22,21 @@ def engine(**kw):
     return mtd.ApproximateEM(5, **kw)
 
 
-def test_files_streamed_equal_in_memory_whatever_the_split_and_chunks(tmp_path):
+@pytest.mark.parametrize("method", ["gemm", "fft"])
+def test_files_streamed_equal_in_memory_whatever_the_split_and_chunks(tmp_path, method):
     meas, image, mu = measurement()
     data = meas.data.double()
-    ref = engine().fit(data, mu)
+    ref = engine(method=method).fit(data, mu)
     # Two files split at a patch row, memory-mapped and streamed in chunks of 7 patches.
     np.save(tmp_path / "a.npy", data[:25].numpy())
     np.save(tmp_path / "b.npy", data[25:].numpy())
     files = [tmp_path / "a.npy", tmp_path / "b.npy"]
     for kw in ({"chunk_size": 7}, {"chunk_size": 1}, {"chunk_size": None, "stream": False}):
-        res = engine(**kw).fit(files, mu)
+        res = engine(method=method, **kw).fit(files, mu)
         torch.testing.assert_close(res.estimate, ref.estimate, rtol=0, atol=1e-10)
         torch.testing.assert_close(res.loglik, ref.loglik, rtol=1e-12, atol=0)
     # In-memory pieces as a list, streamed.
-    res = engine(stream=True, chunk_size=5).fit([data[:25], data[25:]], mu)
+    res = engine(method=method, stream=True, chunk_size=5).fit([data[:25], data[25:]], mu)
     torch.testing.assert_close(res.estimate, ref.estimate, rtol=0, atol=1e-10)
 
 
