@@ -96,9 +96,10 @@ class _Alone:
         return tensor
 
 
-def test_ranks_partial_statistics_sum_to_all_patches_even_a_rank_without_chunks():
+@pytest.mark.parametrize("method", ["gemm", "fft"])
+def test_ranks_partial_statistics_sum_to_all_patches_even_a_rank_without_chunks(method):
     meas, _, mu = measurement(2)
-    em = engine(chunk_size=100)  # 144 patches: 2 chunks for 3 ranks, rank 2 gets none
+    em = engine(chunk_size=100, method=method)  # 144 patches: 2 chunks for 3 ranks, rank 2: none
     data = em.prepare(meas.data.double())
     log_rho = torch.full((10, 10), 0.01, dtype=torch.float64).log()
     full = em.e_step(data, mu, log_rho, 2.0)
