@@ -499,17 +499,25 @@ class ApproximateEM(torch.nn.Module):
     def closed_form(self, stats: Statistics, F: torch.Tensor) -> torch.Tensor:
         """argmax_F Q: solve sum_k R_k^T diag(c_k) R_k F = sum_k R_k^T b_k (eq. 16 set to zero).
 
-        Pixels that no posterior covers (a zero row of the system) keep their value from ``F``.
+        Pixels that the posteriors (almost) do not cover keep their value from ``F``: below
+        sqrt(eps) of the largest coverage, b / c would be the rounding noise of the FFT
+        back-projection divided by a vanishing weight (a stochastic E-step on a few patches
+        leaves such pixels, and one of them is enough to blow the estimate up).
         """
         R = self.rotations
         rhs = R.adjoint(stats.b)
+        floor = torch.finfo(F.dtype).eps ** 0.5
         if R.is_permutation:  # the system is diagonal
             diag = R.adjoint(stats.c)
-            return torch.where(diag > 0, rhs / diag.clamp_min(torch.finfo(F.dtype).tiny), F)
+            covered = diag > floor * diag.max()
+            return torch.where(covered, rhs / torch.where(covered, diag, 1), F)
         A = R.normal_matrix(stats.c)
-        covered = A.diagonal() > 0
-        A = A + torch.diag((~covered).to(A.dtype))  # uncovered pixels: identity rows, keep F
-        rhs = torch.where(covered.view(self.L, self.L), rhs, F)
+        covered = A.diagonal() > floor * A.diagonal().max()
+        # The system on the covered pixels, the others fixed at F (identity rows).
+        F_fixed = torch.where(covered, 0, F.reshape(-1))
+        rhs = torch.where(covered.view(self.L, self.L), rhs - (A @ F_fixed).view_as(rhs), F)
+        both = covered[:, None] & covered[None, :]
+        A = torch.where(both, A, 0) + torch.diag((~covered).to(A.dtype))
         L_chol, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
             sol = torch.cholesky_solve(rhs.reshape(-1, 1), L_chol)
@@ -736,8 +744,9 @@ class ApproximateEM(torch.nn.Module):
             if callback is not None:
                 callback({**entry, "estimate": F})
             if not math.isfinite(delta):
+                hint = f"; lower lr ({self.lr})" if self.m_step == "gradient" else ""
                 raise FloatingPointError(
-                    f"EM diverged at iteration {tau} (non-finite estimate); lower lr ({self.lr})"
+                    f"EM diverged at iteration {tau} (non-finite estimate){hint}"
                 )
             if delta < self.tol:
                 converged = True
