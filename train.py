@@ -82,6 +82,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     metrics, objects = train(cfg)
+    if not objects["trainer"].is_global_zero:  # under DDP, one summary
+        return
     saved = [c.best_model_path for c in objects["trainer"].checkpoint_callbacks]
     saved = [p for p in saved if p]
     print(f"metrics: {metrics}")
