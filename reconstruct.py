@@ -387,7 +387,10 @@ def save_figure(path: Path, truth, data, estimates: dict, K: int, crop: int, mea
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}, but torch sees no CUDA GPU here: use cpu or auto")
+    return device
 
 
 def reconstruct(cfg: DictConfig, out_dir=None) -> dict:

@@ -17,6 +17,27 @@ from priors.nets import build_net
 from priors.sde import VPSDE
 
 
+def _load_checkpoint(path: Path) -> dict:
+    """A train.py checkpoint as a dict, loaded with weights_only=True, or a clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        # torch's message for a refused pickle suggests weights_only=False: not for a file
+        # nobody vouches for. Keep the reason only.
+        text = str(e)
+        reason = text.split("WeightsUnpickler error:")[-1].strip() or text
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: "
+            f"{reason.splitlines()[0]}); checkpoints are loaded with weights_only=True, so that "
+            "a file cannot run code"
+        ) from e
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} has no hyper_parameters/state_dict: not a train.py checkpoint")
+    return ckpt
+
+
 class _Prior:
     sde: VPSDE
 
@@ -91,22 +112,7 @@ class ScorePrior(_Prior):
             ValueError: the file is not a readable score-prior checkpoint.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-            raise ValueError(
-                f"{path} is not a readable checkpoint ({type(e).__name__}: {e})"
-            ) from e
-        if (
-            not isinstance(ckpt, dict)
-            or "hyper_parameters" not in ckpt
-            or "state_dict" not in ckpt
-        ):
-            raise ValueError(
-                f"{path} has no hyper_parameters/state_dict: not a train.py checkpoint"
-            )
+        ckpt = _load_checkpoint(path)
         hp = ckpt["hyper_parameters"]
         try:
             net = build_net(**hp["net"])
@@ -172,7 +178,7 @@ def export_ema(checkpoint, out) -> Path:
     What ``ScorePrior.from_checkpoint`` needs and nothing else (no optimizer state, no raw
     weights), written atomically; it still loads with ``torch.load(..., weights_only=True)``.
     """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = _load_checkpoint(Path(checkpoint))
     keep = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.") or k == "held_out"}
     slim = {
         "hyper_parameters": ckpt["hyper_parameters"],

@@ -191,6 +191,14 @@ def test_corrupt_checkpoint(tmp_path, no_em):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
     _bad(tmp_path, "not a readable checkpoint", f"ckpt={bad}")
+    with pytest.raises(ValueError, match="weights_only=True, so that") as err:
+        rec.reconstruct(compose_rec(tmp_path, f"ckpt={bad}"))
+    assert "weights_only` set to `False`" not in str(err.value)  # no advice to run its code
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu(tmp_path, no_em):
+    _bad(tmp_path, "no CUDA GPU", "device=cuda")
 
 
 def test_checkpoint_of_another_image_size(tmp_path, no_em):
