@@ -342,7 +342,7 @@ class ApproximateEM(torch.nn.Module):
         most = max(1, min(D, _CHUNK_ELEMENTS[self.method] // (self.K * 4 * self.L * self.L)))
         # Equal chunks: D = 121 in chunks of at most 20 is 7 chunks of 18 or fewer, not a last
         # chunk of one patch that costs the per-chunk overhead for nothing.
-        return -(-D // -(-D // most))
+        return math.ceil(D / math.ceil(D / most))
 
     # --------------------------------------------------------------------------------------------
     # E-step
@@ -674,11 +674,8 @@ class ApproximateEM(torch.nn.Module):
             scores.append(score)
         best = int(np.argmax(scores))
         result = results[best]
-        result.restart, result.scores, result.dropped = (
-            best,
-            torch.tensor(scores, device="cpu"),
-            dropped,
-        )
+        result.restart, result.dropped = best, dropped
+        result.scores = torch.tensor(scores, device="cpu")
         return result
 
     def _initial_sigma2(self, data: Patches) -> float:
