@@ -183,6 +183,26 @@ def _bad(tmp_path, match, *overrides):
     assert not (tmp_path / "out").exists()
 
 
+def test_mnist_measurement_files_with_the_shipped_prior(tmp_path, digits):
+    """The FFT form (L = 28) streamed from two .mrc files, stochastic with a polish: the path a
+    user's own MNIST-size data takes (it once crashed, then diverged)."""
+    for seed in (1, 2):
+        mtd.simulate(digits[4], 308, snr=1.0, seed=seed).save(tmp_path / f"m{seed}.mrc")
+    cfg = compose_rec(
+        tmp_path,
+        "measurement=file",
+        f"measurement.path={tmp_path / 'm*.mrc'}",
+        "measurement.L=28",
+        "em.iterations=4",
+        "em.stochastic=0.1",
+        "em.polish=2",
+    )
+    rec.reconstruct(cfg)
+    for variant in ("prior", "no_prior"):
+        estimate = np.load(tmp_path / "out" / f"estimate_{variant}.npy")
+        assert estimate.shape == (28, 28) and np.isfinite(estimate).all()
+
+
 def test_missing_checkpoint(tmp_path, no_em):
     _bad(tmp_path, "no checkpoint at", f"ckpt={tmp_path / 'nope.ckpt'}")
 
