@@ -29,6 +29,9 @@ Prior = Callable[[torch.Tensor, float], torch.Tensor]
 # large enough to amortise the per-call overhead, small enough that a chunk's intermediates stay in
 # cache (measured with tests/benchmarks/bench_em.py on 2 CPU cores).
 _CHUNK_ELEMENTS = {"fft": 1 << 18, "gemm": 1 << 19}
+# On a GPU a chunk is worth its ~20 kernel launches only when it is large: 2^23 elements (64 MB in
+# float64). Not measured (no GPU was available); chunk_size overrides it.
+_CHUNK_ELEMENTS_GPU = 1 << 23
 # Streamed E-steps read and transform patches a block of chunks at a time: at most this many bytes
 # of patch transforms in memory.
 _STREAM_BLOCK_BYTES = 64 << 20
@@ -195,7 +198,7 @@ class ApproximateEM(torch.nn.Module):
         anneal_iterations: length of that schedule.
         iterations: maximum number of EM iterations T.
         tol: stop when ||F_new - F||_F < tol.
-        chunk_size: patches per E-step chunk; None picks one from the sizes.
+        chunk_size: patches per E-step chunk; None picks one from the sizes and the device.
         stream: hold the patch transforms in memory (False) or stream the patches from the
             measurement a block at a time in every E-step (True: memory bounded by the block,
             not by N); None streams measurements given as files and holds in-memory ones.
@@ -339,7 +342,8 @@ class ApproximateEM(torch.nn.Module):
     def _chunk(self, D: int) -> int:
         if self.chunk_size is not None:
             return min(self.chunk_size, D)
-        most = max(1, min(D, _CHUNK_ELEMENTS[self.method] // (self.K * 4 * self.L * self.L)))
+        budget = _CHUNK_ELEMENTS[self.method] if self.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+        most = max(1, min(D, budget // (self.K * 4 * self.L * self.L)))
         # Equal chunks: D = 121 in chunks of at most 20 is 7 chunks of 18 or fewer, not a last
         # chunk of one patch that costs the per-chunk overhead for nothing.
         return math.ceil(D / math.ceil(D / most))

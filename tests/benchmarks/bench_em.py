@@ -3,6 +3,7 @@
     python -m tests.benchmarks.bench_em              # the engine issue's two cases, float64
     python -m tests.benchmarks.bench_em --dtype float32
     python -m tests.benchmarks.bench_em --methods    # FFT against GEMM by L (choose_method's rule)
+    python -m tests.benchmarks.bench_em --device cuda --dtype float32   # the engine on a GPU
 
 Everything is measured in this one run, on the same inputs:
 
@@ -36,13 +37,16 @@ from tests import reference as ref
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats, after one warm-up call."""
+def timed(fn, repeats: int, device="cpu") -> float:
+    """Median seconds of fn() over repeats, after one warm-up call (GPU work waited for)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -56,8 +60,8 @@ def case_image(L: int, rng: np.random.Generator) -> np.ndarray:
 
 def engine_iteration(em: mtd.ApproximateEM, data, F, rho, sigma):
     corr = em.prepare(data)
-    F = torch.as_tensor(F, dtype=em.dtype)
-    log_rho = torch.as_tensor(np.log(rho), dtype=em.dtype)
+    F = torch.as_tensor(F, dtype=em.dtype, device=em.device)
+    log_rho = torch.as_tensor(np.log(rho), dtype=em.dtype, device=em.device)
 
     def one():
         stats = em.e_step(corr, F, log_rho, sigma**2)
@@ -67,7 +71,7 @@ def engine_iteration(em: mtd.ApproximateEM, data, F, rho, sigma):
     return one, corr.D
 
 
-def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real: bool = False):
+def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real=False, device="cpu"):
     """The bare batched transforms of one iteration, in chunks of the engine's size.
 
     FFT form: the packed complex FFTs the engine runs (``real=False``), or the plain real pair
@@ -77,7 +81,7 @@ def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real: bool = Fa
     if method == "fft":
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         if real:
-            x = torch.randn(min(chunk, D), K, P, P, dtype=dtype)
+            x = torch.randn(min(chunk, D), K, P, P, dtype=dtype, device=device)
             X = torch.fft.rfft2(x)
 
             def one():
@@ -87,7 +91,7 @@ def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real: bool = Fa
                     torch.fft.rfft2(x[:n])
 
             return one
-        x = torch.randn(min(chunk, D), (K + 1) // 2, P, P, dtype=cdtype)
+        x = torch.randn(min(chunk, D), (K + 1) // 2, P, P, dtype=cdtype, device=device)
 
         def one():
             for s in range(0, D, chunk):
@@ -96,8 +100,8 @@ def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real: bool = Fa
                 torch.fft.fft2(x[:n])
 
         return one
-    M = torch.randn(min(chunk, D), L * L + 1, dtype=dtype)
-    S = torch.randn(L * L + 1, K * P * P, dtype=dtype)
+    M = torch.randn(min(chunk, D), L * L + 1, dtype=dtype, device=device)
+    S = torch.randn(L * L + 1, K * P * P, dtype=dtype, device=device)
 
     def one():
         for s in range(0, D, chunk):
@@ -108,18 +112,18 @@ def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real: bool = Fa
     return one
 
 
-def run_case(L, N, K, dtype, naive_patches, repeats, rng):
+def run_case(L, N, K, dtype, naive_patches, repeats, rng, device="cpu"):
     image = case_image(L, rng)
     meas = mtd.simulate(image, N, density=0.1, snr=1.0, K=K, seed=0)
     data = meas.data.numpy()
     F = image + 0.1 * rng.standard_normal((L, L))
     rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
-    em = mtd.ApproximateEM(L, K=K, dtype=dtype)
+    em = mtd.ApproximateEM(L, K=K, dtype=dtype, device=device)
     one, D = engine_iteration(em, data, F, rho, meas.sigma)
-    ours = timed(one, repeats)
-    t_own = timed(bare(L, K, D, em.method, dtype, em._chunk(D)), repeats)
-    fft_chunk = mtd.ApproximateEM(L, K=K, dtype=dtype, method="fft")._chunk(D)
-    t_fft = timed(bare(L, K, D, "fft", dtype, fft_chunk, real=True), repeats)
+    ours = timed(one, repeats, device)
+    t_own = timed(bare(L, K, D, em.method, dtype, em._chunk(D), device=device), repeats, device)
+    fft_chunk = mtd.ApproximateEM(L, K=K, dtype=dtype, method="fft", device=device)._chunk(D)
+    t_fft = timed(bare(L, K, D, "fft", dtype, fft_chunk, True, device), repeats, device)
     # The straightforward iteration on n and 2n patches: the difference is the cost of n patches,
     # the rest (templates, M-step) is paid once; scale the per-patch cost to all D patches.
     patch_list = ref.patches(data, L)
@@ -144,7 +148,7 @@ def run_case(L, N, K, dtype, naive_patches, repeats, rng):
     }
 
 
-def compare_methods(dtype, repeats):
+def compare_methods(dtype, repeats, device="cpu"):
     print(f"E-step + M-step ms per iteration, N = 22 L (D = 484), K = 8, {dtype}")
     print(f"{'L':>4} {'fft':>9} {'gemm':>9}  faster   choose_method")
     rng = np.random.default_rng(0)
@@ -154,9 +158,9 @@ def compare_methods(dtype, repeats):
         rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
         t = {}
         for method in ("fft", "gemm"):
-            em = mtd.ApproximateEM(L, K=8, dtype=dtype, method=method)
+            em = mtd.ApproximateEM(L, K=8, dtype=dtype, method=method, device=device)
             one, _ = engine_iteration(em, data, F, rho, 1.0)
-            t[method] = 1e3 * timed(one, repeats)
+            t[method] = 1e3 * timed(one, repeats, device)
         best = min(t, key=t.get)
         print(f"{L:>4} {t['fft']:>9.2f} {t['gemm']:>9.2f}  {best:>6}   {choose_method(L)}")
 
@@ -166,16 +170,19 @@ def main(argv=None):
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--methods", action="store_true", help="compare the FFT and GEMM forms by L")
+    p.add_argument("--device", default="cpu", help="of the engine and the bare transforms")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+    where = args.device if args.device != "cpu" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}")
     if args.methods:
-        compare_methods(dtype, args.repeats)
+        compare_methods(dtype, args.repeats, args.device)
         return
     rng = np.random.default_rng(0)
+    kw = {"repeats": args.repeats, "rng": rng, "device": args.device}
     rows = [
-        run_case(28, 308, 4, dtype, naive_patches=12, repeats=args.repeats, rng=rng),
-        run_case(5, 1000, 8, dtype, naive_patches=200, repeats=args.repeats, rng=rng),
+        run_case(28, 308, 4, dtype, naive_patches=12, **kw),
+        run_case(5, 1000, 8, dtype, naive_patches=200, **kw),
     ]
     print(
         f"{'case':<18} {'D':>6} {'form':>5} {'engine':>8} {'bare FFT':>9} {'ratio':>6} "
