@@ -84,8 +84,7 @@ class PatchSource:
         band = self.arrays[s][r0 * L : r1 * L, : nc * L]
         if isinstance(band, np.ndarray):
             band = torch.from_numpy(np.array(band))  # a copy of just these rows
-        band = band.to(device=self.device, dtype=self.dtype)
-        return band.reshape(r1 - r0, L, nc, L).transpose(1, 2).reshape(-1, L, L)
+        return extract_patches(band.to(device=self.device, dtype=self.dtype), L)
 
     def _run(self, start: int, stop: int) -> torch.Tensor:
         """Patches start..stop-1 (sorted, contiguous): whole patch rows, sliced, no gather."""
