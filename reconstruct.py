@@ -75,18 +75,7 @@ def em_prior(cfg: DictConfig, prior: ScorePrior):
 
 def _read_stack(path) -> torch.Tensor:
     """(n, L, L) float64 images from a .npy / .mrc holding one image or a stack."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}")
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False)
-    else:
-        import mrcfile
-
-        with mrcfile.open(path, permissive=True) as f:
-            if f.data is None:
-                raise ValueError(f"{path} is not a readable MRC file")
-            array = np.array(f.data)
+    array = np.array(mtd.measurement.open_array(path, what="image"))
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or array.shape[1] != array.shape[2]:

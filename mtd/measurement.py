@@ -227,6 +227,34 @@ def read_micrograph(path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def open_array(path, what: str = "measurement") -> np.ndarray:
+    """Memory-map a .npy or .mrc file read-only, of any shape: nothing is read until it is sliced.
+
+    Args:
+        what: what the file should hold, for the error messages.
+
+    Returns:
+        read-only ``numpy.memmap`` (an MRC file stays open while it is referenced).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if suffix in MRC_SUFFIXES:
+        import mrcfile
+
+        try:
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a readable MRC file ({e})") from e
+        if mrc.data is None:
+            raise ValueError(f"{path} is not a readable MRC file")
+        return mrc.data
+    raise ValueError(f"unknown {what} format {suffix!r} of {path}: use .npy or .mrc")
+
+
 def open_micrograph(path) -> np.ndarray:
     """Memory-map a 2-D .npy or .mrc measurement read-only: nothing is read until it is sliced.
 
@@ -236,24 +264,7 @@ def open_micrograph(path) -> np.ndarray:
     Returns:
         (N0, N1) read-only ``numpy.memmap`` (an MRC file stays open while it is referenced).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no measurement file at {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    elif suffix in MRC_SUFFIXES:
-        import mrcfile
-
-        try:
-            mrc = mrcfile.mmap(path, mode="r", permissive=True)
-        except ValueError as e:
-            raise ValueError(f"{path} is not a readable MRC file ({e})") from e
-        if mrc.data is None:
-            raise ValueError(f"{path} is not a readable MRC file")
-        array = mrc.data
-    else:
-        raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
+    array = open_array(path)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:
