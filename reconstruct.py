@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -319,16 +318,6 @@ def _image(x: torch.Tensor) -> np.ndarray:
     return np.uint8(255 * (x - lo) / (hi - lo if hi > lo else 1.0))
 
 
-def _atomic(path: Path, write) -> None:
-    """Write ``path`` through a temporary file in the same folder: whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _aligned(truth, estimate, K: int) -> torch.Tensor:
     """The rotation R_k of ``estimate`` closest to ``truth`` (the one the error is measured at)."""
     if truth is None:
@@ -366,7 +355,7 @@ def save_figure(path: Path, truth, data, estimates: dict, K: int, crop: int, mea
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    mtd.measurement.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -514,10 +503,12 @@ def write_outputs(out: Path, cfg, info, data, truth, init, results, metrics, K, 
     out.mkdir(parents=True, exist_ok=True)
     for v, res in results.items():
         est = res.estimate.detach().cpu()
-        _atomic(out / f"estimate_{v}.npy", lambda p, e=est: np.save(p.open("wb"), e.numpy()))
+        mtd.measurement.atomic_write(
+            out / f"estimate_{v}.npy", lambda p, e=est: np.save(p, e.numpy())
+        )
         mtd.write_micrograph(out / f"estimate_{v}.mrc", est)
     if truth is not None:
-        _atomic(out / "truth.npy", lambda p: np.save(p.open("wb"), truth.numpy()))
+        mtd.measurement.atomic_write(out / "truth.npy", lambda p: np.save(p, truth.numpy()))
     if meas is not None and cfg.measurement.get("save", True):
         meas.save(out / "measurement.mrc")
     shown = {v: (r.estimate.cpu(), metrics.get(f"error/{v}")) for v, r in results.items()}
@@ -543,7 +534,7 @@ def write_outputs(out: Path, cfg, info, data, truth, init, results, metrics, K, 
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     text = json.dumps(summary, indent=2, default=str)
-    _atomic(out / "summary.json", lambda p: p.write_text(text))
+    mtd.measurement.atomic_write(out / "summary.json", lambda p: p.write_text(text))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="reconstruct")

@@ -286,24 +286,32 @@ def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".npy", *MRC_SUFFIXES):
         raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open (not mkstemp, which makes 0600 files) so the file gets the user's umask; the
-    # suffix stays last because np.save appends .npy to any other name.
-    tmp = str(path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}"))
-    try:
-        if suffix == ".npy":
-            np.save(tmp, array)
-        else:
-            import mrcfile
 
-            with mrcfile.new(tmp, overwrite=True) as mrc:
-                mrc.set_data(array.astype(np.float32))
-                mrc.voxel_size = voxel_size
-                # mrcfile labels new files with the time; a fixed label keeps runs byte-identical.
-                mrc.header.label[0] = b"written by mtd"
-                mrc.header.nlabl = 1
+    def write_mrc(tmp: Path) -> None:
+        import mrcfile
+
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(array.astype(np.float32))
+            mrc.voxel_size = voxel_size
+            # mrcfile labels new files with the time; a fixed label keeps runs byte-identical.
+            mrc.header.label[0] = b"written by mtd"
+            mrc.header.nlabl = 1
+
+    atomic_write(path, (lambda tmp: np.save(tmp, array)) if suffix == ".npy" else write_mrc)
+    return path
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename: whole or absent.
+
+    The temporary file is opened plainly (not by mkstemp, which makes 0600 files), so the file gets
+    the user's umask; its suffix stays last because np.save appends .npy to any other name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        tmp.unlink(missing_ok=True)

@@ -311,7 +311,9 @@ def test_interrupted_run_leaves_no_half_written_file(tmp_path, gauss_ckpt, monke
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rec, "save_figure", lambda path, *a: rec._atomic(path, figure))
+    monkeypatch.setattr(
+        rec, "save_figure", lambda path, *a: mtd.measurement.atomic_write(path, figure)
+    )
     with pytest.raises(KeyboardInterrupt):
         rec.reconstruct(cfg)
     out = tmp_path / "out"
