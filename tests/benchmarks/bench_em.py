@@ -8,10 +8,11 @@
 Everything is measured in this one run, on the same inputs:
 
 - engine: one iteration = E-step (streamed statistics) + closed-form M-step + rho update, the
-  median of several repeats.
+  median of several repeats, taken in turns with the two bare references below.
 - straightforward: ``tests/reference.iteration`` (NumPy, a Python loop over patches and shifts, as
-  research code does it), timed on n and 2n patches and scaled to all D patches; that it computes
-  the engine's iteration is checked by tests/test_exact.py.
+  research code does it), the median of three runs: on all patches for (a), on n and 2n patches
+  scaled to all D patches for (b); that it computes the engine's iteration is checked by
+  tests/test_exact.py.
 - bare, two references, each the batched transforms alone (one call per chunk, nothing else):
   "FFT" is the plain rfft2 / irfft2 pair of the (D, K, 2L, 2L) correlations, what any FFT
   implementation of the iteration must run; "own" is the cheapest form of the transforms the
@@ -37,18 +38,22 @@ from tests import reference as ref
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
-def timed(fn, repeats: int, device="cpu") -> float:
-    """Median seconds of fn() over repeats, after one warm-up call (GPU work waited for)."""
+def timed(fns: dict, repeats: int, device="cpu", warm_up=True) -> dict:
+    """Median seconds of each fn() over repeats, after one warm-up call each (GPU work waited
+    for). The functions take turns, so that a slow spell of a shared machine falls on all of
+    them alike and their ratios stay meaningful."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+    times = {name: [] for name in fns}
+    for fn in fns.values() if warm_up else ():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def case_image(L: int, rng: np.random.Generator) -> np.ndarray:
@@ -120,30 +125,38 @@ def run_case(L, N, K, dtype, naive_patches, repeats, rng, device="cpu"):
     rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
     em = mtd.ApproximateEM(L, K=K, dtype=dtype, device=device)
     one, D = engine_iteration(em, data, F, rho, meas.sigma)
-    ours = timed(one, repeats, device)
-    t_own = timed(bare(L, K, D, em.method, dtype, em._chunk(D), device=device), repeats, device)
     fft_chunk = mtd.ApproximateEM(L, K=K, dtype=dtype, method="fft", device=device)._chunk(D)
-    t_fft = timed(bare(L, K, D, "fft", dtype, fft_chunk, True, device), repeats, device)
-    # The straightforward iteration on n and 2n patches: the difference is the cost of n patches,
-    # the rest (templates, M-step) is paid once; scale the per-patch cost to all D patches.
+    fns = {
+        "ours": one,
+        "own": bare(L, K, D, em.method, dtype, em._chunk(D), device=device),
+        "fft": bare(L, K, D, "fft", dtype, fft_chunk, True, device),
+    }
+    t = timed(fns, repeats, device)
+    # The straightforward iteration, the median of three runs: on all patches where that takes
+    # seconds; else on n and 2n patches, whose difference is the cost of n patches (the rest,
+    # templates and M-step, is paid once), scaled to all D patches.
     patch_list = ref.patches(data, L)
-    pick = rng.choice(len(patch_list), 2 * naive_patches, replace=False)
     ref.iteration(patch_list[:1], F, rho, meas.sigma, K)  # warm-up (cached rotation matrices)
-    t = {}
-    for n in (naive_patches, 2 * naive_patches):
+    sizes = (D,) if naive_patches is None else (naive_patches, 2 * naive_patches)
+    pick = rng.permutation(len(patch_list))[: sizes[-1]]
+
+    def naive_run(n):
         sub = [patch_list[i] for i in pick[:n]]
-        start = time.perf_counter()
-        ref.iteration(sub, F, rho, meas.sigma, K)
-        t[n] = time.perf_counter() - start
-    per_patch = (t[2 * naive_patches] - t[naive_patches]) / naive_patches
-    t_naive = t[naive_patches] + (D - naive_patches) * per_patch
+        return lambda: ref.iteration(sub, F, rho, meas.sigma, K)
+
+    naive = timed({n: naive_run(n) for n in sizes}, 3, warm_up=False)
+    if naive_patches is None:
+        t_naive = naive[D]
+    else:
+        n = naive_patches
+        t_naive = naive[n] + (D - n) * (naive[2 * n] - naive[n]) / n
     return {
         "case": f"L={L} N={N} K={K}",
         "D": D,
         "method": em.method,
-        "ours_ms": 1e3 * ours,
-        "fft_ms": 1e3 * t_fft,
-        "own_ms": 1e3 * t_own,
+        "ours_ms": 1e3 * t["ours"],
+        "fft_ms": 1e3 * t["fft"],
+        "own_ms": 1e3 * t["own"],
         "naive_s": t_naive,
     }
 
@@ -160,7 +173,7 @@ def compare_methods(dtype, repeats, device="cpu"):
         for method in ("fft", "gemm"):
             em = mtd.ApproximateEM(L, K=8, dtype=dtype, method=method, device=device)
             one, _ = engine_iteration(em, data, F, rho, 1.0)
-            t[method] = 1e3 * timed(one, repeats, device)
+            t[method] = 1e3 * timed({method: one}, repeats, device)[method]
         best = min(t, key=t.get)
         print(f"{L:>4} {t['fft']:>9.2f} {t['gemm']:>9.2f}  {best:>6}   {choose_method(L)}")
 
@@ -181,8 +194,8 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     kw = {"repeats": args.repeats, "rng": rng, "device": args.device}
     rows = [
-        run_case(28, 308, 4, dtype, naive_patches=12, **kw),
-        run_case(5, 1000, 8, dtype, naive_patches=200, **kw),
+        run_case(28, 308, 4, dtype, naive_patches=None, **kw),
+        run_case(5, 1000, 8, dtype, naive_patches=500, **kw),
     ]
     print(
         f"{'case':<18} {'D':>6} {'form':>5} {'engine':>8} {'bare FFT':>9} {'ratio':>6} "
