@@ -65,6 +65,8 @@ class Patches:
     Attributes:
         source: the ``PatchSource`` the patches are read from.
         energy: (D,) ||M_m||^2 of every patch.
+        l1_max: the largest sum_ij |M_m[i, j]| over the patches (bounds how far a patch's
+            log-likelihoods can spread, see ``ApproximateEM.e_step``).
         corr: the ``Correlator`` of all patches when their transforms are held in memory, None
             when they are streamed chunk by chunk.
         layout: a correlator that prepares templates and accumulators (no patches needed).
@@ -72,6 +74,7 @@ class Patches:
 
     source: PatchSource
     energy: torch.Tensor
+    l1_max: float
     corr: Correlator | None
     layout: Correlator
 
@@ -328,16 +331,19 @@ class ApproximateEM(torch.nn.Module):
             patches = source.read(slice(0, source.D))
             _check_finite(patches)
             corr = Correlator(patches, self.method)
-            return Patches(source, patches.reshape(source.D, -1).square().sum(1), corr, corr)
+            flat = patches.reshape(source.D, -1)
+            l1_max = float(flat.abs().sum(1).max()) if source.D else 0.0
+            return Patches(source, flat.square().sum(1), l1_max, corr, corr)
         energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
+        l1_max = 0.0
         block = max(1, _STREAM_BLOCK_BYTES // (8 * self.L * self.L))
         for start in range(0, source.D, block):
             patches = source.read(slice(start, min(start + block, source.D)))
             _check_finite(patches)
-            energy[start : start + len(patches)] = (
-                patches.reshape(len(patches), -1).square().sum(1)
-            )
-        return Patches(source, energy, None, Correlator(empty, self.method))
+            flat = patches.reshape(len(patches), -1)
+            energy[start : start + len(patches)] = flat.square().sum(1)
+            l1_max = max(l1_max, float(flat.abs().sum(1).max()))
+        return Patches(source, energy, l1_max, None, Correlator(empty, self.method))
 
     def _chunk(self, D: int) -> int:
         if self.chunk_size is not None:
@@ -369,13 +375,15 @@ class ApproximateEM(torch.nn.Module):
             chunks = chunks[comm.rank :: comm.world_size]
         return chunks
 
-    def _logits_chunks(self, data: Patches, F, log_rho, sigma2, subset=None, comm=None):
-        """Yield (correlator, local index, global index, logits) chunk by chunk.
+    def _templates(self, data: Patches, F, log_rho, sigma2) -> tuple:
+        """The iteration's templates for ``_logits_chunks``, and a bound on every patch's spread.
 
-        logits = log p(M_m | l, k, F) + log rho(l) - log K + ||M_m||^2 / (2 sigma^2), of shape
-        (B, *layout) in the correlator's layout over (rotation, shift). The patch's own term
-        -||M_m||^2 / (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the
-        callers add it where they need the likelihood itself.
+        Returns:
+            (templates, spread): ``correlate`` then gives logits = log p(M_m | l, k, F) +
+            log rho(l) - log K + ||M_m||^2 / (2 sigma^2). The patch's own term -||M_m||^2 /
+            (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the callers add
+            it where they need the likelihood itself. ``spread`` bounds max - min of every
+            patch's logits over (l, k).
         """
         L, K = self.L, self.K
         G = self.padded_rotations(F)
@@ -386,6 +394,22 @@ class ApproximateEM(torch.nn.Module):
         bias = -template_energy(G, L) * inv + log_rho - math.log(K)
         bias = bias - 0.5 * L * L * math.log(2 * math.pi * sigma2)
         templates = data.layout.prepare(G, 2 * inv, bias)  # correlate(): c / sigma^2 + bias
+        # Over (l, k) each patch pixel meets every value of G (its zero padding included), so a
+        # patch's correlations spread at most (max G - min G) sum_i |M_m[i]|, its logits at most
+        # that over sigma^2 plus the bias's spread. The FFT form's padding rotation (odd K) is
+        # -inf: no bound.
+        if data.layout.method == "fft" and K % 2:
+            return templates, math.inf
+        spread = 2 * inv * (G.max() - G.min()) * data.l1_max + bias.max() - bias.min()
+        return templates, float(spread)
+
+    def _logits_chunks(self, data: Patches, templates, subset=None, comm=None):
+        """Yield (correlator, local index, global index, logits) chunk by chunk.
+
+        logits: (B, *layout), in the correlator's layout over (rotation, shift); see
+        ``_templates``.
+        """
+        L = self.L
         chunks = self._chunks(data, subset, comm)
         if data.corr is not None:  # all transforms in memory
             for index in chunks:
@@ -426,8 +450,9 @@ class ApproximateEM(torch.nn.Module):
         zero = torch.zeros(2 * self.L, 2 * self.L, dtype=self.dtype, device=self.device)
         # Undo the prior and normalisation terms of the bias; add the patch energies back.
         shift = math.log(self.K) + 0.5 * self.L**2 * math.log(2 * math.pi * sigma2)
+        templates, _ = self._templates(data, F, zero, sigma2)
         out = []
-        for corr, _, index, lg in self._logits_chunks(data, F, zero, sigma2):
+        for corr, _, index, lg in self._logits_chunks(data, templates):
             lg = torch.stack([corr.from_layout(x, self.K) for x in lg])
             out.append(lg + shift - (data.energy[index] / (2 * sigma2)).view(-1, 1, 1, 1))
         return torch.cat(out)
@@ -459,21 +484,23 @@ class ApproximateEM(torch.nn.Module):
             ``Statistics``.
         """
         L, K = self.L, self.K
-        # exp below log(tiny) underflows anyway, and takes a slow path on some CPUs: clamp first.
+        templates, spread = self._templates(data, F, log_rho, sigma2)
+        # exp below log(tiny) underflows anyway, and takes a slow path on some CPUs (35-100x
+        # slower here): clamp first, unless no patch's logits spread that far below its maximum
+        # (then the clamp would change nothing; it is one pass of the chunk's five).
         floor = math.log(torch.finfo(self.dtype).tiny) + 1
+        clamp = spread >= -floor
         zeros = torch.zeros(K, 2 * L, 2 * L, dtype=self.dtype, device=self.device)
         omega, acc = data.layout.to_layout(zeros), data.layout.new_accumulator(K)
         gemm_omega = data.layout.method == "gemm"  # omega rides in the back-projection GEMM
         loglik = torch.zeros((), dtype=torch.float64, device=self.device)
         energy = torch.zeros((), dtype=self.dtype, device=self.device)
-        for corr, local, index, logits in self._logits_chunks(
-            data, F, log_rho, sigma2, subset, comm
-        ):
+        for corr, local, index, logits in self._logits_chunks(data, templates, subset, comm):
             x = logits.view(logits.shape[0], -1)
             # Log-sum-exp, keeping exp(x - max) unnormalised: the 1 / sum is folded into the
             # (small) reductions below instead of a pass over the (B, K * 4L^2) array.
             top = x.amax(1, keepdim=True)
-            e = x.sub_(top).clamp_(min=floor).exp_()
+            e = x.sub_(top).clamp_(min=floor).exp_() if clamp else x.sub_(top).exp_()
             total = e.sum(1)
             inv_total = total.reciprocal()
             if not gemm_omega:

@@ -55,6 +55,37 @@ def test_e_step_statistics_equal_brute_force(L, K, method, rng):
     assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
 
 
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+@pytest.mark.parametrize(
+    "snr,rare,clamped", [(0.5, 1, False), (0.5, 1e-250, False), (300.0, 1, True)]
+)
+def test_spread_bound_holds_and_both_log_sum_exp_paths_are_exact(snr, rare, clamped, method, rng):
+    # The E-step skips its clamp before exp when _templates' bound says no patch's logits spread
+    # below log(tiny): the bound must hold (also where a rare shift's log rho makes the spread),
+    # and both paths must give the brute-force statistics.
+    L, K = 5, 4
+    data, F, rho, sigma = tiny_case(L, K, rng, n=4, snr=snr)
+    rho[0, 0] *= rare
+    em = engine(L, K, method, chunk_size=3)
+    patches = em.prepare(data)
+    F_t, log_rho = torch.from_numpy(F), torch.from_numpy(np.log(rho))
+    templates, spread = em._templates(patches, F_t, log_rho, sigma**2)
+    logits = torch.cat([x.reshape(len(x), -1) for *_, x in em._logits_chunks(patches, templates)])
+    actual = float((logits.amax(1) - logits.amin(1)).max())
+    assert actual <= spread * (1 + 1e-12)
+    if rare < 1:  # the bound holds by its bias term
+        assert actual > 500
+    assert (spread >= -(math.log(torch.finfo(torch.float64).tiny) + 1)) == clamped
+    if clamped:  # the clamp is not idle: some posteriors underflow
+        assert actual > 745
+    stats = em.e_step(patches, F_t, log_rho, sigma**2)
+    w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
+    omega, b, _ = ref.statistics(w, ref.patches(data, L), K)
+    np.testing.assert_allclose(stats.omega.numpy(), omega, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.b.numpy(), b, rtol=1e-9, atol=1e-12)
+    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+
+
 @pytest.mark.parametrize("L,K", [(4, 4), (5, 8), (3, 1)])
 def test_posteriors_of_each_patch_equal_brute_force(L, K, rng):
     # The engine never holds posteriors; on a one-patch measurement omega is that patch's
