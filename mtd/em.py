@@ -376,32 +376,35 @@ class ApproximateEM(torch.nn.Module):
         return chunks
 
     def _templates(self, data: Patches, F, log_rho, sigma2) -> tuple:
-        """The iteration's templates for ``_logits_chunks``, and a bound on every patch's spread.
+        """The iteration's templates for ``_logits_chunks``, and bounds on every patch's logits.
 
         Returns:
-            (templates, spread): ``correlate`` then gives logits = log p(M_m | l, k, F) +
-            log rho(l) - log K + ||M_m||^2 / (2 sigma^2). The patch's own term -||M_m||^2 /
-            (2 sigma^2) of eq. (10) is left out: it cancels in the posterior, and the callers add
-            it where they need the likelihood itself. ``spread`` bounds max - min of every
-            patch's logits over (l, k).
+            (templates, (low, high, spread)): ``correlate`` then gives the logits
+            log p(M_m | l, k, F) + log rho(l) - log K + ||M_m||^2 / (2 sigma^2) + (L^2 / 2)
+            log(2 pi sigma^2): the patch's own term -||M_m||^2 / (2 sigma^2) of eq. (10) and the
+            Gaussian normalisation are left out (they cancel in the posterior; the callers add
+            them where they need the likelihood itself). Every patch's largest logit lies in
+            [low, high], and its logits within ``spread`` below that.
         """
         L, K = self.L, self.K
         G = self.padded_rotations(F)
         inv = 1.0 / (2.0 * sigma2)
-        # Patch-independent part of eq. (10): -e(l,k) / 2 sigma^2, the prior of (l, k) (eq. 12) and
-        # the Gaussian normalisation, so that the sum of log-sum-exps is the approximate
-        # log-likelihood (eq. 5).
+        # Patch-independent part of eq. (10): -e(l,k) / 2 sigma^2 and the prior of (l, k) (eq. 12).
         bias = -template_energy(G, L) * inv + log_rho - math.log(K)
-        bias = bias - 0.5 * L * L * math.log(2 * math.pi * sigma2)
         templates = data.layout.prepare(G, 2 * inv, bias)  # correlate(): c / sigma^2 + bias
+        # A logit is (||M||^2 - ||M - C T_l G_k||^2) / 2 sigma^2 + log rho(l) - log K: at most
+        # ||M||^2 / 2 sigma^2 + max log rho - log K, and at shifts with l_x = L or l_y = L the crop
+        # is all padding, so the largest is at least their log rho - log K.
+        high = float(data.energy.max()) * inv + float(log_rho.max()) - math.log(K)
+        low = max(float(log_rho[L].max()), float(log_rho[:, L].max())) - math.log(K)
         # Over (l, k) each patch pixel meets every value of G (its zero padding included), so a
         # patch's correlations spread at most (max G - min G) sum_i |M_m[i]|, its logits at most
         # that over sigma^2 plus the bias's spread. The FFT form's padding rotation (odd K) is
         # -inf: no bound.
         if data.layout.method == "fft" and K % 2:
-            return templates, math.inf
+            return templates, (low, high, math.inf)
         spread = 2 * inv * (G.max() - G.min()) * data.l1_max + bias.max() - bias.min()
-        return templates, float(spread)
+        return templates, (low, high, float(spread))
 
     def _logits_chunks(self, data: Patches, templates, subset=None, comm=None):
         """Yield (correlator, local index, global index, logits) chunk by chunk.
@@ -448,8 +451,8 @@ class ApproximateEM(torch.nn.Module):
         F = torch.as_tensor(F, device=self.device, dtype=self.dtype)
         sigma2 = float(sigma) ** 2
         zero = torch.zeros(2 * self.L, 2 * self.L, dtype=self.dtype, device=self.device)
-        # Undo the prior and normalisation terms of the bias; add the patch energies back.
-        shift = math.log(self.K) + 0.5 * self.L**2 * math.log(2 * math.pi * sigma2)
+        # Undo the prior term of the bias; add the patch energies back.
+        shift = math.log(self.K)
         templates, _ = self._templates(data, F, zero, sigma2)
         out = []
         for corr, _, index, lg in self._logits_chunks(data, templates):
@@ -484,30 +487,41 @@ class ApproximateEM(torch.nn.Module):
             ``Statistics``.
         """
         L, K = self.L, self.K
-        templates, spread = self._templates(data, F, log_rho, sigma2)
-        # exp below log(tiny) underflows anyway, and takes a slow path on some CPUs (35-100x
-        # slower here): clamp first, unless no patch's logits spread that far below its maximum
-        # (then the clamp would change nothing; it is one pass of the chunk's five).
+        templates, (low, high, spread) = self._templates(data, F, log_rho, sigma2)
+        # Log-sum-exp without the passes it does not need (each is one pass over every chunk).
+        # exp of a value below log(tiny) underflows anyway, and takes a slow path on some CPUs
+        # (35-100x slower here): clamp at `floor` where a logit may fall below it. Where every
+        # patch's largest logit lies far enough above floor (then the clamped terms weigh
+        # < e^(floor / 2) of a patch's sum) and far enough below overflow, exp(logits) is the
+        # unnormalised posterior itself: no max, no subtraction.
         floor = math.log(torch.finfo(self.dtype).tiny) + 1
-        clamp = spread >= -floor
+        n = K * 4 * L * L
+        shift = not (floor / 2 <= low and high <= math.log(torch.finfo(self.dtype).max / n) - 1)
+        clamp = spread >= -floor if shift else low - spread < floor
+        norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)
         zeros = torch.zeros(K, 2 * L, 2 * L, dtype=self.dtype, device=self.device)
         omega, acc = data.layout.to_layout(zeros), data.layout.new_accumulator(K)
         gemm_omega = data.layout.method == "gemm"  # omega rides in the back-projection GEMM
         loglik = torch.zeros((), dtype=torch.float64, device=self.device)
         energy = torch.zeros((), dtype=self.dtype, device=self.device)
         for corr, local, index, logits in self._logits_chunks(data, templates, subset, comm):
-            x = logits.view(logits.shape[0], -1)
-            # Log-sum-exp, keeping exp(x - max) unnormalised: the 1 / sum is folded into the
-            # (small) reductions below instead of a pass over the (B, K * 4L^2) array.
-            top = x.amax(1, keepdim=True)
-            e = x.sub_(top).clamp_(min=floor).exp_() if clamp else x.sub_(top).exp_()
-            total = e.sum(1)
+            e = logits.view(logits.shape[0], -1)
+            if shift:
+                top = e.amax(1, keepdim=True)
+                e.sub_(top)
+            if clamp:
+                e.clamp_(min=floor)
+            # exp(x) unnormalised: the 1 / sum is folded into the (small) reductions below
+            # instead of a pass over the (B, K * 4L^2) array.
+            total = e.exp_().sum(1)
             inv_total = total.reciprocal()
             if not gemm_omega:
                 omega += (inv_total @ e).view(logits.shape[1:])  # sum_m w_m(l, k)
             corr.accumulate(local, logits, inv_total, acc)
             patch_energy = data.energy[index]
-            lse = top.view(-1) + total.log() - patch_energy / (2 * sigma2)
+            lse = total.log() + (norm - patch_energy / (2 * sigma2))
+            if shift:
+                lse += top.view(-1)
             loglik += lse.sum(dtype=torch.float64)
             energy += patch_energy.sum()
         omega = data.layout.occupancy(acc, K) if gemm_omega else data.layout.from_layout(omega, K)

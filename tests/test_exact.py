@@ -57,27 +57,35 @@ def test_e_step_statistics_equal_brute_force(L, K, method, rng):
 
 @pytest.mark.parametrize("method", ["fft", "gemm"])
 @pytest.mark.parametrize(
-    "snr,rare,clamped", [(0.5, 1, False), (0.5, 1e-250, False), (300.0, 1, True)]
+    "snr,rare,f_scale,shift,clamp",
+    [
+        (0.5, 1, 1, False, False),  # low SNR: exp(logits) directly
+        (0.5, 1e-300, 1, False, True),  # a shift of rho ~ 0 spreads the logits below log(tiny)
+        (300.0, 1, 1, True, True),  # high SNR: logits beyond exp's range, widely spread
+        (300.0, 1, 1e-4, True, False),  # beyond exp's range, narrowly spread
+    ],
 )
-def test_spread_bound_holds_and_both_log_sum_exp_paths_are_exact(snr, rare, clamped, method, rng):
-    # The E-step skips its clamp before exp when _templates' bound says no patch's logits spread
-    # below log(tiny): the bound must hold (also where a rare shift's log rho makes the spread),
-    # and both paths must give the brute-force statistics.
+def test_logit_bounds_hold_and_every_log_sum_exp_path_is_exact(
+    snr, rare, f_scale, shift, clamp, method, rng
+):
+    # The E-step drops the log-sum-exp's max, subtraction and clamp where _templates' bounds on
+    # the logits show they are not needed: the bounds must hold, pick the expected path, and
+    # every path must give the brute-force statistics.
     L, K = 5, 4
     data, F, rho, sigma = tiny_case(L, K, rng, n=4, snr=snr)
-    rho[0, 0] *= rare
+    F, rho[0, 0] = F * f_scale, rho[0, 0] * rare
     em = engine(L, K, method, chunk_size=3)
     patches = em.prepare(data)
     F_t, log_rho = torch.from_numpy(F), torch.from_numpy(np.log(rho))
-    templates, spread = em._templates(patches, F_t, log_rho, sigma**2)
+    templates, (low, high, spread) = em._templates(patches, F_t, log_rho, sigma**2)
     logits = torch.cat([x.reshape(len(x), -1) for *_, x in em._logits_chunks(patches, templates)])
-    actual = float((logits.amax(1) - logits.amin(1)).max())
-    assert actual <= spread * (1 + 1e-12)
-    if rare < 1:  # the bound holds by its bias term
-        assert actual > 500
-    assert (spread >= -(math.log(torch.finfo(torch.float64).tiny) + 1)) == clamped
-    if clamped:  # the clamp is not idle: some posteriors underflow
-        assert actual > 745
+    top, bottom = logits.amax(1), logits.amin(1)
+    assert low - 1e-9 <= float(top.min()) and float(top.max()) <= high + 1e-9
+    assert float((top - bottom).max()) <= spread * (1 + 1e-12)
+    floor = math.log(torch.finfo(torch.float64).tiny) + 1
+    edge = math.log(torch.finfo(torch.float64).max / (K * 4 * L * L)) - 1
+    assert (not (floor / 2 <= low and high <= edge)) == shift
+    assert (spread >= -floor if shift else low - spread < floor) == clamp
     stats = em.e_step(patches, F_t, log_rho, sigma**2)
     w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
     omega, b, _ = ref.statistics(w, ref.patches(data, L), K)
