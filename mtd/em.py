@@ -66,7 +66,7 @@ class Patches:
         source: the ``PatchSource`` the patches are read from.
         energy: (D,) ||M_m||^2 of every patch.
         l1_max: the largest sum_ij |M_m[i, j]| over the patches (bounds how far a patch's
-            log-likelihoods can spread, see ``ApproximateEM.e_step``).
+            logits can spread, see ``ApproximateEM._templates``).
         corr: the ``Correlator`` of all patches when their transforms are held in memory, None
             when they are streamed chunk by chunk.
         layout: a correlator that prepares templates and accumulators (no patches needed).
@@ -332,7 +332,7 @@ class ApproximateEM(torch.nn.Module):
             _check_finite(patches)
             corr = Correlator(patches, self.method)
             flat = patches.reshape(source.D, -1)
-            l1_max = float(flat.abs().sum(1).max()) if source.D else 0.0
+            l1_max = float(flat.abs().sum(1).max())
             return Patches(source, flat.square().sum(1), l1_max, corr, corr)
         energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
         l1_max = 0.0
