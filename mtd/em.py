@@ -152,6 +152,34 @@ class EMResult:
     dropped: tuple[int, int] = (0, 0)
 
 
+def _norms(patches: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """||M_m||^2 of (B, L, L) patches, (B,), and their largest sum_ij |M_m[i, j]|."""
+    flat = patches.reshape(len(patches), -1)
+    return flat.square().sum(1), float(flat.abs().sum(1).max())
+
+
+def _log_sum_exp_passes(
+    dtype, n: int, low: float, high: float, spread: float
+) -> tuple[bool, bool, float]:
+    """Which passes a log-sum-exp over n logits per patch needs before exp.
+
+    Every patch's largest logit lies in [low, high] and its logits within ``spread`` below it.
+    exp of a value below log(tiny) underflows anyway, and takes a slow path on some CPUs (35-100x
+    slower here): clamp at ``floor`` where a logit may fall below it. Where every patch's largest
+    logit lies far enough above floor (then the clamped terms weigh < e^(floor / 2) of a patch's
+    sum) and far enough below overflow, exp(logits) is the unnormalised posterior itself: no
+    shift by the max (shift False).
+
+    Returns:
+        (shift, clamp, floor).
+    """
+    info = torch.finfo(dtype)
+    floor = math.log(info.tiny) + 1
+    shift = not (floor / 2 <= low and high <= math.log(info.max / n) - 1)
+    clamp = spread >= -floor if shift else low - spread < floor
+    return shift, clamp, floor
+
+
 def coverage(omega: torch.Tensor, L: int) -> torch.Tensor:
     """c_k = Z^T (omega_k circularly convolved with Z 1): c_k(y) = sum_{d in [0, L)^2} omega_k(y -
     d mod 2L).
@@ -331,18 +359,15 @@ class ApproximateEM(torch.nn.Module):
             patches = source.read(slice(0, source.D))
             _check_finite(patches)
             corr = Correlator(patches, self.method)
-            flat = patches.reshape(source.D, -1)
-            l1_max = float(flat.abs().sum(1).max())
-            return Patches(source, flat.square().sum(1), l1_max, corr, corr)
+            return Patches(source, *_norms(patches), corr, corr)
         energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
         l1_max = 0.0
         block = max(1, _STREAM_BLOCK_BYTES // (8 * self.L * self.L))
         for start in range(0, source.D, block):
             patches = source.read(slice(start, min(start + block, source.D)))
             _check_finite(patches)
-            flat = patches.reshape(len(patches), -1)
-            energy[start : start + len(patches)] = flat.square().sum(1)
-            l1_max = max(l1_max, float(flat.abs().sum(1).max()))
+            energy[start : start + len(patches)], block_l1 = _norms(patches)
+            l1_max = max(l1_max, block_l1)
         return Patches(source, energy, l1_max, None, Correlator(empty, self.method))
 
     def _chunk(self, D: int) -> int:
@@ -487,17 +512,9 @@ class ApproximateEM(torch.nn.Module):
             ``Statistics``.
         """
         L, K = self.L, self.K
-        templates, (low, high, spread) = self._templates(data, F, log_rho, sigma2)
+        templates, bounds = self._templates(data, F, log_rho, sigma2)
         # Log-sum-exp without the passes it does not need (each is one pass over every chunk).
-        # exp of a value below log(tiny) underflows anyway, and takes a slow path on some CPUs
-        # (35-100x slower here): clamp at `floor` where a logit may fall below it. Where every
-        # patch's largest logit lies far enough above floor (then the clamped terms weigh
-        # < e^(floor / 2) of a patch's sum) and far enough below overflow, exp(logits) is the
-        # unnormalised posterior itself: no max, no subtraction.
-        floor = math.log(torch.finfo(self.dtype).tiny) + 1
-        n = K * 4 * L * L
-        shift = not (floor / 2 <= low and high <= math.log(torch.finfo(self.dtype).max / n) - 1)
-        clamp = spread >= -floor if shift else low - spread < floor
+        shift, clamp, floor = _log_sum_exp_passes(self.dtype, K * 4 * L * L, *bounds)
         norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)
         zeros = torch.zeros(K, 2 * L, 2 * L, dtype=self.dtype, device=self.device)
         omega, acc = data.layout.to_layout(zeros), data.layout.new_accumulator(K)

@@ -82,10 +82,8 @@ def test_logit_bounds_hold_and_every_log_sum_exp_path_is_exact(
     top, bottom = logits.amax(1), logits.amin(1)
     assert low - 1e-9 <= float(top.min()) and float(top.max()) <= high + 1e-9
     assert float((top - bottom).max()) <= spread * (1 + 1e-12)
-    floor = math.log(torch.finfo(torch.float64).tiny) + 1
-    edge = math.log(torch.finfo(torch.float64).max / (K * 4 * L * L)) - 1
-    assert (not (floor / 2 <= low and high <= edge)) == shift
-    assert (spread >= -floor if shift else low - spread < floor) == clamp
+    passes = mtd.em._log_sum_exp_passes(torch.float64, K * 4 * L * L, low, high, spread)
+    assert passes[:2] == (shift, clamp)
     stats = em.e_step(patches, F_t, log_rho, sigma**2)
     w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
     omega, b, _ = ref.statistics(w, ref.patches(data, L), K)
