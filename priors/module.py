@@ -5,6 +5,10 @@ Hyperparameters are plain values only (the network's registry name and keywords,
 parameters, the loss, the data description), so a checkpoint loads with ``weights_only=True`` and
 ``priors.prior.ScorePrior.from_checkpoint`` needs nothing else. The optimizer and scheduler arrive
 as partials from Hydra and are not stored.
+
+One SDE per checkpoint: the loss, the sampler and the score all use ``self.sde`` (hp["sde"]),
+through ``ScoreAdapter``; the networks themselves hold no SDE. ``net`` and ``ema`` are the bare
+networks, so the checkpoint's keys are ``net.*`` and ``ema.*`` of the network's parameters.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import lightning as L
 import torch
 
 from priors.losses import dsm_loss, ism_loss
-from priors.nets import build_net
+from priors.nets import SCORE_FORMAT, ScoreAdapter, build_net
 from priors.sde import VPSDE, sample
 
 
@@ -65,22 +69,37 @@ class ScoreModule(L.LightningModule):
             raise ValueError(f"loss must be 'dsm' or 'ism', got {loss!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.net = build_net(**net)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.sde = VPSDE(**(sde or {}))
+        self.net = build_net(**net, sde=self.sde)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        if loss == "ism" and self.score_fn(self.net).output == "noise":
+            raise ValueError(
+                f"loss=ism trains the score at t = 0, where the score -eps / sigma_t of a "
+                f"noise-predicting network ({net.get('name')!r}) is undefined (sigma_0 = 0): use "
+                "loss=dsm or a network whose output is the score (mlp, unet_paper)"
+            )
         size = int((data_meta or {}).get("image_size", 28))
         self.register_buffer("held_out", torch.zeros(n_held_out, size, size))
 
-    def loss(self, net, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def score_fn(self, net: torch.nn.Module) -> ScoreAdapter:
+        """``net`` (``self.net`` or ``self.ema``) as a score under this module's one SDE.
+
+        Built on each call and never registered as a submodule, so that the state_dict keeps the
+        bare networks' keys.
+        """
+        return ScoreAdapter(net, self.sde)
+
+    def loss(self, score: ScoreAdapter, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """The configured loss of ``score`` (``self.score_fn(net)``) on a batch x (B, 1, L, L)."""
         if self.hparams.loss == "ism":
-            return ism_loss(net, x, self.hparams.hutchinson, generator)
+            return ism_loss(score, x, self.hparams.hutchinson, generator)
         hp = self.hparams
         return dsm_loss(
-            net, self.sde, x, hp.eps, generator, hp.antithetic, hp.weighting, hp.t_sampling
+            score, self.sde, x, hp.eps, generator, hp.antithetic, hp.weighting, hp.t_sampling
         )
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(self.net, batch[0])
+        loss = self.loss(self.score_fn(self.net), batch[0])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
@@ -96,14 +115,14 @@ class ScoreModule(L.LightningModule):
         # The EMA network, with noise fixed per batch so that epochs compare.
         g = torch.Generator(device=batch[0].device).manual_seed(batch_idx)
         with torch.enable_grad():  # ISM differentiates the score
-            loss = self.loss(self.ema, batch[0], g)
+            loss = self.loss(self.score_fn(self.ema), batch[0], g)
         self.log("val/loss", loss.detach(), prog_bar=True, on_epoch=True, sync_dist=True)
 
     def on_validation_epoch_end(self):
         every = self.hparams.sample_every_n_epochs
         if not every or self.trainer.sanity_checking or (self.current_epoch + 1) % every:
             return
-        if self.hparams.net.get("name") == "mlp" and not self.hparams.net.get("time", False):
+        if not self.score_fn(self.ema).time_conditioned:
             return  # a time-free (ISM) score cannot drive the reverse SDE
         self.log_samples()
 
@@ -116,7 +135,7 @@ class ScoreModule(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(0)
         x = sample(
             self.sde,
-            self.ema,
+            self.score_fn(self.ema),
             (self.hparams.n_samples, 1, size, size),
             steps=self.hparams.sample_steps,
             generator=g,
@@ -132,6 +151,9 @@ class ScoreModule(L.LightningModule):
             if hasattr(logger, "log_image"):
                 logger.log_image("samples", [grid], step=self.global_step)
         return x
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["score_format"] = SCORE_FORMAT
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

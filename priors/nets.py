@@ -1,15 +1,21 @@
-"""Score networks. Each maps (x: (B, 1, L, L), t: (B,)) to a score (B, 1, L, L) in data units.
+"""Networks and the adapter that turns their output into a score.
+
+Each network maps (x: (B, 1, L, L), t: (B,)) to a raw output (B, 1, L, L) and names its
+parameterisation in ``output``; ``ScoreAdapter`` (as score_sde's ``get_score_fn`` or NVlabs/edm's
+``VPPrecond``) turns that output into the score with the SDE the checkpoint stores, so one SDE
+drives both the loss and the score.
 
 - ``PaperUNet``: the score-prior paper's MNIST network: ten convolutions with LogSigmoid, max-pool
   down and transposed-convolution up, skip connections, t given as a constant input channel, the
-  score as output.
+  score as output (``output = "score"``).
 - ``UNet``: residual blocks with GroupNorm and SiLU, a sinusoidal embedding of t added in every
-  block, and the output divided by sigma_t (the network predicts the noise, -sigma_t s), the usual
+  block; it predicts the noise eps (``output = "noise"``, score = -eps / sigma_t), the usual
   parameterisation of score_sde / EDM, which keeps the output of order one at every t.
 - ``MLP``: the paper's 3-layer Softplus MLP for 5 x 5 images; time-free (for the ISM loss at t = 0)
-  or with t appended to the input (for DSM).
+  or with t appended to the input (for DSM); the score as output.
 
-``build_net(name, **kwargs)`` rebuilds any of them from the plain values stored in a checkpoint.
+``build_net(name, sde=..., **kwargs)`` rebuilds any of them from the plain values stored in a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +26,15 @@ import torch
 from torch import nn
 
 from priors.sde import VPSDE
+
+OUTPUTS = ("score", "noise")  # what a network's raw output is (``ScoreAdapter``)
+# Written into every checkpoint (top-level key "score_format"). Format 1 (no key): the UNet divided
+# its output by its own VPSDE(beta_min, beta_max) of hp["net"] (default 0.1, 20), whatever
+# hp["sde"] said; format 2: ScoreAdapter divides it by sigma_t of hp["sde"].
+SCORE_FORMAT = 2
+# Keywords the UNet took before the SDE moved out of it, in format-1 checkpoints' hp["net"], and
+# their defaults then.
+LEGACY_SDE_KEYS = {"unet": {"beta_min": 0.1, "beta_max": 20.0}}
 
 
 def _times(t, x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +49,9 @@ class PaperUNet(nn.Module):
         image_size: must be 28 (the pooling paddings are those of 28 -> 14 -> 7 -> 4 -> 2).
         channels: widths of the five levels.
     """
+
+    output = "score"
+    time_conditioned = True
 
     def __init__(self, image_size: int = 28, channels: tuple[int, ...] = (32, 64, 128, 256, 256)):
         super().__init__()
@@ -114,15 +132,18 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """A small residual U-Net with a sinusoidal time embedding (two levels for 28 x 28).
 
-    The output is -eps_theta(x, t) / sigma_t: the network predicts the noise, the score follows.
+    The output is eps_theta(x, t), the predicted noise of x_t = alpha_t x_0 + sigma_t eps;
+    ``ScoreAdapter`` turns it into the score -eps_theta / sigma_t with the checkpoint's SDE.
 
     Args:
         image_size: side of the (square) images; must be divisible by 2^(len(mults) - 1).
         channels: base width.
         mults: width multipliers per level.
-        emb_dim: width of the time embedding. beta_min, beta_max: the VP-SDE whose sigma_t scales
-        the output.
+        emb_dim: width of the time embedding.
     """
+
+    output = "noise"
+    time_conditioned = True
 
     def __init__(
         self,
@@ -130,15 +151,12 @@ class UNet(nn.Module):
         channels: int = 32,
         mults: tuple[int, ...] = (1, 2, 2),
         emb_dim: int = 128,
-        beta_min: float = 0.1,
-        beta_max: float = 20.0,
     ):
         super().__init__()
         if image_size % 2 ** (len(mults) - 1):
             raise ValueError(
                 f"image_size {image_size} must be divisible by {2 ** (len(mults) - 1)}"
             )
-        self.sde = VPSDE(beta_min, beta_max)
         self.emb_dim = emb_dim
         self.emb = nn.Sequential(
             nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -177,8 +195,7 @@ class UNet(nn.Module):
         h = self.mid(h, e)
         for block, up in zip(self.up_blocks, self.ups, strict=True):
             h = up(block(torch.cat([h, skips.pop()], 1), e))
-        sigma = self.sde.sigma(t).to(x.dtype).view(-1, 1, 1, 1)
-        return -self.out(h) / sigma
+        return self.out(h)
 
 
 class MLP(nn.Module):
@@ -189,6 +206,8 @@ class MLP(nn.Module):
         hidden: width of the two hidden layers.
         time: whether t is an input (DSM); False gives a time-free score (ISM), t is then ignored.
     """
+
+    output = "score"
 
     def __init__(self, image_size: int = 5, hidden: int = 256, time: bool = False):
         super().__init__()
@@ -201,6 +220,10 @@ class MLP(nn.Module):
             nn.Softplus(),
             nn.Linear(hidden, d),
         )
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.time
 
     def forward(self, x: torch.Tensor, t=None) -> torch.Tensor:
         return self.layers(self._input(x, t)).view_as(x)
@@ -226,12 +249,83 @@ class MLP(nn.Module):
         return s, div
 
 
+class ScoreAdapter(nn.Module):
+    """The score s_theta(x, t) of a network under one SDE (score_sde's ``get_score_fn``).
+
+        output "score":  s_theta(x, t) = F(x, t)
+        output "noise":  s_theta(x, t) = -F(x, t) / sigma_t     (F predicts eps in
+                         x_t = alpha_t x_0 + sigma_t eps, so E[eps | x_t] = -sigma_t s(x_t, t))
+
+    with F the network and sigma_t that of ``sde``, the SDE the loss trains with and the checkpoint
+    stores. The adapter has no parameters or buffers of its own: ``state_dict`` keys are the
+    network's under the prefix ``net.``, and checkpoints store the bare network's.
+
+    Args:
+        net: a network with an ``output`` attribute in ``OUTPUTS``.
+        sde: the VP-SDE.
+
+    Attributes:
+        time_conditioned: False for a time-free network (the ISM MLP), whose t is ignored.
+    """
+
+    def __init__(self, net: nn.Module, sde: VPSDE):
+        super().__init__()
+        output = getattr(net, "output", None)
+        if output not in OUTPUTS:
+            raise ValueError(
+                f"{type(net).__name__}.output is {output!r}; a score network says what it "
+                f"outputs, one of {OUTPUTS}"
+            )
+        self.net, self.sde, self.output = net, sde, output
+        self.time_conditioned = bool(getattr(net, "time_conditioned", True))
+        if output == "score" and hasattr(net, "score_and_divergence"):
+            # the score is the output itself, so its closed-form divergence is the ISM loss's
+            self.score_and_divergence = net.score_and_divergence
+
+    def sigma(self, t, x: torch.Tensor) -> torch.Tensor:
+        """sigma_t of the SDE for the batch of x: (B, 1, 1, 1) in x's dtype."""
+        return self.sde.sigma(_times(t, x)).to(x.dtype).view(-1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        out = self.net(x, t)
+        if self.output == "score":
+            return out
+        return -out / self.sigma(t, x)
+
+
 NETS = {"unet_paper": PaperUNet, "unet": UNet, "mlp": MLP}
 
 
-def build_net(name: str, **kwargs) -> nn.Module:
-    """A network from its registry name and plain keyword values (as stored in checkpoints)."""
+def build_net(name: str, sde: VPSDE | None = None, **kwargs) -> nn.Module:
+    """A network from its registry name and plain keyword values (as stored in checkpoints).
+
+    Args:
+        name: a key of ``NETS``.
+        sde: the checkpoint's SDE; needed only for the keywords ``beta_min`` / ``beta_max`` that
+            UNet checkpoints written before the SDE moved out of the network may carry. Their
+            network divided its output by that SDE's sigma_t, as ``ScoreAdapter`` now does with
+            ``sde``; so they must equal ``sde``'s and are then dropped.
+        **kwargs: the network's keywords (lists become tuples).
+
+    Raises:
+        ValueError: an unknown name, or legacy SDE keywords that disagree with ``sde``.
+    """
     if name not in NETS:
         raise ValueError(f"unknown network {name!r}; known: {sorted(NETS)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    for key in LEGACY_SDE_KEYS.get(name, ()):
+        if key not in kwargs:
+            continue
+        value = kwargs.pop(key)
+        if sde is None:
+            raise ValueError(
+                f"net.{key}={value!r}: the network no longer holds an SDE; pass the checkpoint's "
+                "SDE (build_net(..., sde=...)) to check it, or drop the keyword"
+            )
+        if float(value) != float(getattr(sde, key)):
+            raise ValueError(
+                f"net.{key}={value!r} differs from sde.{key}={getattr(sde, key)!r}: the network "
+                "would be scaled by another SDE than the one the loss and the score use; the SDE "
+                "is set once, by sde.*"
+            )
     return NETS[name](**kwargs)
