@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from priors.nets import build_net
-from priors.sde import VPSDE
+from priors.nets import LEGACY_SDE_KEYS, ScoreAdapter, build_net
+from priors.sde import VPSDE, sample
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -38,7 +38,26 @@ def _load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _check_index(index: int) -> int:
+    if isinstance(index, bool) or int(index) != index or index < 0:
+        raise ValueError(f"index must be an integer >= 0, got {index!r}")
+    return int(index)
+
+
+def _gaussian_target(mu: torch.Tensor, index: int, seed: int) -> tuple[torch.Tensor, str]:
+    """Draw ``index`` (from 0) of N(mu, I), (L, L) float64, from a CPU generator seeded ``seed``.
+
+    All index + 1 draws are made, so a draw does not depend on how many are asked for after it.
+    """
+    index, seed = _check_index(index), int(seed)
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randn((index + 1, *mu.shape), generator=g, dtype=torch.float64)
+    return mu + draws[index], f"N(mu, I) draw {index} of seed {seed}"
+
+
 class _Prior:
+    """What every prior gives the EM engine: the score in measurement units and Tweedie on it."""
+
     sde: VPSDE
 
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -70,37 +89,81 @@ class AnalyticGaussianPrior(_Prior):
 
     Args:
         mu: (L, L) mean.
+        sde: the VP-SDE (default ``VPSDE()``).
     """
+
+    kind = "gaussian"
+    time_conditioned = True
 
     def __init__(self, mu, sde: VPSDE | None = None):
         self.mu = torch.as_tensor(mu)
         self.sde = sde or VPSDE()
+
+    @property
+    def image_size(self) -> int:
+        return self.mu.shape[-1]
 
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
         a = self.sde.alpha(torch.as_tensor(t, dtype=torch.float64)).to(x)
         a = a.view(-1, *(1,) * (x.ndim - 1)) if a.ndim else a
         return -(x - a * self.mu.to(x))
 
+    def mean(self) -> torch.Tensor:
+        """mu, (L, L) float64 on the CPU."""
+        return self.mu.to(device="cpu", dtype=torch.float64)
+
+    def target(self, index: int, seed: int) -> tuple[torch.Tensor, str]:
+        """Draw ``index`` of N(mu, I) from ``seed``, as ``ScorePrior.target``: (L, L) float64."""
+        return _gaussian_target(self.mean(), index, seed)
+
 
 class ScorePrior(_Prior):
     """A trained score network (EMA weights) in measurement units.
 
     Attributes:
-        net: the network, in eval mode.
-        sde: the VP-SDE it was trained with.
-        meta: what the checkpoint says of the data: image_size, units, held-out targets, mu, ...
+        net: the network as a score, a ``ScoreAdapter`` in eval mode: ``net(x, t)`` is the score in
+            network units, ``net.net`` the bare network, ``net.sde`` is ``sde``.
+        sde: the VP-SDE it was trained with, the checkpoint's one SDE.
+        meta: what the checkpoint says of the data: name, image_size, units, held-out targets, mu.
+        held_out: (n, L, L) held-out target images in network units, or None.
+        image_size: L.
+        scale: measurement units per network unit (meta["units"]).
+        path: the checkpoint's path, or None.
     """
 
     def __init__(
-        self, net: torch.nn.Module, sde: VPSDE, meta: dict, held_out: torch.Tensor | None
+        self,
+        net: torch.nn.Module,
+        sde: VPSDE,
+        meta: dict,
+        held_out: torch.Tensor | None,
+        path: Path | None = None,
     ):
+        """
+        Args:
+            net: a bare network (wrapped here in ``ScoreAdapter(net, sde)``) or an adapter whose
+                SDE is ``sde``.
+            sde: the VP-SDE.
+            meta: the data description (needs "image_size").
+            held_out: (n, L, L) held-out targets or None.
+            path: where it was loaded from, for messages.
+        """
+        if not isinstance(net, ScoreAdapter):
+            net = ScoreAdapter(net, sde)
+        elif net.sde is not sde:
+            raise ValueError("ScorePrior: the adapter's SDE must be the prior's sde")
         self.net, self.sde, self.meta, self.held_out = net.eval(), sde, meta, held_out
         self.image_size = int(meta["image_size"])
         self.scale = float(meta.get("units", 1.0))  # measurement units per network unit
+        self.path = None if path is None else Path(path)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32) -> ScorePrior:
         """Rebuild the network from the checkpoint's hyperparameters and load its EMA weights.
+
+        The score adapter is built with the SDE of hp["sde"]. Checkpoints written before the SDE
+        moved out of the UNet (no "score_format" key) load with the same scores, provided the
+        UNet's own SDE (hp["net"]'s beta_min / beta_max, default 0.1 / 20) is hp["sde"]'s.
 
         Args:
             path: a Lightning ``.ckpt`` written by ``train.py`` (or an exported EMA-only file).
@@ -109,14 +172,20 @@ class ScorePrior(_Prior):
 
         Raises:
             FileNotFoundError: no file at ``path``.
-            ValueError: the file is not a readable score-prior checkpoint.
+            ValueError: the file is not a readable score-prior checkpoint, or an older UNet
+                checkpoint whose network scaled its output by another SDE than hp["sde"].
         """
         path = Path(path)
         ckpt = _load_checkpoint(path)
         hp = ckpt["hyper_parameters"]
         try:
-            net = build_net(**hp["net"])
             sde = VPSDE(**hp["sde"])
+            net_hp = dict(hp["net"])
+            if ckpt.get("score_format", 1) < 2:
+                # The network then held VPSDE(beta_min, beta_max), these defaults unless given;
+                # build_net checks them against the one SDE and drops them.
+                net_hp = {**LEGACY_SDE_KEYS.get(net_hp.get("name"), {}), **net_hp}
+            net = build_net(**net_hp, sde=sde)
             meta = dict(hp["data_meta"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
@@ -132,7 +201,21 @@ class ScorePrior(_Prior):
             raise ValueError(f"{path}: EMA weights do not fit the network ({e})") from e
         held_out = state.get("held_out")
         net = net.to(device=device, dtype=dtype)
-        return cls(net, sde, meta, None if held_out is None or held_out.numel() == 0 else held_out)
+        held_out = None if held_out is None or held_out.numel() == 0 else held_out
+        return cls(ScoreAdapter(net, sde), sde, meta, held_out, path)
+
+    @property
+    def kind(self) -> str | None:
+        """The data the prior was trained on: meta["name"] ("mnist", "gaussian", ...)."""
+        return self.meta.get("name")
+
+    @property
+    def time_conditioned(self) -> bool:
+        """False for a time-free network (ISM at t = 0), which has no score at t > 0."""
+        return self.net.time_conditioned
+
+    def _where(self) -> str:
+        return "this prior" if self.path is None else str(self.path)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -149,12 +232,110 @@ class ScorePrior(_Prior):
         return out.to(x)
 
     def posterior_mean(self, y: torch.Tensor, noise: float) -> torch.Tensor:
-        if getattr(self.net, "time", True) is False:
+        if not self.time_conditioned:
             raise ValueError(
                 "this prior's network is time-free (trained by ISM at t = 0): it has no score at "
                 "the diffusion time a denoiser needs; use m_step=gradient"
             )
         return super().posterior_mean(y, noise)
+
+    def mean(self) -> torch.Tensor:
+        """The stored data mean meta["mu"] in measurement units: (L, L) float64 on the CPU.
+
+        Raises:
+            ValueError: the checkpoint stores no mean (only the Gaussian data has one).
+        """
+        if "mu" not in self.meta:
+            raise ValueError(f"the checkpoint stores no data mean (data {self.kind!r})")
+        L = self.image_size
+        return torch.tensor(self.meta["mu"], dtype=torch.float64).reshape(L, L) * self.scale
+
+    def target(self, index: int, seed: int) -> tuple[torch.Tensor, str]:
+        """A reconstruction target the prior never saw, (L, L) float64 on the CPU, and where from.
+
+        Gaussian data: draw ``index`` of N(mu, I) from ``torch.Generator().manual_seed(seed)``
+        (the first index + 1 draws of shape (L, L), in float64). Otherwise the checkpoint's
+        held-out image ``index``; ``seed`` is then unused.
+
+        Args:
+            index: which draw / held-out image, from 0.
+            seed: the Gaussian draws' seed.
+
+        Raises:
+            ValueError: a negative index, one beyond the held-out targets, or no held-out targets.
+        """
+        if self.kind == "gaussian":
+            return _gaussian_target(self.mean(), index, seed)
+        index = _check_index(index)
+        if self.held_out is None:
+            raise ValueError(
+                f"{self._where()} stores no held-out targets (data {self.kind!r}): give the "
+                "target as an image file"
+            )
+        if index >= len(self.held_out):
+            raise ValueError(
+                f"index must be in 0..{len(self.held_out) - 1} (the checkpoint's held-out "
+                f"targets), got {index}"
+            )
+        held = self.meta.get("held_out")
+        where = f"held-out target {index}" + (f" (data index {held[index]})" if held else "")
+        return self.held_out[index].to(torch.float64).cpu() * self.scale, where
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int, steps: int | None = None) -> torch.Tensor:
+        """n reverse-SDE samples of the prior (``priors.sde.sample``), in measurement units.
+
+        Drawn on the network's device and in its dtype, from a generator there seeded ``seed``.
+
+        Args:
+            n: number of samples.
+            seed: the generator's seed.
+            steps: predictor steps (default ``sde.N``).
+
+        Returns:
+            (n, L, L) float64 on the CPU.
+
+        Raises:
+            ValueError: n < 1, or a time-free prior (it cannot drive the reverse SDE).
+        """
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if not self.time_conditioned:
+            raise ValueError(
+                f"{self._where()} is time-free (trained by ISM at t = 0): it has no score at the "
+                "diffusion times the reverse SDE needs"
+            )
+        p = next(self.net.parameters())
+        gen = torch.Generator(device=p.device).manual_seed(int(seed))
+        L = self.image_size
+        x = sample(
+            self.sde,
+            self.net,
+            (int(n), 1, L, L),
+            steps,
+            generator=gen,
+            device=p.device,
+            dtype=p.dtype,
+        )  # in network units
+        return x[:, 0].to(torch.float64).cpu() * self.scale
+
+    def oracle(self) -> AnalyticGaussianPrior:
+        """The exact score of the Gaussian data the prior was trained on: N(mu, I), same SDE.
+
+        Raises:
+            ValueError: the checkpoint stores no mean (not Gaussian data), or its units are not 1
+                (the analytic score assumes unit variance in measurement units).
+        """
+        if "mu" not in self.meta:
+            raise ValueError(
+                f"oracle=true needs a Gaussian prior's stored mean; {self._where()} is a prior of "
+                f"{self.kind!r} data"
+            )
+        if self.scale != 1.0:
+            raise ValueError(
+                f"the oracle N(mu, I) assumes units 1; {self._where()} has units {self.scale}"
+            )
+        return AnalyticGaussianPrior(self.mean(), self.sde)
 
 
 def score_error(prior, truth, sample_x0, t, n: int = 10000, seed: int = 0) -> float:
@@ -186,6 +367,8 @@ def export_ema(checkpoint, out) -> Path:
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),
     }
+    if "score_format" in ckpt:
+        slim["score_format"] = ckpt["score_format"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -233,9 +233,10 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, dig
     raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert raw["hyper_parameters"]["net"]["name"] == "unet"
     prior = ScorePrior.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    ema = objects["model"].ema
+    model = objects["model"]
     x = torch.rand(2, 1, 28, 28)
-    assert torch.allclose(prior(x, 0.1), ema(x, torch.full((2,), 0.1)), atol=1e-6)
+    ema_score = model.score_fn(model.ema)(x, torch.full((2,), 0.1))
+    assert torch.allclose(prior(x, 0.1), ema_score, atol=1e-6)
     held = prior.meta["held_out"]
     assert len(held) == 10 and torch.equal(prior.held_out, objects["datamodule"].images[held])
     assert (tmp_path / "samples" / "epoch_001.png").is_file()
