@@ -245,17 +245,22 @@ class ScorePrior(_Prior):
         Raises:
             ValueError: the checkpoint stores no mean (only the Gaussian data has one).
         """
+        return self._mu() * self.scale
+
+    def _mu(self) -> torch.Tensor:
+        """meta["mu"] in network units, (L, L) float64."""
         if "mu" not in self.meta:
             raise ValueError(f"the checkpoint stores no data mean (data {self.kind!r})")
         L = self.image_size
-        return torch.tensor(self.meta["mu"], dtype=torch.float64).reshape(L, L) * self.scale
+        return torch.tensor(self.meta["mu"], dtype=torch.float64).reshape(L, L)
 
     def target(self, index: int, seed: int) -> tuple[torch.Tensor, str]:
         """A reconstruction target the prior never saw, (L, L) float64 on the CPU, and where from.
 
         Gaussian data: draw ``index`` of N(mu, I) from ``torch.Generator().manual_seed(seed)``
         (the first index + 1 draws of shape (L, L), in float64). Otherwise the checkpoint's
-        held-out image ``index``; ``seed`` is then unused.
+        held-out image ``index``; ``seed`` is then unused. Both in measurement units (times
+        ``scale``).
 
         Args:
             index: which draw / held-out image, from 0.
@@ -264,8 +269,9 @@ class ScorePrior(_Prior):
         Raises:
             ValueError: a negative index, one beyond the held-out targets, or no held-out targets.
         """
-        if self.kind == "gaussian":
-            return _gaussian_target(self.mean(), index, seed)
+        if self.kind == "gaussian":  # data u (mu + z) in measurement units, u = self.scale
+            image, where = _gaussian_target(self._mu(), index, seed)
+            return image * self.scale, where
         index = _check_index(index)
         if self.held_out is None:
             raise ValueError(

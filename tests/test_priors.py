@@ -12,7 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from priors.losses import dsm_loss, ism_loss
-from priors.nets import MLP, PaperUNet, UNet
+from priors.module import ScoreModule
+from priors.nets import MLP, PaperUNet, ScoreAdapter, UNet, build_net
 from priors.prior import AnalyticGaussianPrior, ScorePrior, score_error
 from priors.sde import VPSDE, sample
 
@@ -143,6 +144,138 @@ def test_networks_take_and_return_images(net):
 
 
 # ------------------------------------------------------------------------------------------------
+# One SDE per checkpoint: the score adapter
+# ------------------------------------------------------------------------------------------------
+def _closed_form_sigma(t: torch.Tensor, beta_min: float, beta_max: float) -> torch.Tensor:
+    """sigma_t^2 = 1 - exp(-int_0^t beta) for the linear schedule (eq. 8)."""
+    return torch.sqrt(1 - torch.exp(-(beta_min * t + (beta_max - beta_min) * t * t / 2)))
+
+
+TINY_UNET = {"name": "unet", "image_size": 8, "channels": 8, "mults": [1, 2], "emb_dim": 16}
+
+
+def test_a_non_default_beta_max_drives_the_loss_the_score_and_the_checkpoint(tmp_path):
+    sde_hp = {"beta_min": 0.1, "beta_max": 5.0, "N": 1000}
+    meta = {"name": "mnist", "image_size": 8, "units": 1.0}
+    torch.manual_seed(0)
+    module = ScoreModule(net=TINY_UNET, sde=sde_hp, data_meta=meta).double()
+    assert module.sde.beta_max == 5.0
+    score = module.score_fn(module.net)
+    assert score.sde is module.sde and score.output == "noise"
+    # The score is -eps / sigma_t with sigma_t of beta_max = 5, not of the default 20.
+    x = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([0.01, 0.1, 0.5, 0.9], dtype=torch.float64)
+    sigma = _closed_form_sigma(t, 0.1, 5.0).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps, s = module.net(x, t), score(x, t)
+    torch.testing.assert_close(s, -eps / sigma, rtol=1e-12, atol=0)
+    torch.testing.assert_close(score.sigma(t, x), sigma, rtol=1e-12, atol=0)
+    # The loss's forward process is that SDE too: with the exact score of N(mu, I) under it, DSM
+    # is its analytic minimum d E_t[alpha_t^2]; the exact score under beta_max = 20 does worse.
+    mu = torch.arange(64, dtype=torch.float64).reshape(1, 1, 8, 8) % 3
+    x0 = mu + torch.randn(
+        (40000, 1, 8, 8), generator=torch.Generator().manual_seed(2), dtype=x.dtype
+    )
+    own = AnalyticGaussianPrior(mu[0, 0], VPSDE(0.1, 5.0))
+    default = AnalyticGaussianPrior(mu[0, 0], VPSDE(0.1, 20.0))
+    g = torch.Generator().manual_seed(3)
+    loss_own, loss_default = (float(module.loss(p, x0, g)) for p in (own, default))
+    eps_t = module.hparams.eps
+    ts = np.linspace(eps_t, 1, 20001)
+    alpha2 = np.exp(-(0.1 * ts + 4.9 * ts * ts / 2))
+    assert loss_own == pytest.approx(64 * np.trapezoid(alpha2, ts) / (1 - eps_t), rel=0.01)
+    assert loss_default > loss_own * 1.2
+    # The checkpoint: the bare networks' keys, and a prior whose score uses beta_max = 5.
+    state = module.state_dict()
+    ema_keys = {k for k in state if k.startswith("ema.")}
+    assert ema_keys == {f"ema.{k}" for k in module.net.state_dict()}
+    ckpt = {"hyper_parameters": dict(module.hparams), "state_dict": state}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "beta5.ckpt")
+    prior = ScorePrior.from_checkpoint(tmp_path / "beta5.ckpt", dtype=torch.float64)
+    assert prior.sde.beta_max == 5.0 and prior.net.sde is prior.sde
+    torch.testing.assert_close(prior(x, t), -eps / sigma, rtol=1e-12, atol=0)
+    assert prior.kind == "mnist" and prior.time_conditioned and prior.held_out is None
+    with pytest.raises(ValueError, match="stores no held-out targets"):
+        prior.target(0, 0)
+
+
+def test_score_output_networks_pass_through_the_adapter():
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    for net in (PaperUNet(), MLP(28, 16, time=True)):
+        adapter = ScoreAdapter(net, VPSDE(0.1, 3.0))
+        assert adapter.output == "score" and torch.equal(adapter(x, t), net(x, t))
+        assert not list(adapter.state_dict().keys() - {f"net.{k}" for k in net.state_dict()})
+    ism = ScoreAdapter(MLP(5, 16, time=False), VPSDE())
+    assert not ism.time_conditioned and ism.score_and_divergence == ism.net.score_and_divergence
+    assert not hasattr(ScoreAdapter(UNet(8, 8, (1, 2), 16), VPSDE()), "score_and_divergence")
+    with pytest.raises(ValueError, match="output is None"):
+        ScoreAdapter(torch.nn.Linear(2, 2), VPSDE())
+
+
+def test_ism_with_a_noise_predicting_unet_is_refused():
+    with pytest.raises(ValueError, match=r"loss=ism .*\(sigma_0 = 0\)"):
+        ScoreModule(net=TINY_UNET, loss="ism")
+
+
+def test_legacy_unet_sde_keywords_are_checked_and_dropped():
+    sde = VPSDE(0.1, 20.0)
+    net = build_net(**TINY_UNET, beta_min=0.1, beta_max=20.0, sde=sde)
+    assert isinstance(net, UNet) and not hasattr(net, "sde")
+    with pytest.raises(ValueError, match=r"net.beta_min=0.2 differs from sde.beta_min=0.1"):
+        build_net(**TINY_UNET, beta_min=0.2, sde=sde)
+    with pytest.raises(ValueError, match="pass the checkpoint's SDE"):
+        build_net(**TINY_UNET, beta_max=20.0)
+    with pytest.raises(ValueError, match=r"net.beta_max=10 differs"):
+        ScoreModule(net={**TINY_UNET, "beta_max": 10}, sde={"beta_max": 20.0})
+    with pytest.raises(TypeError):  # only the UNet ever took them
+        build_net("mlp", image_size=5, beta_max=20.0, sde=sde)
+
+
+# ------------------------------------------------------------------------------------------------
+# What a prior knows: targets, mean, samples (priors/pretrained/ in test_pretrained.py)
+# ------------------------------------------------------------------------------------------------
+def _gaussian_prior(mu: torch.Tensor, units: float = 1.0, time: bool = True) -> ScorePrior:
+    torch.manual_seed(0)
+    L = mu.shape[-1]
+    meta = {"name": "gaussian", "image_size": L, "units": units, "mu": mu.flatten().tolist()}
+    return ScorePrior(MLP(L, 16, time=time).double(), VPSDE(), meta, None)
+
+
+def test_gaussian_targets_are_seeded_draws_of_n_mu_i():
+    mu = (torch.arange(16, dtype=torch.float64).reshape(4, 4) * 3) % 5
+    prior = _gaussian_prior(mu)
+    draws = torch.stack([prior.target(i, 3)[0] for i in range(400)])
+    assert draws.shape == (400, 4, 4) and draws.dtype == torch.float64
+    assert torch.allclose(draws.mean(0), mu, atol=4 / 400**0.5)  # 4 standard errors
+    assert float((draws - mu).std()) == pytest.approx(1.0, abs=0.03)  # 6400 values
+    cov = torch.cov((draws - mu).flatten(1).T)  # independent pixels
+    assert float((cov - torch.eye(16, dtype=cov.dtype)).abs().max()) < 0.25
+    assert len({float(d.sum()) for d in draws}) == 400  # no draw repeats
+    image, where = prior.target(7, 3)
+    assert torch.equal(image, draws[7]) and where == "N(mu, I) draw 7 of seed 3"
+    assert not torch.equal(prior.target(7, 4)[0], image)
+    assert torch.equal(AnalyticGaussianPrior(mu).target(7, 3)[0], image)
+
+
+def test_measurement_units_scale_mean_targets_and_samples():
+    mu = torch.ones(3, 3, dtype=torch.float64)
+    one, two = _gaussian_prior(mu), _gaussian_prior(mu, units=2.0)
+    torch.testing.assert_close(two.mean(), 2 * one.mean())
+    torch.testing.assert_close(two.target(1, 0)[0], 2 * one.target(1, 0)[0])
+    # The same network: in units u the samples are u times the network's, drawn alike.
+    torch.testing.assert_close(two.sample(3, 0, steps=4), 2 * one.sample(3, 0, steps=4))
+    with pytest.raises(ValueError, match="units 1"):
+        two.oracle()
+    assert one.path is None
+    with pytest.raises(ValueError, match="this prior is time-free"):
+        _gaussian_prior(mu, time=False).sample(1, 0)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        one.sample(0, 0)
+
+
+# ------------------------------------------------------------------------------------------------
 # train.py
 # ------------------------------------------------------------------------------------------------
 def write_mnist_idx(root: Path, digits: torch.Tensor) -> np.ndarray:
@@ -238,7 +371,11 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, dig
     ema_score = model.score_fn(model.ema)(x, torch.full((2,), 0.1))
     assert torch.allclose(prior(x, 0.1), ema_score, atol=1e-6)
     held = prior.meta["held_out"]
-    assert len(held) == 10 and torch.equal(prior.held_out, objects["datamodule"].images[held])
+    images = objects["datamodule"].images
+    assert len(held) == 10 and torch.equal(prior.held_out, images[held])
+    target, where = prior.target(3, seed=0)
+    assert torch.equal(target, images[held[3]].double()) and target.dtype == torch.float64
+    assert where == f"held-out target 3 (data index {held[3]})"
     assert (tmp_path / "samples" / "epoch_001.png").is_file()
 
 
