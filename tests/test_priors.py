@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from priors.losses import dsm_loss, ism_loss
 from priors.module import ScoreModule
 from priors.nets import MLP, PaperUNet, ScoreAdapter, UNet, build_net
-from priors.prior import AnalyticGaussianPrior, ScorePrior, score_error
+from priors.prior import AnalyticGaussianPrior, ScorePrior, export_ema, score_error
 from priors.sde import VPSDE, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +196,12 @@ def test_a_non_default_beta_max_drives_the_loss_the_score_and_the_checkpoint(tmp
     assert prior.sde.beta_max == 5.0 and prior.net.sde is prior.sde
     torch.testing.assert_close(prior(x, t), -eps / sigma, rtol=1e-12, atol=0)
     assert prior.kind == "mnist" and prior.time_conditioned and prior.held_out is None
+    # The slim export keeps the format: without it the file would read as an older checkpoint,
+    # whose UNet was scaled by beta_max = 20, and be refused.
+    slim = ScorePrior.from_checkpoint(
+        export_ema(tmp_path / "beta5.ckpt", tmp_path / "slim.ckpt"), dtype=torch.float64
+    )
+    torch.testing.assert_close(slim(x, t), -eps / sigma, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="stores no held-out targets"):
         prior.target(0, 0)
 
