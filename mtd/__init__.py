@@ -1,28 +1,46 @@
 """mtd: multi-target detection by approximate EM; the engine and forward model (plain torch)."""
 
-from mtd.em import ApproximateEM, EMResult, Patches, Statistics, TorchDistributed
+from mtd.em import ApproximateEM, EMResult, Stochastic, TorchDistributed
+from mtd.estep import Compute, EStep, Patches, PatchSummaries, Statistics
+from mtd.group import TransformSet
 from mtd.measurement import (
     Measurement,
     open_micrograph,
+    read_images,
     read_micrograph,
     simulate,
     write_micrograph,
 )
-from mtd.metrics import relative_error
+from mtd.metrics import align, relative_error
+from mtd.msteps import ClosedForm, ConstantGamma, Denoise, Gradient, LinearGamma, MStep
 from mtd.patches import PatchSource, extract_patches
-from mtd.rotations import Rotations, rotate
+from mtd.rotations import Rotations, mirror, rotate
 
 __all__ = [
     "ApproximateEM",
+    "ClosedForm",
+    "Compute",
+    "ConstantGamma",
+    "Denoise",
     "EMResult",
+    "EStep",
+    "Gradient",
+    "LinearGamma",
+    "MStep",
     "Measurement",
     "PatchSource",
+    "PatchSummaries",
     "Patches",
     "Rotations",
     "Statistics",
+    "Stochastic",
     "TorchDistributed",
+    "TransformSet",
+    "align",
     "extract_patches",
+    "mirror",
     "open_micrograph",
+    "read_images",
     "read_micrograph",
     "relative_error",
     "rotate",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtd.rotations import Rotations, _bilinear_table
+from mtd.rotations import Rotations, _bilinear_table, mirror
 
 MRC_SUFFIXES = (".mrc", ".mrcs", ".map")
 
@@ -36,6 +36,8 @@ class Measurement:
         rotation: "discrete" or "continuous".
         separation: "well" or "arbitrary".
         seed: the seed it was drawn with.
+        reflections: (p,) bool, whether each copy is the mirror image (rotated after mirroring);
+            None when the simulation planted no mirror images.
     """
 
     data: torch.Tensor
@@ -48,6 +50,7 @@ class Measurement:
     rotation: str
     separation: str
     seed: int
+    reflections: torch.Tensor | None = None
 
     @property
     def L(self) -> int:
@@ -60,7 +63,8 @@ class Measurement:
     def clean(self) -> torch.Tensor:
         """(N, N) the measurement without noise, rebuilt from the truth."""
         out = torch.zeros_like(self.data)
-        _plant(out, _copies(self.image, self.angles, self.K, self.rotation), self.positions)
+        copies = _copies(self.image, self.angles, self.K, self.rotation, self.reflections)
+        _plant(out, copies, self.positions)
         return out
 
     def save(self, path) -> Path:
@@ -112,12 +116,22 @@ def _place(N: int, L: int, p: int, gap: int, rng: np.random.Generator) -> np.nda
     return np.stack([cells_idx // per_axis, cells_idx % per_axis], 1) * gap + offset
 
 
-def _copies(image: torch.Tensor, angles: torch.Tensor, K: int, rotation: str) -> torch.Tensor:
-    """(p, L, L) rotated copies: the EM's operators for discrete angles, else bilinear."""
+def _copies(
+    image: torch.Tensor, angles: torch.Tensor, K: int, rotation: str, reflections=None
+) -> torch.Tensor:
+    """(p, L, L) rotated copies: the EM's operators for discrete angles, else bilinear.
+
+    A copy with ``reflections[i]`` true is the rotated mirror image, R mirror(F) (the order of
+    ``mtd.Dihedral``'s templates).
+    """
+    if reflections is not None:
+        out = _copies(image, angles, K, rotation)
+        flipped = _copies(mirror(image), angles, K, rotation)
+        return torch.where(reflections.view(-1, 1, 1), flipped, out)
     L = image.shape[-1]
     if rotation == "discrete":
         k = torch.round(angles * K / (2 * math.pi)).long() % K
-        return Rotations(L, K, image.device, image.dtype)(image)[k]
+        return Rotations(L, K).to(device=image.device, dtype=image.dtype)(image)[k]
     out = torch.empty(len(angles), L, L, dtype=image.dtype, device=image.device)
     flat = image.reshape(-1)
     for s in range(0, len(angles), 4096):  # bounded memory for many copies
@@ -143,6 +157,7 @@ def simulate(
     rotation: str = "discrete",
     separation: str = "well",
     seed: int = 0,
+    reflect: bool = False,
 ) -> Measurement:
     """Simulate an MTD measurement (eq. 1 of both papers).
 
@@ -152,7 +167,8 @@ def simulate(
     top-left corners differ by at least 2L - 1 pixels in row or in column, so no L x L window
     touches two copies; with separation="arbitrary" copies only must not overlap. White Gaussian
     noise of variance sigma^2 with sigma = sqrt(||F||^2 / (snr L^2)) is added (snr = inf: no
-    noise).
+    noise). With ``reflect`` every copy is the mirror image with probability 1/2, mirrored before
+    it is rotated (the transformations ``mtd.Dihedral`` searches).
 
     Args:
         image: (L, L) image F.
@@ -163,6 +179,8 @@ def simulate(
         rotation: "discrete" or "continuous".
         separation: "well" or "arbitrary".
         seed: seed of all the randomness.
+        reflect: plant mirror images too (drawn after the rotations, so ``reflect=False`` gives
+            the same bytes as before the option existed).
 
     Returns:
         ``Measurement`` with the data and the truth.
@@ -204,12 +222,23 @@ def simulate(
         angles = torch.from_numpy(rng.integers(0, K, size=p)) * (2 * math.pi / K)
     else:
         angles = torch.from_numpy(rng.uniform(0, 2 * math.pi, size=p))
+    reflections = torch.from_numpy(rng.random(p) < 0.5) if reflect else None
     sigma = math.sqrt(energy / (snr * L * L))
     data = torch.from_numpy(rng.standard_normal((N, N)))
     data.mul_(sigma)
-    _plant(data, _copies(image, angles, K, rotation), positions)
+    _plant(data, _copies(image, angles, K, rotation, reflections), positions)
     return Measurement(
-        data, sigma, float(snr), image, positions, angles, int(K), rotation, separation, seed
+        data,
+        sigma,
+        float(snr),
+        image,
+        positions,
+        angles,
+        int(K),
+        rotation,
+        separation,
+        seed,
+        reflections,
     )
 
 
@@ -241,7 +270,12 @@ def open_array(path, what: str = "measurement") -> np.ndarray:
         raise FileNotFoundError(f"no {what} file at {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:  # empty, truncated or not a .npy file
+            raise ValueError(
+                f"{path} is not a readable .npy file ({type(e).__name__}: {e})"
+            ) from e
     if suffix in MRC_SUFFIXES:
         import mrcfile
 
@@ -253,6 +287,27 @@ def open_array(path, what: str = "measurement") -> np.ndarray:
             raise ValueError(f"{path} is not a readable MRC file")
         return mrc.data
     raise ValueError(f"unknown {what} format {suffix!r} of {path}: use .npy or .mrc")
+
+
+def read_images(path) -> torch.Tensor:
+    """(n, L, L) float64 images from a .npy / .mrc holding one (L, L) image or an (n, L, L) stack.
+
+    Raises:
+        ValueError: another shape, or non-finite values (the message names the file).
+    """
+    array = open_array(path, what="image")
+    if array.size == 0:
+        raise ValueError(f"{path} holds no values (shape {array.shape})")
+    array = np.array(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1] != array.shape[2]:
+        raise ValueError(f"{path} holds shape {array.shape}; expected (L, L) or (n, L, L) images")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{path} holds dtype {array.dtype}; images hold real numbers")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path} has non-finite values")
+    return torch.from_numpy(array.astype(np.float64))
 
 
 def open_micrograph(path) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Errors that respect the rotational symmetry of MTD."""
+"""Errors that respect the symmetry of MTD: the estimate is known up to the group's action."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -17,8 +19,32 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
-def relative_error(truth, estimate, K: int = 4, max_shift: int = 0) -> float:
-    """min_k ||truth - R_k estimate|| / ||truth|| over the K rotations by k * 2*pi/K.
+def _candidates(truth, estimate, K: int, max_shift: int, group):
+    """truth (L, L) float64 and every version of the estimate the error minimises over."""
+    device = truth.device if isinstance(truth, torch.Tensor) else "cpu"
+    truth = torch.as_tensor(truth, dtype=torch.float64, device=device)
+    estimate = torch.as_tensor(estimate, dtype=torch.float64, device=truth.device)
+    if truth.ndim != 2 or truth.shape != estimate.shape or truth.shape[0] != truth.shape[1]:
+        raise ValueError(
+            f"truth and estimate must be square images of one shape, got {tuple(truth.shape)} "
+            f"and {tuple(estimate.shape)}"
+        )
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    # A copy: moving the caller's group (an engine's, say) to float64 would change it in place.
+    group = Rotations(truth.shape[-1], K) if group is None else copy.deepcopy(group)
+    orbit = group.to(device=truth.device, dtype=torch.float64).orbit(estimate)
+    r = range(-max_shift, max_shift + 1)
+    return truth, torch.cat([_shift(orbit, dy, dx) for dy in r for dx in r])
+
+
+def _errors(truth, candidates) -> torch.Tensor:
+    diff = (candidates - truth).reshape(len(candidates), -1)
+    return torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(truth)
+
+
+def relative_error(truth, estimate, K: int = 4, max_shift: int = 0, group=None) -> float:
+    """min_g ||truth - g estimate|| / ||truth|| over the group: by default the K rotations.
 
     Eq. (19) of the approximate-EM paper, with the rotation set of the EM (exact rot90 for K = 4).
     An image with an empty (zero) border, such as an MNIST digit, is identifiable from MTD data
@@ -29,27 +55,23 @@ def relative_error(truth, estimate, K: int = 4, max_shift: int = 0) -> float:
     Args:
         truth: (L, L) tensor or array.
         estimate: (L, L) tensor or array.
-        K: number of rotations to minimise over.
+        K: number of rotations to minimise over (when ``group`` is None).
         max_shift: largest translation (pixels, each axis) to minimise over; 0 is the paper's
-        error.
+            error.
+        group: a ``TransformSet`` whose ``orbit`` is minimised over (e.g. ``mtd.Dihedral`` for
+            mirror images too); None is ``mtd.Rotations(L, K)``.
 
     Returns:
         The relative error as a Python float.
     """
-    device = truth.device if isinstance(truth, torch.Tensor) else "cpu"
-    truth = torch.as_tensor(truth, dtype=torch.float64, device=device)
-    estimate = torch.as_tensor(estimate, dtype=torch.float64, device=truth.device)
-    if truth.ndim != 2 or truth.shape != estimate.shape or truth.shape[0] != truth.shape[1]:
-        raise ValueError(
-            f"truth and estimate must be square images of one shape, got {tuple(truth.shape)} "
-            f"and {tuple(estimate.shape)}"
-        )
-    if K < 1:
-        raise ValueError(f"K must be >= 1, got {K}")
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    rotated = Rotations(truth.shape[-1], K, truth.device)(estimate)
-    r = range(-max_shift, max_shift + 1)
-    candidates = torch.cat([_shift(rotated, dy, dx) for dy in r for dx in r])
-    diff = torch.linalg.vector_norm((candidates - truth).reshape(len(candidates), -1), dim=1)
-    return float(diff.min() / torch.linalg.vector_norm(truth))
+    truth, candidates = _candidates(truth, estimate, K, max_shift, group)
+    return float(_errors(truth, candidates).min())
+
+
+def align(truth, estimate, K: int = 4, max_shift: int = 0, group=None) -> torch.Tensor:
+    """The version of ``estimate`` that ``relative_error`` measures: (L, L) float64.
+
+    Same arguments as ``relative_error``.
+    """
+    truth, candidates = _candidates(truth, estimate, K, max_shift, group)
+    return candidates[int(_errors(truth, candidates).argmin())]

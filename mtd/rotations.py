@@ -1,4 +1,7 @@
-"""In-plane rotations of L x L images about their centre ((L-1)/2, (L-1)/2).
+"""In-plane rotations (and reflections) of L x L images about their centre ((L-1)/2, (L-1)/2).
+
+The first ``TransformSet`` implementations (``mtd.group``): ``Rotations``, the K rotations by
+k * 2*pi/K, and ``Dihedral``, the same K rotations of the image and of its mirror image.
 
 One operator serves the simulator and the EM (DESIGN section 3): bilinear interpolation,
 counter-clockwise like ``torch.rot90`` (row axis pointing down), zero outside the image. Sample
@@ -15,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from mtd.group import TransformSet
 
 
 def _bilinear_table(
@@ -76,57 +81,57 @@ def rotate(image: torch.Tensor, angle: float) -> torch.Tensor:
     return out.reshape(image.shape)
 
 
-class Rotations(torch.nn.Module):
-    """The K rotation operators R_k by k * 2*pi/K (eq. 8 of the approximate-EM paper).
+def mirror(image: torch.Tensor) -> torch.Tensor:
+    """The mirror image: columns reversed (reflection across the vertical axis), (..., L, L)."""
+    return image.flip(-1)
 
-    For K in {1, 2, 4} every R_k is a permutation (exact ``torch.rot90``) and ``is_permutation`` is
-    true, which makes the closed-form M-step an elementwise division.
+
+class GatherTransforms(TransformSet):
+    """Templates that gather the image's pixels: T_k(F)[p] = sum_j w[k, p, j] F[i[k, p, j]].
+
+    The adjoint is the matching scatter-add. Where every T_k is a permutation (exact rot90 and
+    mirror images) the normal matrix is diagonal and the closed-form M-step an elementwise
+    division; otherwise it is the dense L^2 x L^2 matrix, solved by Cholesky.
 
     Args:
         L: image side.
-        K: number of rotations.
-        device: device of the tables.
-        dtype: floating dtype of the weights.
+        index: (K, L*L, J) int64 pixel indices.
+        weight: (K, L*L, J) float64 weights.
     """
 
-    def __init__(self, L: int, K: int, device="cpu", dtype=torch.float64):
+    def __init__(self, L: int, index: torch.Tensor, weight: torch.Tensor):
         super().__init__()
-        self.L, self.K = L, K
-        angles = torch.arange(K, dtype=torch.float64, device="cpu") * (2 * math.pi / K)
-        index, weight = _bilinear_table(L, angles)
-        self.register_buffer("index", index.to(device))
-        self.register_buffer("weight", weight.to(device=device, dtype=dtype))
-        self.is_permutation = K in (1, 2, 4)
+        self.L, self.K, self.shape = L, index.shape[0], (L, L)
+        self.register_buffer("index", index)
+        self.register_buffer("weight", weight)
+        ones = (weight == 1).sum(-1) == 1
+        nonzero = (weight != 0).sum(-1) == 1
+        one_hot = bool((ones & nonzero).all())
+        # A permutation: every output pixel reads one input pixel, every input pixel is read once.
+        hits = torch.zeros(self.K, L * L, dtype=torch.float64)
+        read = (weight != 0).double().reshape(self.K, -1)
+        hits.scatter_add_(1, index.reshape(self.K, -1), read)
+        self.is_permutation = one_hot and bool((hits == 1).all())
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """R_k F for every k.
+    def templates(self, x: torch.Tensor, block: slice | None = None) -> torch.Tensor:
+        L, block = self.L, block or slice(None)
+        index, weight = self.index[block], self.weight[block]
+        return (x.reshape(L * L)[index] * weight).sum(-1).reshape(-1, L, L)
 
-        Args:
-            image: (L, L).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """T_k F for every k: (L, L) -> (K, L, L)."""
+        return self.templates(x)
 
-        Returns:
-            (K, L, L).
-        """
-        L = self.L
-        return (image.reshape(L * L)[self.index] * self.weight).sum(-1).reshape(self.K, L, L)
-
-    def adjoint(self, images: torch.Tensor) -> torch.Tensor:
-        """sum_k R_k^T X_k.
-
-        Args:
-            images: (K, L, L), one image per rotation.
-
-        Returns:
-            (L, L).
-        """
-        L = self.L
-        contrib = images.reshape(self.K, L * L, 1) * self.weight
+    def adjoint(self, images: torch.Tensor, block: slice | None = None) -> torch.Tensor:
+        L, block = self.L, block or slice(None)
+        index, weight = self.index[block], self.weight[block]
+        contrib = images.reshape(len(index), L * L, 1) * weight
         out = torch.zeros(L * L, dtype=images.dtype, device=images.device)
-        out.index_add_(0, self.index.reshape(-1), contrib.reshape(-1))
+        out.index_add_(0, index.reshape(-1), contrib.reshape(-1))
         return out.reshape(L, L)
 
     def normal_matrix(self, c: torch.Tensor) -> torch.Tensor:
-        """The dense matrix sum_k R_k^T diag(c_k) R_k of the closed-form M-step.
+        """The dense matrix sum_k T_k^T diag(c_k) T_k of the closed-form M-step.
 
         Args:
             c: (K, L, L) coverage weights.
@@ -135,9 +140,64 @@ class Rotations(torch.nn.Module):
             (L*L, L*L) symmetric matrix.
         """
         L2 = self.L * self.L
-        idx, w = self.index, self.weight  # (K, L2, 4)
-        vals = c.reshape(self.K, L2, 1, 1) * w[..., :, None] * w[..., None, :]  # (K, L2, 4, 4)
+        idx, w = self.index, self.weight  # (K, L2, J)
+        vals = c.reshape(self.K, L2, 1, 1) * w[..., :, None] * w[..., None, :]  # (K, L2, J, J)
         flat = (idx[..., :, None] * L2 + idx[..., None, :]).reshape(-1)
         A = torch.zeros(L2 * L2, dtype=c.dtype, device=c.device)
         A.index_add_(0, flat, vals.reshape(-1))
         return A.reshape(L2, L2)
+
+    def normal_solve(self, c: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Pixels that the posteriors (almost) do not cover keep their value from ``x``.
+
+        Below sqrt(eps) of the largest coverage, rhs / c would be the rounding noise of the FFT
+        back-projection divided by a vanishing weight (a stochastic E-step on a few patches
+        leaves such pixels, and one of them is enough to blow the estimate up).
+        """
+        floor = torch.finfo(x.dtype).eps ** 0.5
+        if self.is_permutation:  # the system is diagonal
+            diag = self.adjoint(c)
+            covered = diag > floor * diag.max()
+            return torch.where(covered, rhs / torch.where(covered, diag, 1), x)
+        L = self.L
+        A = self.normal_matrix(c)
+        covered = A.diagonal() > floor * A.diagonal().max()
+        # The system on the covered pixels, the others fixed at x (identity rows).
+        x_fixed = torch.where(covered, 0, x.reshape(-1))
+        rhs = torch.where(covered.view(L, L), rhs - (A @ x_fixed).view_as(rhs), x)
+        both = covered[:, None] & covered[None, :]
+        A = torch.where(both, A, 0) + torch.diag((~covered).to(A.dtype))
+        L_chol, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            sol = torch.cholesky_solve(rhs.reshape(-1, 1), L_chol)
+        else:
+            sol = torch.linalg.lstsq(A, rhs.reshape(-1, 1)).solution
+        return sol.reshape(L, L)
+
+    def orbit(self, x: torch.Tensor) -> torch.Tensor:
+        return self.templates(x)
+
+
+def _angles(K: int) -> torch.Tensor:
+    return torch.arange(K, dtype=torch.float64, device="cpu") * (2 * math.pi / K)
+
+
+class Rotations(GatherTransforms):
+    """The K rotations R_k by k * 2*pi/K (eq. 8 of the approximate-EM paper).
+
+    For K in {1, 2, 4} every R_k is a permutation (exact ``torch.rot90``) and ``is_permutation`` is
+    true, which makes the closed-form M-step an elementwise division.
+
+    Args:
+        L: image side.
+        K: number of rotations.
+    """
+
+    def __init__(self, L: int, K: int = 4):
+        if int(L) != L or L < 1:
+            raise ValueError(f"L must be a positive integer, got {L!r}")
+        if int(K) != K or K < 1:
+            raise ValueError(f"K must be an integer >= 1, got {K!r}")
+        L, K = int(L), int(K)
+        super().__init__(L, *_bilinear_table(L, _angles(K)))
+        self.rotations = K

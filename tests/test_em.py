@@ -24,8 +24,7 @@ def test_closed_form_em_never_decreases_loglik(K, sigma_known):
     image, mu = gaussian_image(1)
     meas = mtd.simulate(image, 110, snr=2.0, K=K, seed=5)
     em = mtd.ApproximateEM(
-        5,
-        K=K,
+        mtd.Rotations(5, K),
         sigma=meas.sigma if sigma_known else None,
         iterations=30,
         tol=0,
@@ -44,7 +43,7 @@ def test_float32_posteriors_close_to_float64(digits):
     F = digits[:10].mean(0)
     post = {}
     for dtype in (torch.float32, torch.float64):
-        em = mtd.ApproximateEM(28, K=4, dtype=dtype)
+        em = mtd.ApproximateEM(mtd.Rotations(28, 4), dtype=dtype)
         ll = em.log_likelihoods(meas.data, F, meas.sigma).double()
         post[dtype] = torch.softmax(ll.reshape(ll.shape[0], -1), 1)
         # The streamed E-step's occupancy too (it never holds the posteriors).
@@ -66,7 +65,8 @@ def test_recovers_mnist_digit_at_high_snr(digits):
     image = digits[10]  # a real MNIST "5"; init: the mean of ten other digits (the paper's init)
     init = torch.cat([digits[:10], digits[11:]]).mean(0)
     meas = mtd.simulate(image, 308, snr=100.0, seed=1)
-    res = mtd.ApproximateEM(28, K=4, dtype=torch.float64).fit(meas.data, init, truth=image)
+    em = mtd.ApproximateEM(mtd.Rotations(28, 4), dtype=torch.float64)
+    res = em.fit(meas.data, init, truth=image)
     assert res.history[-1]["error"] < 0.05
     assert res.history[0]["error"] > 0.3  # the error fell because of EM, not the init
 
@@ -74,17 +74,16 @@ def test_recovers_mnist_digit_at_high_snr(digits):
 def test_recovers_gaussian_image_at_high_snr():
     image, mu = gaussian_image(0)
     meas = mtd.simulate(image, 220, snr=100.0, seed=2)
-    res = mtd.ApproximateEM(5, K=4, iterations=200, dtype=torch.float64).fit(meas.data, mu)
+    em = mtd.ApproximateEM(mtd.Rotations(5, 4), iterations=200, dtype=torch.float64)
+    res = em.fit(meas.data, mu)
     assert mtd.relative_error(image, res.estimate) < 0.05
     assert mtd.relative_error(image, mu) > 0.1
 
 
 def map_solution(em, stats, sigma2, mu, gamma):
     """argmax_F Q + gamma log N(F; mu, I): (A / sigma^2 + gamma I) F = rhs / sigma^2 + gamma mu."""
-    A = em.rotations.normal_matrix(stats.c) / sigma2 + gamma * torch.eye(
-        mu.numel(), dtype=mu.dtype
-    )
-    rhs = em.rotations.adjoint(stats.b).reshape(-1) / sigma2 + gamma * mu.reshape(-1)
+    A = em.group.normal_matrix(stats.c) / sigma2 + gamma * torch.eye(mu.numel(), dtype=mu.dtype)
+    rhs = em.group.adjoint(stats.b).reshape(-1) / sigma2 + gamma * mu.reshape(-1)
     return torch.linalg.solve(A, rhs).reshape(mu.shape)
 
 
@@ -93,31 +92,22 @@ def test_gradient_m_step_with_gaussian_score_converges_to_map():
     meas = mtd.simulate(image, 110, snr=1.0, seed=4)
     prior = lambda x, t: -(x - mu)  # noqa: E731  the exact score of N(mu, I)
     sigma2 = meas.sigma**2
+    m_step = mtd.Gradient(steps=3000, gamma=mtd.ConstantGamma(2.0))
     em = mtd.ApproximateEM(
-        5,
-        K=4,
-        sigma=meas.sigma,
-        m_step="gradient",
-        gamma="constant",
-        gamma_max=2.0,
-        steps=3000,
-        iterations=1,
-        dtype=torch.float64,
+        mtd.Rotations(5, 4), m_step, sigma=meas.sigma, iterations=1, dtype=torch.float64
     )
     # Within one M-step: the ascent reaches the maximiser of Q + gamma log p for the E-step's
     # statistics.
     F0 = mu + 0.5
     stats = em.e_step(em.prepare(meas.data), F0, torch.full((10, 10), 0.01).log(), sigma2)
-    em.lr = 1 / (
-        float(em.rotations.adjoint(stats.c).max()) / sigma2 + 2.0
-    )  # 1 / largest curvature
+    m_step.lr = 1 / (float(em.group.adjoint(stats.c).max()) / sigma2 + 2.0)  # 1 / curvature
     res = em.fit(meas.data, F0, prior=prior)
     # The fit used rho estimated from the same uniform start, so its E-step is the one above.
     expected = map_solution(em, stats, sigma2, mu, 2.0)
     assert torch.allclose(res.estimate, expected, atol=1e-8), (res.estimate - expected).abs().max()
     # Across EM: iterating to convergence reaches the fixed point of MAP-EM computed in closed
     # form.
-    em.steps, em.iterations, em.tol = 200, 400, 1e-11
+    m_step.steps, em.iterations, em.tol = 200, 400, 1e-11
     res = em.fit(meas.data, F0, prior=prior)
     corr, F = em.prepare(meas.data), F0
     log_rho = torch.full((10, 10), 0.01).log()
@@ -141,7 +131,7 @@ def test_symmetric_measurement_gives_symmetric_estimate(symmetry):
     meas = mtd.simulate(
         image, 100, snr=5.0, seed=6
     )  # N a multiple of L: the patch grid maps to itself
-    em = mtd.ApproximateEM(5, K=4, iterations=15, dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(5, 4), iterations=15, dtype=torch.float64)
     plain = em.fit(meas.data, mu)
     moved = em.fit(symmetry(meas.data), symmetry(mu))
     assert torch.allclose(moved.estimate, symmetry(plain.estimate), atol=1e-9)
@@ -155,7 +145,7 @@ def test_restarts_keep_the_best_loglik():
     inits = torch.stack(
         [torch.rand(5, 5, generator=g, dtype=torch.float64) * 4 for _ in range(3)] + [mu]
     )
-    em = mtd.ApproximateEM(5, K=4, iterations=50, dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(5, 4), iterations=50, dtype=torch.float64)
     res = em.fit(meas.data, inits)
     singles = [float(em.fit(meas.data, x).loglik[-1]) for x in inits]
     assert res.restart == int(np.argmax(singles))
@@ -167,7 +157,7 @@ def test_history_and_callback():
     image, mu = gaussian_image(0)
     meas = mtd.simulate(image, 55, snr=5.0, seed=2)
     seen = []
-    em = mtd.ApproximateEM(5, K=4, iterations=5, tol=0, dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(5, 4), iterations=5, tol=0, dtype=torch.float64)
     res = em.fit(meas.data, mu, truth=image, callback=seen.append)
     estimates = [entry.pop("estimate") for entry in seen]
     assert seen == res.history and len(seen) == 5
@@ -179,21 +169,22 @@ def test_history_and_callback():
 
 
 def test_uniform_rho_stays_uniform_and_gamma_schedules():
-    em = mtd.ApproximateEM(5, rho="uniform", iterations=5, tol=0, dtype=torch.float64)
+    em = mtd.ApproximateEM(
+        mtd.Rotations(5), rho="uniform", iterations=5, tol=0, dtype=torch.float64
+    )
     image, mu = gaussian_image(0)
     res = em.fit(mtd.simulate(image, 55, snr=5.0).data, mu)
     assert torch.allclose(res.rho, torch.full((10, 10), 0.01, dtype=torch.float64))
-    lin = mtd.ApproximateEM(5, gamma="linear", gamma_max=2.0, iterations=5)
-    assert [lin.gamma_at(t) for t in range(5)] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
-    assert mtd.ApproximateEM(5, gamma="constant", gamma_max=2.0).gamma_at(3) == 2.0
+    lin = mtd.Gradient(gamma=mtd.LinearGamma(2.0))
+    assert [lin.gamma(t, 5) for t in range(5)] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
+    assert mtd.Gradient(gamma=mtd.ConstantGamma(2.0)).gamma(3, 5) == 2.0
 
 
 def test_stops_when_the_update_is_small():
     image, mu = gaussian_image(0)
     meas = mtd.simulate(image, 110, snr=1000.0, seed=2)
-    res = mtd.ApproximateEM(5, K=4, iterations=100, tol=1e-6, dtype=torch.float64).fit(
-        meas.data, mu
-    )
+    em = mtd.ApproximateEM(mtd.Rotations(5, 4), iterations=100, tol=1e-6, dtype=torch.float64)
+    res = em.fit(meas.data, mu)
     assert res.converged and len(res.history) < 100
     assert res.history[-1]["delta"] < 1e-6 <= res.history[-2]["delta"]
 
@@ -205,42 +196,46 @@ def test_non_finite_measurement_is_refused():
     data = torch.zeros(20, 20)
     data[3, 4] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        mtd.ApproximateEM(5).fit(data, torch.zeros(5, 5))
+        mtd.ApproximateEM(mtd.Rotations(5)).fit(data, torch.zeros(5, 5))
 
 
 def test_non_2d_measurement_is_refused():
     with pytest.raises(ValueError, match="2-D"):
-        mtd.ApproximateEM(5).fit(torch.zeros(2, 20, 20), torch.zeros(5, 5))
+        mtd.ApproximateEM(mtd.Rotations(5)).fit(torch.zeros(2, 20, 20), torch.zeros(5, 5))
 
 
 def test_measurement_smaller_than_image_is_refused():
     with pytest.raises(ValueError, match="smaller than the image side L = 5"):
-        mtd.ApproximateEM(5).fit(torch.zeros(4, 4), torch.zeros(5, 5))
+        mtd.ApproximateEM(mtd.Rotations(5)).fit(torch.zeros(4, 4), torch.zeros(5, 5))
 
 
 @pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan")])
 def test_non_positive_sigma_is_refused(sigma):
     with pytest.raises(ValueError, match="sigma must be > 0"):
-        mtd.ApproximateEM(5, sigma=sigma)
+        mtd.ApproximateEM(mtd.Rotations(5), sigma=sigma)
 
 
 def test_k_below_one_is_refused():
     with pytest.raises(ValueError, match="K must be an integer >= 1, got 0"):
-        mtd.ApproximateEM(5, K=0)
+        mtd.Rotations(5, K=0)
     with pytest.raises(ValueError, match="K must be an integer >= 1"):
         mtd.simulate(torch.ones(3, 3), 30, K=0)
 
 
 def test_init_of_wrong_size_is_refused():
     with pytest.raises(ValueError, match=r"init must be \(5, 5\) images"):
-        mtd.ApproximateEM(5).fit(torch.zeros(20, 20), torch.zeros(4, 4))
+        mtd.ApproximateEM(mtd.Rotations(5)).fit(torch.zeros(20, 20), torch.zeros(4, 4))
 
 
 def test_unknown_option_is_refused():
-    with pytest.raises(ValueError, match="m_step must be one of"):
-        mtd.ApproximateEM(5, m_step="newton")
+    with pytest.raises(ValueError, match="m_step must be an mtd M-step"):
+        mtd.ApproximateEM(mtd.Rotations(5), m_step="newton")
     with pytest.raises(ValueError, match="rho must be one of"):
-        mtd.ApproximateEM(5, rho="learned")
+        mtd.ApproximateEM(mtd.Rotations(5), rho="learned")
+    with pytest.raises(ValueError, match="group must be an mtd TransformSet"):
+        mtd.ApproximateEM(5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        mtd.Compute(method="dft")
 
 
 def test_denoise_m_step_is_the_map_step_for_a_gaussian_prior_with_uniform_coverage():
@@ -248,7 +243,7 @@ def test_denoise_m_step_is_the_map_step_for_a_gaussian_prior_with_uniform_covera
 
     _, mu = gaussian_image(5)
     g = torch.Generator().manual_seed(2)
-    em = mtd.ApproximateEM(5, K=4, m_step="denoise", dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(5, 4), mtd.Denoise(), dtype=torch.float64)
     sigma2 = 0.7
     stats = mtd.Statistics(
         omega=torch.zeros(4, 10, 10, dtype=torch.float64),
@@ -258,27 +253,29 @@ def test_denoise_m_step_is_the_map_step_for_a_gaussian_prior_with_uniform_covera
         energy=torch.zeros((), dtype=torch.float64),
         D=9,
     )
-    F = em.denoise_step(stats, mu, sigma2, AnalyticGaussianPrior(mu), gamma=1.0)
+    prior = AnalyticGaussianPrior(mu)
+    F, _ = em.m_step.step(em.group, stats, mu, sigma2, 0, 1, prior)
     expected = map_solution(em, stats, sigma2, mu, 1.0)
     assert torch.allclose(F, expected, atol=1e-10), (F - expected).abs().max()
     # gamma blends the closed-form step and the denoised one.
-    half = em.denoise_step(stats, mu, sigma2, AnalyticGaussianPrior(mu), gamma=0.5)
+    half, _ = mtd.Denoise(mtd.ConstantGamma(0.5)).step(em.group, stats, mu, sigma2, 0, 1, prior)
     assert torch.allclose(half, 0.5 * (expected + em.closed_form(stats, mu)), atol=1e-10)
 
 
 def test_denoise_m_step_needs_a_posterior_mean():
-    em = mtd.ApproximateEM(5, m_step="denoise")
+    em = mtd.ApproximateEM(mtd.Rotations(5), mtd.Denoise())
     with pytest.raises(ValueError, match="posterior_mean"):
         em.fit(torch.randn(20, 20), torch.zeros(5, 5), prior=lambda x, t: -x)
 
 
 def test_prior_with_closed_form_is_refused():
-    with pytest.raises(ValueError, match='m_step="gradient"'):
-        mtd.ApproximateEM(5).fit(torch.zeros(20, 20), torch.zeros(5, 5), prior=lambda x, t: x)
+    with pytest.raises(ValueError, match="a prior needs a Gradient or Denoise M-step"):
+        em = mtd.ApproximateEM(mtd.Rotations(5))
+        em.fit(torch.zeros(20, 20), torch.zeros(5, 5), prior=lambda x, t: x)
 
 
 def test_prior_of_wrong_shape_is_refused():
-    em = mtd.ApproximateEM(5, m_step="gradient")
+    em = mtd.ApproximateEM(mtd.Rotations(5), mtd.Gradient())
     with pytest.raises(ValueError, match="must map"):
         em.fit(torch.randn(20, 20), torch.zeros(5, 5), prior=lambda x, t: x.reshape(-1))
 
@@ -286,7 +283,8 @@ def test_prior_of_wrong_shape_is_refused():
 def test_remainder_strip_is_reported():
     image, mu = gaussian_image(0)
     with pytest.warns(UserWarning, match="last 3 rows and 3 columns"):
-        res = mtd.ApproximateEM(5, iterations=1).fit(mtd.simulate(image, 58, snr=5.0).data, mu)
+        em = mtd.ApproximateEM(mtd.Rotations(5), iterations=1)
+        res = em.fit(mtd.simulate(image, 58, snr=5.0).data, mu)
     assert res.dropped == (3, 3)
 
 
@@ -294,7 +292,7 @@ def test_log_prior_integrates_the_score():
     # For N(mu, I) the line integral of the score from 0 to F is log p(F) - log p(0), exactly.
     _, mu = gaussian_image(2)
     F = mu + torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    em = mtd.ApproximateEM(5, m_step="gradient", dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(5), mtd.Gradient(), dtype=torch.float64)
     exact = -0.5 * ((F - mu).square().sum() - mu.square().sum())
     assert em.log_prior(lambda x, t: -(x - mu), F) == pytest.approx(float(exact), rel=1e-12)
 
@@ -302,9 +300,13 @@ def test_log_prior_integrates_the_score():
 @pytest.mark.parametrize(
     "options",
     [
-        {"method": "gemm"},
-        {"method": "fft", "K": 6},
-        {"stream": True, "chunk_size": 7, "stochastic": 0.5, "polish": 1, "m_step": "gradient"},
+        {"compute": mtd.Compute(method="gemm")},
+        {"compute": mtd.Compute(method="fft"), "K": 6},
+        {
+            "compute": mtd.Compute(stream=True, chunk_size=7),
+            "stochastic": mtd.Stochastic(0.5, polish=1),
+            "m_step": mtd.Gradient(),
+        },
     ],
 )
 def test_no_tensor_lands_on_the_default_device(tmp_path, options):
@@ -313,16 +315,21 @@ def test_no_tensor_lands_on_the_default_device(tmp_path, options):
     another device must not get mixed devices. The "meta" default device has no data, so any
     tensor made there fails the run."""
     image = torch.rand(5, 5, dtype=torch.float64)
-    em = mtd.ApproximateEM(5, **{"K": 4, "iterations": 2, "dtype": torch.float64, **options})
+    options = dict(options)
+    K = options.pop("K", 4)
+    group = mtd.Dihedral(5, K) if options.pop("dihedral", False) else mtd.Rotations(5, K)
+    em = mtd.ApproximateEM(group, iterations=2, dtype=torch.float64, **options)
     torch.set_default_device("meta")
     try:
-        meas = mtd.simulate(image, 60, snr=5, K=em.K, rotation="continuous", seed=0)
+        meas = mtd.simulate(image, 60, snr=5, K=K, rotation="continuous", seed=0, reflect=True)
         path = mtd.write_micrograph(tmp_path / "m.mrc", meas.data)
         res = em.fit(path, image + 0.1, truth=image)
-        error = mtd.relative_error(image, res.estimate, K=em.K, max_shift=1)
+        error = mtd.relative_error(image, res.estimate, max_shift=1, group=group)
+        summaries = em.summaries(path, res.estimate, res.rho.log(), res.sigma**2)
     finally:
         torch.set_default_device(None)
     assert res.estimate.device.type == "cpu" and math.isfinite(error)
+    assert summaries.empty.device.type == "cpu"
 
 
 @pytest.mark.parametrize("K", [4, 6])
@@ -330,15 +337,15 @@ def test_closed_form_keeps_f_where_the_coverage_vanishes(K):
     """b / c at a pixel covered by 1e-20 of the largest coverage is rounding noise: F stays."""
     L = 5
     g = torch.Generator().manual_seed(0)
-    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=torch.float64)
     c = torch.rand(K, L, L, generator=g, dtype=torch.float64) + 0.5
     pixel = torch.zeros(L, L, dtype=torch.float64)
     pixel[1, 3] = 1
-    c[em.rotations(pixel) != 0] = 1e-20  # every (rotation, position) that reads pixel (1, 3)
+    c[em.group(pixel) != 0] = 1e-20  # every (rotation, position) that reads pixel (1, 3)
     F_true = torch.rand(L, L, generator=g, dtype=torch.float64)
-    b = c * em.rotations(F_true) + 1e-13 * torch.randn(K, L, L, generator=g, dtype=torch.float64)
+    b = c * em.group(F_true) + 1e-13 * torch.randn(K, L, L, generator=g, dtype=torch.float64)
     zero = b.new_zeros(())
-    stats = mtd.em.Statistics(b.new_zeros(K, 2 * L, 2 * L), b, c, zero, zero, 1)
+    stats = mtd.Statistics(b.new_zeros(K, 2 * L, 2 * L), b, c, zero, zero, 1)
     F = torch.full((L, L), 7.0, dtype=torch.float64)
     new = em.closed_form(stats, F)
     assert new[1, 3] == 7.0
@@ -353,7 +360,8 @@ def test_stochastic_em_fft_and_gemm_agree_on_a_digit(digits):
     did not."""
     meas = mtd.simulate(digits[3], 308, snr=1.0, seed=1)
     init = torch.full((28, 28), float(digits[3].mean()), dtype=torch.float64)
-    kw = {"K": 4, "iterations": 4, "tol": 0, "dtype": torch.float64, "stochastic": 0.1}
-    fft = mtd.ApproximateEM(28, method="fft", **kw).fit(meas.data, init)
-    gemm = mtd.ApproximateEM(28, method="gemm", **kw).fit(meas.data, init)
+    kw = {"iterations": 4, "tol": 0, "dtype": torch.float64, "stochastic": mtd.Stochastic(0.1)}
+    R = mtd.Rotations(28, 4)
+    fft = mtd.ApproximateEM(R, compute=mtd.Compute(method="fft"), **kw).fit(meas.data, init)
+    gemm = mtd.ApproximateEM(R, compute=mtd.Compute(method="gemm"), **kw).fit(meas.data, init)
     torch.testing.assert_close(fft.estimate, gemm.estimate, rtol=0, atol=1e-8)

@@ -26,8 +26,9 @@ def tiny_case(L, K, rng, n=3, snr=2.0):
     return data, F, rho / rho.sum(), meas.sigma
 
 
-def engine(L, K, method, chunk_size=None):
-    return mtd.ApproximateEM(L, K=K, method=method, chunk_size=chunk_size, dtype=torch.float64)
+def engine(L, K, method, chunk_size=None, group=mtd.Rotations):
+    compute = mtd.Compute(method=method, chunk_size=chunk_size)
+    return mtd.ApproximateEM(group(L, K), compute=compute, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("method", ["fft", "gemm"])
@@ -77,12 +78,16 @@ def test_logit_bounds_hold_and_every_log_sum_exp_path_is_exact(
     em = engine(L, K, method, chunk_size=3)
     patches = em.prepare(data)
     F_t, log_rho = torch.from_numpy(F), torch.from_numpy(np.log(rho))
-    templates, (low, high, spread) = em._templates(patches, F_t, log_rho, sigma**2)
-    logits = torch.cat([x.reshape(len(x), -1) for *_, x in em._logits_chunks(patches, templates)])
+    _, blocks = em.estep.chunking(patches.D)
+    _, (low, high, spread) = em.estep._templates(patches, F_t, log_rho, sigma**2, blocks)
+    ll = em.log_likelihoods(patches, F_t, sigma).reshape(patches.D, K, -1)
+    # The logits of the E-step: log p + log rho + log pi + ||M||^2 / (2 sigma^2).
+    bias = torch.from_numpy(np.log(rho)).reshape(1, 1, -1) - math.log(K)
+    logits = (ll + bias).reshape(patches.D, -1) + patches.energy.view(-1, 1) / (2 * sigma**2)
     top, bottom = logits.amax(1), logits.amin(1)
     assert low - 1e-9 <= float(top.min()) and float(top.max()) <= high + 1e-9
     assert float((top - bottom).max()) <= spread * (1 + 1e-12)
-    passes = mtd.em._log_sum_exp_passes(torch.float64, K * 4 * L * L, low, high, spread)
+    passes = mtd.estep._log_sum_exp_passes(torch.float64, K * 4 * L * L, low, high, spread)
     assert passes[:2] == (shift, clamp)
     stats = em.e_step(patches, F_t, log_rho, sigma**2)
     w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
@@ -111,7 +116,7 @@ def test_m_steps_and_rho_equal_brute_force(L, K, rng):
     data, F, rho, sigma = tiny_case(L, K, rng)
     patch_list = ref.patches(data, L)
     w, _ = ref.e_step(patch_list, F, rho, sigma, K)
-    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64, m_step="gradient", lr=1e-3)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), mtd.Gradient(lr=1e-3), dtype=torch.float64)
     Ft = torch.from_numpy(F)
     stats = em.e_step(em.prepare(data), Ft, torch.from_numpy(np.log(rho)), sigma**2)
     # Closed form: the solution of the normal equations built from the operators themselves.
@@ -130,9 +135,9 @@ def test_gradient_of_q_equals_autograd(L, K, rng):
     data, F, rho, sigma = tiny_case(L, K, rng)
     patch_list = ref.patches(data, L)
     w, _ = ref.e_step(patch_list, F, rho, sigma, K)
-    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=torch.float64)
     x = torch.from_numpy(F).requires_grad_(True)
-    RF = em.rotations(x)
+    RF = em.group(x)
     q = 0.0  # eq. (16), summed term by term
     for m, Mm in enumerate(patch_list):
         for k in range(K):
@@ -161,14 +166,10 @@ def test_one_gradient_iteration_is_eq_18(rng):
     mu = torch.from_numpy(rng.uniform(0, 1, (L, L)))
     prior = lambda x, t: -(x - mu)  # noqa: E731
     em = mtd.ApproximateEM(
-        L,
-        K=K,
+        mtd.Rotations(L, K),
+        mtd.Gradient(lr=1e-3, gamma=mtd.ConstantGamma(0.7)),
         sigma=sigma,
         rho="uniform",
-        m_step="gradient",
-        lr=1e-3,
-        gamma="constant",
-        gamma_max=0.7,
         iterations=1,
         dtype=torch.float64,
     )
@@ -186,7 +187,7 @@ def test_reference_iteration_matches_engine(rng):
     L, K = 4, 4
     data, F, rho, sigma = tiny_case(L, K, rng)
     F_ref, rho_ref, loglik = ref.iteration(ref.patches(data, L), F, rho, sigma, K)
-    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=torch.float64)
     stats = em.e_step(
         em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
     )
@@ -205,8 +206,9 @@ def test_chunk_size_does_not_change_results(L, K, rng):
     runs = []
     for method in ("fft", "gemm"):
         for chunk in (1, 7, None, 10**6):
+            compute = mtd.Compute(method=method, chunk_size=chunk)
             em = mtd.ApproximateEM(
-                L, K=K, iterations=4, chunk_size=chunk, method=method, dtype=torch.float64
+                mtd.Rotations(L, K), iterations=4, compute=compute, dtype=torch.float64
             )
             runs.append(em.fit(meas.data, init))
     for r in runs[1:]:
@@ -218,7 +220,7 @@ def test_chunk_size_does_not_change_results(L, K, rng):
 def test_sigma_estimate_maximises_q(rng):
     L, K = 5, 4
     data, F, rho, _ = tiny_case(L, K, rng)
-    em = mtd.ApproximateEM(L, K=K, dtype=torch.float64)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=torch.float64)
     stats = em.e_step(em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), 0.5)
     Ft = torch.from_numpy(F)
     s2 = float(em.residual(stats, Ft)) / (stats.D * L * L)

@@ -17,9 +17,13 @@ def measurement(seed=0, N=60, snr=5.0):
     return mtd.simulate(image, N, density=0.1, snr=snr, seed=seed), image, mu
 
 
-def engine(**kw):
-    kw = {"K": 4, "iterations": 6, "tol": 0, "dtype": torch.float64, **kw}
-    return mtd.ApproximateEM(5, **kw)
+def engine(
+    K=4, method="auto", chunk_size=None, stream=None, stochastic=1.0, polish=0, seed=0, **kw
+):
+    kw = {"iterations": 6, "tol": 0, "dtype": torch.float64, **kw}
+    sampling = mtd.Stochastic(stochastic, polish, seed) if stochastic != 1.0 else None
+    compute = mtd.Compute(method, chunk_size, stream)
+    return mtd.ApproximateEM(mtd.Rotations(5, K), stochastic=sampling, compute=compute, **kw)
 
 
 @pytest.mark.parametrize("method", ["gemm", "fft"])

@@ -1,0 +1,618 @@
+"""The E-step as a stream of posteriors, and the consumers that reduce it (DESIGN section 4).
+
+For every patch m, shift l and template k (the templates of a ``TransformSet``) the E-step needs
+the posterior w_m(l, k) (eq. 11 / 14 of the approximate-EM paper). Nothing stores all of them
+(D x K x 4L^2 numbers): ``EStep.posteriors`` yields them chunk by chunk, one chunk of patches
+against one block of templates at a time, and consumers reduce them as they pass:
+
+- ``StatisticsSum``: the sufficient statistics of the M-step (omega, b, c, the log-likelihood);
+- ``PatchSummary``: per-patch summaries for picking (empty mass, the best shift and template).
+
+The chunk of patches is bounded by the correlation form's element budget; when the K templates
+do not fit in it at once (K in the hundreds or thousands), they are cut into blocks and each
+patch's log-sum-exp streams across the blocks: a first pass keeps every patch's running max and
+sum, a second pass yields the normalised posteriors block by block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtd.group import TransformSet
+from mtd.likelihood import Form, choose_method, make_form, template_energy
+from mtd.patches import PatchSource
+
+# Streamed E-steps read and transform patches a block of chunks at a time: at most this many bytes
+# of patch transforms in memory.
+_STREAM_BLOCK_BYTES = 64 << 20
+# With template blocks, chunks hold at least this many patches, so that the correlations stay
+# matrix products rather than one patch's matrix-vector products.
+_MIN_BLOCKED_PATCHES = 8
+
+
+@dataclass
+class Compute:
+    """How the E-step runs (nothing here changes its result beyond rounding).
+
+    Args:
+        method: "auto", "fft" or "gemm" (the cross-correlation form; "auto" picks by L).
+        chunk_size: patches per E-step chunk; None picks one from the sizes and the device.
+        stream: hold the patch transforms in memory (False) or stream the patches from the
+            measurement a block at a time in every E-step (True: memory bounded by the block,
+            not by N); None streams measurements given as files and holds in-memory ones.
+    """
+
+    method: str = "auto"
+    chunk_size: int | None = None
+    stream: bool | None = None
+
+    def __post_init__(self):
+        if self.method not in ("auto", "fft", "gemm"):
+            raise ValueError(f"method must be one of auto, fft, gemm, got {self.method!r}")
+        c = self.chunk_size
+        if c is not None and (int(c) != c or c < 1):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {c!r}")
+
+
+@dataclass
+class Statistics:
+    """Sufficient statistics of one E-step (DESIGN section 4), summed over patches.
+
+    Attributes:
+        omega: (K, 2L, 2L) posterior occupancy of every (template, shift).
+        b: (K, L, L) weighted back-projection of the patches.
+        c: (K, L, L) weighted coverage.
+        loglik: () approximate log-likelihood of the patches at the E-step's (x, rho, sigma).
+        energy: () sum_m ||M_m||^2.
+        D: number of patches.
+    """
+
+    omega: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    loglik: torch.Tensor
+    energy: torch.Tensor
+    D: int
+
+
+@dataclass
+class Patches:
+    """A measurement (or several) ready for the E-steps (``EStep.prepare``).
+
+    Attributes:
+        source: the ``PatchSource`` the patches are read from.
+        energy: (D,) ||M_m||^2 of every patch.
+        l1_max: the largest sum_ij |M_m[i, j]| over the patches (bounds how far a patch's
+            logits can spread, see ``EStep._templates``).
+        held: the form's transform of all patches when held in memory, None when they are
+            streamed block by block.
+    """
+
+    source: PatchSource
+    energy: torch.Tensor
+    l1_max: float
+    held: object | None
+
+    @property
+    def D(self) -> int:
+        return self.source.D
+
+
+@dataclass
+class Posterior:
+    """The posteriors of one chunk of patches over one block of templates.
+
+    ``w * scale[:, None]`` (broadcast over the layout) is w_m(l, k) of eq. (11). ``w`` is in the
+    form's layout and lives in its work buffer: a consumer reads it before the next item.
+
+    Attributes:
+        held: the form's transform of the chunk's patches (indexed by ``local``).
+        local: the chunk's patches in ``held`` (a slice or an int64 tensor).
+        index: (B,) int64 positions of the chunk's patches among all patches.
+        block: the templates of this item.
+        w: (B, *layout) posteriors up to the per-patch factor ``scale``.
+        scale: (B,) that factor.
+        loglik: (B,) log p(M_m | x, rho, sigma) of each patch (over all templates).
+        first, last: whether this is the chunk's first / last template block.
+    """
+
+    form: Form
+    held: object
+    local: object
+    index: torch.Tensor
+    block: slice
+    w: torch.Tensor
+    scale: torch.Tensor
+    loglik: torch.Tensor
+    first: bool
+    last: bool
+
+    def weights(self) -> torch.Tensor:
+        """(B, k, 2L, 2L) the normalised posteriors over (template, shift) of the block."""
+        k = self.block.stop - self.block.start
+        w = self.form.from_layout(self.w, k)
+        return w * self.scale.view(-1, 1, 1, 1)
+
+
+def _count(index) -> int:
+    return index.stop - index.start if isinstance(index, slice) else len(index)
+
+
+def _as_index(index) -> torch.Tensor:
+    if isinstance(index, slice):
+        return torch.arange(index.start, index.stop, device="cpu")
+    return index
+
+
+def _check_finite(patches: torch.Tensor) -> None:
+    if not torch.isfinite(patches).all():
+        bad = int((~torch.isfinite(patches)).sum())
+        raise ValueError(f"the measurement has {bad} non-finite values (NaN or inf)")
+
+
+def _norms(patches: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """||M_m||^2 of (B, L, L) patches, (B,), and their largest sum_ij |M_m[i, j]|."""
+    flat = patches.reshape(len(patches), -1)
+    return flat.square().sum(1), float(flat.abs().sum(1).max()) if len(flat) else 0.0
+
+
+def _log_sum_exp_passes(
+    dtype, n: int, low: float, high: float, spread: float
+) -> tuple[bool, bool, float]:
+    """Which passes a log-sum-exp over n logits per patch needs before exp.
+
+    Every patch's largest logit lies in [low, high] and its logits within ``spread`` below it.
+    exp of a value below log(tiny) underflows anyway, and takes a slow path on some CPUs (35-100x
+    slower here): clamp at ``floor`` where a logit may fall below it. Where every patch's largest
+    logit lies far enough above floor (then the clamped terms weigh < e^(floor / 2) of a patch's
+    sum) and far enough below overflow, exp(logits) is the unnormalised posterior itself: no
+    shift by the max (shift False).
+
+    Returns:
+        (shift, clamp, floor).
+    """
+    info = torch.finfo(dtype)
+    floor = math.log(info.tiny) + 1
+    shift = not (floor / 2 <= low and high <= math.log(info.max / n) - 1)
+    clamp = spread >= -floor if shift else low - spread < floor
+    return shift, clamp, floor
+
+
+def coverage(omega: torch.Tensor, L: int) -> torch.Tensor:
+    """c_k = Z^T (omega_k circularly convolved with Z 1): c_k(y) = sum_{d in [0, L)^2} omega_k(y -
+    d mod 2L).
+
+    Summed directly (a box filter on the circularly extended occupancy) rather than by FFT, so that
+    the result is exactly non-negative and exactly zero where no posterior mass reaches.
+
+    Args:
+        omega: (K, 2L, 2L).
+
+    Returns:
+        (K, L, L).
+    """
+    ext = torch.cat([omega[:, -(L - 1) :], omega], 1) if L > 1 else omega  # rows -(L-1) .. 2L-1
+    rows = ext.unfold(1, L, 1)[:, :L].sum(-1)  # (K, L, 2L)
+    ext = torch.cat([rows[:, :, -(L - 1) :], rows], 2) if L > 1 else rows
+    return ext.unfold(2, L, 1)[:, :, :L].sum(-1)
+
+
+def empty_shifts(L: int, device=None) -> torch.Tensor:
+    """(2L, 2L) bool: the shifts with l_x = L or l_y = L, whose crop is all zero padding."""
+    empty = torch.zeros(2 * L, 2 * L, dtype=torch.bool, device=device)
+    empty[L, :] = empty[:, L] = True
+    return empty
+
+
+class StatisticsSum:
+    """Consumer: the sufficient statistics of DESIGN section 4, summed over the stream."""
+
+    def __init__(self, estep: EStep, blocks: list[slice]):
+        form = estep.form
+        self.form, self.blocks, self.L, self.K = form, blocks, estep.L, estep.K
+        self.acc = [form.accumulator(b.stop - b.start) for b in blocks]
+        self.loglik = torch.zeros((), dtype=torch.float64, device=estep.device)
+        self.energy = torch.zeros((), dtype=estep.dtype, device=estep.device)
+        self._block = {(b.start, b.stop): j for j, b in enumerate(blocks)}
+
+    def add(self, post: Posterior, energy: torch.Tensor) -> None:
+        j = self._block[(post.block.start, post.block.stop)]
+        self.form.accumulate(post.held, post.local, post.w, post.scale, self.acc[j])
+        if post.first:
+            self.loglik += post.loglik.sum(dtype=torch.float64)
+            self.energy += energy.sum()
+
+    def result(self, D: int, comm=None, scale: float = 1.0) -> Statistics:
+        """The statistics, all-reduced over ``comm``'s processes and multiplied by ``scale``."""
+        L = self.L
+        parts = [
+            self.form.finish(a, b.stop - b.start)
+            for a, b in zip(self.acc, self.blocks, strict=True)
+        ]
+        omega = torch.cat([p[0] for p in parts])
+        b = torch.cat([p[1] for p in parts])[:, :L, :L]
+        loglik, energy = self.loglik, self.energy
+        if comm is not None:
+            omega, b, loglik, energy = (comm.all_reduce(t) for t in (omega, b, loglik, energy))
+        if scale != 1:
+            omega, b, loglik, energy = omega * scale, b * scale, loglik * scale, energy * scale
+        return Statistics(omega, b, coverage(omega, L), loglik, energy, D)
+
+
+@dataclass
+class PatchSummaries:
+    """Per-patch summaries of the posteriors, for picking (stochastic-EM paper, Algorithm 2).
+
+    Shifts are (l_x, l_y) in {0..2L-1}^2: the image's top-left corner lies at (-l_x, -l_y) mod 2L
+    relative to the patch's (eq. 7 of the approximate-EM paper); l_x = L or l_y = L is empty.
+
+    Attributes:
+        loglik: (D,) log p(M_m | x, rho, sigma).
+        empty: (D,) posterior mass of the empty shifts (summed over templates).
+        shift: (D, 2) int64 the most probable shift of the posterior summed over templates.
+        shift_prob: (D,) its probability.
+        best: (D, 3) int64 the most probable (template, l_x, l_y) jointly.
+        best_prob: (D,) its probability.
+    """
+
+    loglik: torch.Tensor
+    empty: torch.Tensor
+    shift: torch.Tensor
+    shift_prob: torch.Tensor
+    best: torch.Tensor
+    best_prob: torch.Tensor
+
+
+class PatchSummary:
+    """Consumer: per-patch ``PatchSummaries``; only (D,)-sized arrays are kept."""
+
+    def __init__(self, estep: EStep, D: int):
+        L, dev, dt = estep.L, estep.device, estep.dtype
+        self.L, self.P = L, 2 * L
+        self.empty_mask = empty_shifts(L, dev)
+        self.loglik = torch.zeros(D, dtype=torch.float64, device=dev)
+        self.empty = torch.zeros(D, dtype=dt, device=dev)
+        self.shift = torch.zeros(D, 2, dtype=torch.int64, device=dev)
+        self.shift_prob = torch.zeros(D, dtype=dt, device=dev)
+        self.best = torch.zeros(D, 3, dtype=torch.int64, device=dev)
+        self.best_prob = torch.full((D,), -1.0, dtype=dt, device=dev)
+        self._marginal = None
+
+    def add(self, post: Posterior, energy: torch.Tensor) -> None:
+        P, index = self.P, post.index
+        w = post.weights()  # (B, k, 2L, 2L)
+        marginal = w.sum(1)  # (B, 2L, 2L)
+        self._marginal = marginal if post.first else self._marginal + marginal
+        prob, flat = w.reshape(len(w), -1).max(1)
+        better = prob > self.best_prob[index]
+        best = torch.stack([flat // (P * P) + post.block.start, flat // P % P, flat % P], 1)
+        self.best[index] = torch.where(better[:, None], best, self.best[index])
+        self.best_prob[index] = torch.where(better, prob, self.best_prob[index])
+        if post.last:
+            m = self._marginal
+            self.loglik[index] = post.loglik.to(torch.float64)
+            self.empty[index] = m[:, self.empty_mask].sum(1)
+            prob, flat = m.reshape(len(m), -1).max(1)
+            self.shift[index] = torch.stack([flat // P, flat % P], 1)
+            self.shift_prob[index] = prob
+
+    def result(self, comm=None) -> PatchSummaries:
+        fields = [self.loglik, self.empty, self.shift, self.shift_prob, self.best, self.best_prob]
+        if comm is not None:  # every patch was filled by one rank, the others hold zeros
+            self.best_prob.clamp_(min=0)
+            fields = [comm.all_reduce(t) for t in fields]
+        return PatchSummaries(*fields)
+
+
+class EStep:
+    """Patches x templates x shifts: the posteriors of eq. (11), streamed (see the module doc).
+
+    Args:
+        group: the ``TransformSet`` whose templates are searched (on ``device``, ``dtype``).
+        compute: ``Compute`` options.
+        device, dtype: of the computation.
+    """
+
+    def __init__(self, group: TransformSet, compute: Compute, device, dtype):
+        self.group, self.compute = group, compute
+        self.L, self.K = group.L, group.K
+        self.device, self.dtype = torch.device(device), dtype
+        method = choose_method(self.L) if compute.method == "auto" else compute.method
+        self.method = method
+        self.form = make_form(method, self.L, self.device, dtype)
+
+    # --------------------------------------------------------------------------------------------
+    # Data
+    # --------------------------------------------------------------------------------------------
+    def prepare(self, data) -> Patches:
+        """Validate the measurement(s) and get the patches ready for the E-steps.
+
+        In memory (``stream=False``) the patch transforms are computed once; streamed
+        (``stream=True``, the default for files) the patches are read and transformed a block at a
+        time in every E-step, so memory is bounded by the block, not by N. Either way one pass
+        checks every value and computes ||M_m||^2.
+
+        Args:
+            data: an (N0, N1) measurement (tensor or array), the path of a .npy / .mrc file
+                (memory-mapped), or a list of these treated as one data set.
+
+        Returns:
+            ``Patches``.
+        """
+        source = PatchSource(data, self.L, self.dtype, self.device)
+        stream = self.compute.stream
+        if stream is None:
+            stream = any(
+                isinstance(x, (str, Path))
+                for x in (data if isinstance(data, (list, tuple)) else [data])
+            )
+        if not stream:
+            patches = source.read(slice(0, source.D))
+            _check_finite(patches)
+            return Patches(source, *_norms(patches), self.form.transform(patches))
+        energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
+        l1_max = 0.0
+        block = max(1, _STREAM_BLOCK_BYTES // (8 * self.L * self.L))
+        for start in range(0, source.D, block):
+            patches = source.read(slice(start, min(start + block, source.D)))
+            _check_finite(patches)
+            energy[start : start + len(patches)], block_l1 = _norms(patches)
+            l1_max = max(l1_max, block_l1)
+        return Patches(source, energy, l1_max, None)
+
+    def chunking(self, D: int) -> tuple[int, list[slice]]:
+        """Patches per chunk and the template blocks, from the form's element budget.
+
+        Returns:
+            (patches per chunk, blocks): slices of the K templates, each a multiple of the form's
+            pairing except the last.
+        """
+        K, shifts = self.K, 4 * self.L * self.L
+        budget = self.form.chunk_elements()
+        chunk = self.compute.chunk_size
+        if K * shifts * (chunk or 1) <= budget or (chunk is None and K * shifts <= budget):
+            size = K  # every template in one block, as many patches as fit
+        else:
+            chunk = chunk or _MIN_BLOCKED_PATCHES
+            pair = self.form.pair
+            size = max(pair, budget // (min(chunk, D) * shifts) // pair * pair)
+        blocks = [slice(s, min(s + size, K)) for s in range(0, K, size)]
+        if chunk is not None:
+            return min(chunk, D), blocks
+        most = max(1, min(D, budget // (size * shifts)))
+        # Equal chunks: D = 121 in chunks of at most 20 is 7 chunks of 18 or fewer, not a last
+        # chunk of one patch that costs the per-chunk overhead for nothing.
+        return math.ceil(D / math.ceil(D / most)), blocks
+
+    def _chunks(self, data: Patches, subset: torch.Tensor | None, comm) -> list:
+        """The patch indices of this process's chunks: slices of all patches, or of ``subset``."""
+        chunk, _ = self.chunking(data.D)
+        if subset is None:
+            chunks = [slice(s, min(s + chunk, data.D)) for s in range(0, data.D, chunk)]
+        else:
+            chunks = [subset[s : s + chunk] for s in range(0, len(subset), chunk)]
+        if comm is not None:  # every rank takes every world_size-th chunk
+            chunks = chunks[comm.rank :: comm.world_size]
+        return chunks
+
+    def _held_chunks(self, data: Patches, chunks: list) -> Iterator[tuple]:
+        """Yield (held, local index, global index) chunk by chunk.
+
+        In memory the transforms are there; streamed, a block of chunks is read and transformed
+        at a time (one read and one transform call per block, memory bounded by the block).
+        """
+        if data.held is not None:
+            for index in chunks:
+                index = index if isinstance(index, slice) else index.to(self.device)
+                glob = index if not isinstance(index, slice) else _as_index(index)
+                yield data.held, index, glob.to(self.device)
+            return
+        block = max(1, _STREAM_BLOCK_BYTES // self.form.bytes_per_patch())
+        i = 0
+        while i < len(chunks):
+            group, n = [], 0
+            while i < len(chunks) and (not group or n + _count(chunks[i]) <= block):
+                group.append(chunks[i])
+                n += _count(chunks[i])
+                i += 1
+            index = torch.cat([_as_index(c) for c in group]).to(self.device)
+            held, offset = self.form.transform(data.source.read(index)), 0
+            for c in group:
+                local = slice(offset, offset + _count(c))
+                offset = local.stop
+                yield held, local, index[local]
+
+    # --------------------------------------------------------------------------------------------
+    # Templates and the bounds on the logits
+    # --------------------------------------------------------------------------------------------
+    def padded(self, x: torch.Tensor, block: slice | None = None) -> torch.Tensor:
+        """G_k = Z T_k(x): (k, 2L, 2L), the templates in the top-left corner."""
+        L = self.L
+        T = self.group.templates(x, block)
+        G = torch.zeros(len(T), 2 * L, 2 * L, dtype=T.dtype, device=T.device)
+        G[:, :L, :L] = T
+        return G
+
+    def _templates(self, data: Patches, x, log_rho, sigma2, blocks: list[slice]) -> tuple:
+        """The iteration's prepared templates per block, and bounds on every patch's logits.
+
+        Returns:
+            (prepared, (low, high, spread)): ``correlate`` on block j gives the logits
+            log p(M_m | l, k, x) + log rho(l) + log pi_k + ||M_m||^2 / (2 sigma^2) + (L^2 / 2)
+            log(2 pi sigma^2): the patch's own term -||M_m||^2 / (2 sigma^2) of eq. (10) and the
+            Gaussian normalisation are left out (they cancel in the posterior; the callers add
+            them where they need the likelihood itself). Every patch's largest logit lies in
+            [low, high], and its logits within ``spread`` below that.
+        """
+        L = self.L
+        G = self.padded(x)
+        inv = 1.0 / (2.0 * sigma2)
+        log_w = self.group.log_weights().to(device=G.device, dtype=G.dtype).view(-1, 1, 1)
+        # Patch-independent part of eq. (10): -e(l,k) / 2 sigma^2 and the prior of (l, k) (eq. 12).
+        bias = -template_energy(G, L) * inv + log_rho + log_w
+        # correlate(): c / sigma^2 + bias
+        prepared = [self.form.prepare(G[b], 2 * inv, bias[b]) for b in blocks]
+        # A logit is (||M||^2 - ||M - C T_l G_k||^2) / 2 sigma^2 + log rho(l) + log pi_k: at most
+        # ||M||^2 / 2 sigma^2 + max log rho + max log pi, and at shifts with l_x = L or l_y = L
+        # the crop is all padding, so the largest is at least their log rho + max log pi.
+        top_w = float(log_w.max())
+        high = float(data.energy.max()) * inv + float(log_rho.max()) + top_w
+        low = max(float(log_rho[L].max()), float(log_rho[:, L].max())) + top_w
+        # Over (l, k) each patch pixel meets every value of G (its zero padding included), so a
+        # patch's correlations spread at most (max G - min G) sum_i |M_m[i]|, its logits at most
+        # that over sigma^2 plus the bias's spread. The FFT form's padding template (odd blocks)
+        # is -inf: no bound.
+        if any(isinstance(p, tuple) and p[2] for p in prepared):
+            return prepared, (low, high, math.inf)
+        spread = 2 * inv * (G.max() - G.min()) * data.l1_max + bias.max() - bias.min()
+        return prepared, (low, high, float(spread))
+
+    # --------------------------------------------------------------------------------------------
+    # The stream
+    # --------------------------------------------------------------------------------------------
+    def posteriors(
+        self,
+        data: Patches,
+        x: torch.Tensor,
+        log_rho: torch.Tensor,
+        sigma2: float,
+        subset: torch.Tensor | None = None,
+        comm=None,
+    ) -> Iterator[tuple[Posterior, torch.Tensor]]:
+        """Yield (``Posterior``, the chunk's patch energies (B,)) for every chunk and block.
+
+        Args:
+            data: the prepared patches (``prepare``).
+            x: the current unknown (the group's ``shape``).
+            log_rho: (2L, 2L) log of the current shift distribution.
+            sigma2: noise variance.
+            subset: sorted int64 indices of the patches to use (stochastic EM), or None for all.
+            comm: ``mtd.TorchDistributed`` (or any object with rank and world_size): this process
+                takes every world_size-th chunk.
+        """
+        L = self.L
+        _, blocks = self.chunking(data.D)
+        prepared, bounds = self._templates(data, x, log_rho, sigma2, blocks)
+        norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)
+        single = len(blocks) == 1
+        # Log-sum-exp without the passes it does not need (each is one pass over every chunk).
+        n = self.K * 4 * L * L
+        shift, clamp, floor = _log_sum_exp_passes(self.dtype, n, *bounds)
+        if not single:  # the blocks' running max and sum: always shifted, clamped
+            shift, clamp = True, True
+        for held, local, index in self._held_chunks(data, self._chunks(data, subset, comm)):
+            energy = data.energy[index]
+            own = norm - energy / (2 * sigma2)  # the patch's own term and the normalisation
+            if single:
+                logits = self.form.correlate(held, local, prepared[0])
+                e = logits.view(logits.shape[0], -1)
+                if shift:
+                    top = e.amax(1, keepdim=True)
+                    e.sub_(top)
+                if clamp:
+                    e.clamp_(min=floor)
+                # exp(x) unnormalised: the 1 / sum is folded into the (small) reductions of the
+                # consumers instead of a pass over the (B, K * 4L^2) array.
+                total = e.exp_().sum(1)
+                lse = total.log() + own
+                if shift:
+                    lse += top.view(-1)
+                post = Posterior(
+                    self.form, held, local, index, blocks[0], logits, total.reciprocal(), lse,
+                    True, True,
+                )  # fmt: skip
+                yield post, energy
+                continue
+            # Pass 1: every patch's log-sum-exp over all blocks, streamed (running max and sum).
+            top = total = None
+            for p in prepared:
+                e = self.form.correlate(held, local, p)
+                e = e.view(e.shape[0], -1)
+                m = e.amax(1)
+                if top is None:
+                    top, total = m, e.sub_(m[:, None]).clamp_(min=floor).exp_().sum(1)
+                    continue
+                new = torch.maximum(top, m)
+                total = total * (top - new).exp()
+                total += e.sub_(new[:, None]).clamp_(min=floor).exp_().sum(1)
+                top = new
+            log_total = top + total.log()
+            lse = log_total + own
+            ones = torch.ones_like(total)
+            # Pass 2: the normalised posteriors, block by block.
+            for j, p in enumerate(prepared):
+                logits = self.form.correlate(held, local, p)
+                e = logits.view(logits.shape[0], -1)
+                e.sub_(log_total[:, None]).clamp_(min=floor).exp_()
+                last = j == len(prepared) - 1
+                yield (
+                    Posterior(
+                        self.form, held, local, index, blocks[j], logits, ones, lse, j == 0, last
+                    ),
+                    energy,
+                )
+
+    def statistics(
+        self,
+        data: Patches,
+        x: torch.Tensor,
+        log_rho: torch.Tensor,
+        sigma2: float,
+        subset: torch.Tensor | None = None,
+        comm=None,
+    ) -> Statistics:
+        """The sufficient statistics of the posteriors (eq. 11 / 14), chunk by chunk.
+
+        Args: as ``posteriors``; with ``subset`` the sums over the subset are scaled by
+            D / len(subset), an unbiased estimate of the sums over all patches; with ``comm`` the
+            sums are all-reduced, so every process gets the statistics of all patches.
+
+        Returns:
+            ``Statistics``.
+        """
+        _, blocks = self.chunking(data.D)
+        total = StatisticsSum(self, blocks)
+        for post, energy in self.posteriors(data, x, log_rho, sigma2, subset, comm):
+            total.add(post, energy)
+        scale = 1.0 if subset is None else data.D / len(subset)
+        return total.result(data.D, comm, scale)
+
+    def summaries(
+        self, data: Patches, x: torch.Tensor, log_rho: torch.Tensor, sigma2: float, comm=None
+    ) -> PatchSummaries:
+        """Per-patch posterior summaries over all patches (``PatchSummaries``)."""
+        summary = PatchSummary(self, data.D)
+        for post, energy in self.posteriors(data, x, log_rho, sigma2, comm=comm):
+            summary.add(post, energy)
+        return summary.result(comm)
+
+    def log_likelihoods(self, data: Patches, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """-||M_m - C T_l Z T_k x||^2 / (2 sigma^2) for every patch, template and shift (eq. 10).
+
+        Holds the whole (D, K, 2L, 2L) array: for inspection and tests on small cases; the EM
+        never does.
+
+        Returns:
+            (D, K, 2L, 2L).
+        """
+        L = self.L
+        sigma2 = float(sigma) ** 2
+        zero = torch.zeros(2 * L, 2 * L, dtype=self.dtype, device=self.device)
+        _, blocks = self.chunking(data.D)
+        prepared, _ = self._templates(data, x, zero, sigma2, blocks)
+        # Undo the prior term of the bias; add the patch energies back.
+        log_w = self.group.log_weights().to(device=self.device, dtype=self.dtype)
+        out = []
+        for held, local, index in self._held_chunks(data, self._chunks(data, None, None)):
+            parts = []
+            for b, p in zip(blocks, prepared, strict=True):
+                lg = self.form.correlate(held, local, p)
+                parts.append(self.form.from_layout(lg, b.stop - b.start).clone())
+            lg = torch.cat(parts, 1) - log_w.view(1, -1, 1, 1)
+            out.append(lg - (data.energy[index] / (2 * sigma2)).view(-1, 1, 1, 1))
+        return torch.cat(out)

@@ -1,0 +1,90 @@
+"""The seam between the E-step and the kind of object it estimates (DESIGN section 9).
+
+The E-step never sees the unknown itself: it needs K templates (L x L images) made from it, the
+prior weight of each template, and, for the M-step, the adjoint of "unknown -> templates" and a
+solver for the normal equations of Q (eq. 16 of the approximate-EM paper). A ``TransformSet`` is
+that object; a new kind of unknown (rotations with reflections, a steerable basis, projections of
+a volume) is a new implementation, and the E-step, rho, sigma, streaming, stochastic EM and the
+distributed sums are shared.
+
+    templates     T_k(x),                      k = 0..K-1          (K, L, L)
+    adjoint       sum_k T_k^T Y_k                                  shape of x
+    normal_solve  x with sum_k T_k^T diag(c_k) T_k x = rhs          shape of x
+    log_weights   log pi_k, the prior of template k (uniform: -log K)
+    orbit         x under every group element, to measure errors up to the group's symmetry
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class TransformSet(torch.nn.Module):
+    """K linear maps from an unknown x to L x L templates, with their prior weights.
+
+    Implementations hold their tables as buffers, built in float64 on the CPU; the engine moves
+    them to its device and dtype (``.to(device=..., dtype=...)``).
+
+    Attributes:
+        L: template side in pixels.
+        K: number of templates.
+        shape: shape of the unknown x.
+    """
+
+    L: int
+    K: int
+    shape: tuple[int, ...]
+
+    def log_weights(self) -> torch.Tensor:
+        """(K,) log prior weight of every template, float64 on the tables' device (uniform)."""
+        return torch.full((self.K,), -math.log(self.K), dtype=torch.float64, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        buffers = list(self.buffers())
+        return buffers[0].device if buffers else torch.device("cpu")
+
+    def templates(self, x: torch.Tensor, block: slice | None = None) -> torch.Tensor:
+        """T_k(x) for the templates in ``block`` (all when None).
+
+        Args:
+            x: the unknown, ``shape``.
+            block: a slice of template indices.
+
+        Returns:
+            (k, L, L).
+        """
+        raise NotImplementedError
+
+    def adjoint(self, images: torch.Tensor, block: slice | None = None) -> torch.Tensor:
+        """sum_k T_k^T images_k over the templates in ``block``.
+
+        Args:
+            images: (k, L, L), one image per template of the block.
+
+        Returns:
+            the shape of the unknown.
+        """
+        raise NotImplementedError
+
+    def normal_solve(self, c: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Solve sum_k T_k^T diag(c_k) T_k x' = rhs (the closed-form M-step, eq. 16 set to zero).
+
+        Args:
+            c: (K, L, L) coverage of every template pixel (the E-step's statistics).
+            rhs: sum_k T_k^T b_k, the shape of the unknown.
+            x: the current unknown; entries the coverage does not reach keep its value.
+
+        Returns:
+            x', the shape of the unknown.
+        """
+        raise NotImplementedError
+
+    def orbit(self, x: torch.Tensor) -> torch.Tensor:
+        """x under every element of the symmetry the data cannot resolve, (n, *shape)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"L={self.L}, K={self.K}"

@@ -1,0 +1,246 @@
+"""M-steps and their schedules, as small objects the engine calls once per EM iteration.
+
+Each M-step maps the E-step's statistics (and the current estimate) to the next estimate, through
+the ``TransformSet``'s adjoint and normal equations only, so it serves every kind of unknown:
+
+- ``ClosedForm``: argmax_x Q, the normal equations of eq. (16) of the approximate-EM paper;
+- ``Gradient``: eq. (18) of the score-prior paper, ``steps`` ascent steps on Q + gamma log p;
+- ``Denoise``: the closed-form step, then the prior's posterior mean at the noise level of that
+  estimate (a MAP step for a Gaussian prior), annealed coarse to fine.
+
+Schedules give the prior weight gamma^(tau) of eq. (18): ``LinearGamma`` (the paper's
+``linspace(0, 1, T)``) and ``ConstantGamma``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def grad_q(group, stats, x: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """grad_x Q = (sum_k T_k^T b_k - sum_k T_k^T diag(c_k) T_k x) / sigma^2 (from eq. 16)."""
+    return (group.adjoint(stats.b) - group.adjoint(stats.c * group.templates(x))) / sigma2
+
+
+def closed_form(group, stats, x: torch.Tensor) -> torch.Tensor:
+    """argmax_x Q: solve sum_k T_k^T diag(c_k) T_k x = sum_k T_k^T b_k (eq. 16 set to zero)."""
+    return group.normal_solve(stats.c, group.adjoint(stats.b), x)
+
+
+def residual(group, stats, x: torch.Tensor) -> torch.Tensor:
+    """sum_m sum_{l,k} w_m(l,k) ||M_m - C T_l Z T_k x||^2, from the statistics."""
+    T = group.templates(x)
+    return stats.energy - 2 * (stats.b * T).sum() + (stats.c * T * T).sum()
+
+
+class LinearGamma:
+    """gamma^(tau) = max * tau / (T - 1): the score-prior paper's ``linspace(0, 1, T)``.
+
+    Args:
+        max: the weight at the last iteration (and after it, e.g. in polish iterations).
+    """
+
+    def __init__(self, max: float = 1.0):
+        if not math.isfinite(max) or max < 0:
+            raise ValueError(f"gamma max must be a finite number >= 0, got {max!r}")
+        self.max = float(max)
+
+    def __call__(self, tau: int, T: int) -> float:
+        if T == 1:
+            return self.max
+        return self.max * min(tau / (T - 1), 1.0)
+
+    def __repr__(self) -> str:
+        return f"LinearGamma(max={self.max})"
+
+
+class ConstantGamma:
+    """gamma^(tau) = value at every iteration."""
+
+    def __init__(self, value: float = 1.0):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"gamma value must be a finite number >= 0, got {value!r}")
+        self.value = float(value)
+
+    def __call__(self, tau: int, T: int) -> float:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"ConstantGamma(value={self.value})"
+
+
+def _image_prior(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """Call a prior's ``fn`` (its score, or posterior_mean) on x as one (1, 1, L, L) image."""
+    y = fn(x.reshape(1, 1, *x.shape), *args)
+    if tuple(y.shape) != (1, 1, *x.shape):
+        raise ValueError(
+            f"the prior must map (B, 1, L, L) to (B, 1, L, L); for {tuple(x.shape)} images it "
+            f"returned shape {tuple(y.shape)}"
+        )
+    return y.reshape(x.shape).to(x)
+
+
+class MStep:
+    """The M-step interface: ``step(group, stats, x, sigma2, tau, T, prior) -> (x_new, info)``.
+
+    ``info`` holds what the history records of the step: ``gamma`` (the prior's weight),
+    ``lr`` and ``noise`` (NaN where they do not apply).
+    """
+
+    uses_prior = False
+
+    def gamma(self, tau: int, T: int) -> float:
+        """The prior's weight at iteration tau of T (0 for an M-step without a prior)."""
+        return 0.0
+
+    def check_prior(self, prior) -> None:
+        """Raise a clear error if this M-step cannot use ``prior``."""
+        if prior is not None and not self.uses_prior:
+            raise ValueError(
+                f"a prior needs a Gradient or Denoise M-step; {type(self).__name__} has no "
+                "prior term"
+            )
+
+    def step(self, group, stats, x, sigma2, tau, T, prior):
+        raise NotImplementedError
+
+
+class ClosedForm(MStep):
+    """argmax_x Q (eq. 16 of the approximate-EM paper set to zero): no prior."""
+
+    def step(self, group, stats, x, sigma2, tau, T, prior):
+        return closed_form(group, stats, x), {"gamma": 0.0, "lr": math.nan, "noise": math.nan}
+
+    def __repr__(self) -> str:
+        return "ClosedForm()"
+
+
+class Gradient(MStep):
+    """x <- x + mu (grad Q(x) + gamma^(tau) s_theta(x, t)), ``steps`` times (eq. 18 of the
+    score-prior paper, Algorithm 1).
+
+    Args:
+        steps: gradient ascent steps per EM iteration (the paper's N).
+        lr: the learning rate mu.
+        gamma: the prior weight's schedule (``LinearGamma`` or ``ConstantGamma``).
+        prior_t: diffusion time at which the score is evaluated.
+    """
+
+    uses_prior = True
+
+    def __init__(self, steps: int = 1, lr: float = 1e-3, gamma=None, prior_t: float = 0.01):
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not 0 < prior_t <= 1:
+            raise ValueError(f"prior_t must be in (0, 1], got {prior_t!r}")
+        self.steps, self.lr, self.prior_t = int(steps), float(lr), float(prior_t)
+        self.schedule = LinearGamma(1.0) if gamma is None else gamma
+
+    def gamma(self, tau: int, T: int) -> float:
+        return self.schedule(tau, T)
+
+    def step(self, group, stats, x, sigma2, tau, T, prior):
+        gamma = self.gamma(tau, T)
+        x_new = x
+        for _ in range(self.steps):  # from the E-step's x
+            direction = grad_q(group, stats, x_new, sigma2)
+            if prior is not None:
+                direction = direction + gamma * _image_prior(prior, x_new, self.prior_t)
+            x_new = x_new + self.lr * direction
+        return x_new, {
+            "gamma": gamma if prior is not None else 0.0,
+            "lr": self.lr,
+            "noise": math.nan,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Gradient(steps={self.steps}, lr={self.lr}, gamma={self.schedule!r}, "
+            f"prior_t={self.prior_t})"
+        )
+
+
+class Denoise(MStep):
+    """Closed-form step, then the prior's posterior mean: x <- (1 - g) x_ml + g E[x | x_ml].
+
+    The closed-form estimate x_ml is modelled as the image plus white noise of variance
+    sigma^2 / (mean per-pixel coverage), the curvature of Q (eq. 16); E[x | x_ml] is the prior's
+    MMSE denoiser at that noise (Tweedie's formula for a score prior, ``prior.posterior_mean``).
+    For a Gaussian prior and uniform coverage this is exactly the MAP M-step,
+    argmax_x Q(x) + log p(x).
+
+    Args:
+        gamma: the weight g's schedule.
+        noise_scale: factor on the estimated noise level handed to the denoiser.
+        anneal_from: noise level of the denoiser at the first iteration (None: no annealing);
+            it decays geometrically to the estimated level over the first ``anneal_iterations``
+            iterations, coarse to fine, and never goes below that level.
+        anneal_iterations: length of that schedule.
+        prior_t: diffusion time of the score that ranks restarts (``ApproximateEM.log_prior``).
+    """
+
+    uses_prior = True
+
+    def __init__(
+        self,
+        gamma=None,
+        noise_scale: float = 1.0,
+        anneal_from: float | None = None,
+        anneal_iterations: int = 0,
+        prior_t: float = 0.01,
+    ):
+        if not 0 < prior_t <= 1:
+            raise ValueError(f"prior_t must be in (0, 1], got {prior_t!r}")
+        self.prior_t = float(prior_t)
+        if not (math.isfinite(noise_scale) and noise_scale > 0):
+            raise ValueError(f"noise_scale must be > 0, got {noise_scale!r}")
+        if anneal_from is not None and not (math.isfinite(anneal_from) and anneal_from > 0):
+            raise ValueError(f"anneal_from must be > 0 or None, got {anneal_from!r}")
+        if int(anneal_iterations) != anneal_iterations or anneal_iterations < 0:
+            raise ValueError(
+                f"anneal_iterations must be an integer >= 0, got {anneal_iterations!r}"
+            )
+        self.schedule = ConstantGamma(1.0) if gamma is None else gamma
+        self.noise_scale, self.anneal_from = float(noise_scale), anneal_from
+        self.anneal_iterations = int(anneal_iterations)
+
+    def check_prior(self, prior) -> None:
+        if prior is not None and not hasattr(prior, "posterior_mean"):
+            raise ValueError(
+                "the Denoise M-step needs a prior with posterior_mean(y, noise) "
+                "(priors.ScorePrior and AnalyticGaussianPrior have one); a bare score function "
+                "has not"
+            )
+
+    def gamma(self, tau: int, T: int) -> float:
+        return self.schedule(tau, T)
+
+    def noise(self, stats, sigma2: float, tau: int) -> float:
+        """The noise level handed to the denoiser at iteration tau."""
+        pixels = math.prod(stats.c.shape[1:])
+        mean_coverage = float(stats.c.sum()) / pixels
+        level = self.noise_scale * math.sqrt(sigma2 / max(mean_coverage, 1e-12))
+        if self.anneal_from is None or tau >= self.anneal_iterations:
+            return level
+        u = tau / self.anneal_iterations
+        return max(level, self.anneal_from ** (1 - u) * level**u)
+
+    def step(self, group, stats, x, sigma2, tau, T, prior):
+        noise = self.noise(stats, sigma2, tau)
+        gamma = self.gamma(tau, T)
+        x_ml = closed_form(group, stats, x)
+        info = {"gamma": gamma if prior is not None else 0.0, "lr": math.nan, "noise": noise}
+        if prior is None or gamma == 0:
+            return x_ml, info
+        denoised = _image_prior(prior.posterior_mean, x_ml, noise)
+        return (1 - gamma) * x_ml + gamma * denoised, info
+
+    def __repr__(self) -> str:
+        return (
+            f"Denoise(gamma={self.schedule!r}, noise_scale={self.noise_scale}, "
+            f"anneal_from={self.anneal_from}, anneal_iterations={self.anneal_iterations})"
+        )
