@@ -14,7 +14,7 @@ from mtd.measurement import (
 from mtd.metrics import align, relative_error
 from mtd.msteps import ClosedForm, ConstantGamma, Denoise, Gradient, LinearGamma, MStep
 from mtd.patches import PatchSource, extract_patches
-from mtd.rotations import Rotations, mirror, rotate
+from mtd.rotations import Dihedral, Rotations, mirror, rotate
 
 __all__ = [
     "ApproximateEM",
@@ -22,6 +22,7 @@ __all__ = [
     "Compute",
     "ConstantGamma",
     "Denoise",
+    "Dihedral",
     "EMResult",
     "EStep",
     "Gradient",

@@ -201,3 +201,27 @@ class Rotations(GatherTransforms):
         L, K = int(L), int(K)
         super().__init__(L, *_bilinear_table(L, _angles(K)))
         self.rotations = K
+
+
+class Dihedral(GatherTransforms):
+    """Rotations with reflections: R_k F for k < K, then R_k mirror(F) (2K templates).
+
+    Mirrored copies are what 2-D classification in cryo-EM searches too (a particle may land on
+    either face). Template K + k is ``R_k`` applied to the image with its columns reversed.
+
+    Args:
+        L: image side.
+        K: number of rotations; the set has 2K elements.
+    """
+
+    def __init__(self, L: int, K: int = 4):
+        if int(L) != L or L < 1:
+            raise ValueError(f"L must be a positive integer, got {L!r}")
+        if int(K) != K or K < 1:
+            raise ValueError(f"K must be an integer >= 1, got {K!r}")
+        L, K = int(L), int(K)
+        index, weight = _bilinear_table(L, _angles(K))
+        col = index % L
+        mirrored = index - col + (L - 1 - col)  # the same pixel of the mirror image
+        super().__init__(L, torch.cat([index, mirrored]), torch.cat([weight, weight]))
+        self.rotations = K

@@ -67,10 +67,19 @@ def crop_shift_adjoint(X: np.ndarray, lx: int, ly: int) -> np.ndarray:
     return np.roll(Z, (lx, ly), axis=(0, 1))[:L, :L]
 
 
-def log_likelihoods(patch_list, F, sigma, K) -> np.ndarray:
-    """-||M_m - C T_l Z R_k F||^2 / (2 sigma^2) for every (m, k, l), eq. (10): (D, K, 2L, 2L)."""
+def dihedral(F: np.ndarray, K: int) -> list[np.ndarray]:
+    """R_k F, then R_k of the mirror image (columns reversed): 2K templates."""
+    return rotations(F, K) + rotations(np.fliplr(F).copy(), K)
+
+
+def log_likelihoods(patch_list, F, sigma, K, templates=rotations) -> np.ndarray:
+    """-||M_m - C T_l Z T_k F||^2 / (2 sigma^2) for every (m, k, l), eq. (10): (D, K, 2L, 2L).
+
+    ``templates(F, K)`` lists the T_k F: the rotations, or ``dihedral`` (then 2K of them).
+    """
     L = F.shape[0]
-    RF = rotations(F, K)
+    RF = templates(F, K)
+    K = len(RF)
     out = np.empty((len(patch_list), K, 2 * L, 2 * L))
     for m, Mm in enumerate(patch_list):
         for k in range(K):
@@ -81,11 +90,11 @@ def log_likelihoods(patch_list, F, sigma, K) -> np.ndarray:
     return out
 
 
-def e_step(patch_list, F, rho, sigma, K):
+def e_step(patch_list, F, rho, sigma, K, templates=rotations):
     """Posteriors and approximate log-likelihood (with the Gaussian normalisation)."""
     L = F.shape[0]
-    ll = log_likelihoods(patch_list, F, sigma, K)
-    D = len(patch_list)
+    ll = log_likelihoods(patch_list, F, sigma, K, templates)
+    D, K = len(patch_list), ll.shape[1]
     w = np.empty_like(ll)
     total = 0.0
     for m in range(D):

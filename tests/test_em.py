@@ -307,6 +307,7 @@ def test_log_prior_integrates_the_score():
             "stochastic": mtd.Stochastic(0.5, polish=1),
             "m_step": mtd.Gradient(),
         },
+        {"compute": mtd.Compute(method="fft"), "K": 6, "dihedral": True},
     ],
 )
 def test_no_tensor_lands_on_the_default_device(tmp_path, options):
