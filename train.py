@@ -5,8 +5,6 @@ Hydra composes ``configs/train.yaml``; ``train(cfg)`` does the work and can be c
 
 from __future__ import annotations
 
-import netrc
-import os
 from pathlib import Path
 
 import hydra
@@ -14,24 +12,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-
-def wandb_mode_for(cfg_logger: DictConfig | None) -> None:
-    """Send W&B offline when there are no credentials, saying once how to upload; never prompt."""
-    if not cfg_logger or "wandb" not in cfg_logger or os.environ.get("WANDB_MODE"):
-        return
-    has_key = bool(os.environ.get("WANDB_API_KEY"))
-    if not has_key:
-        try:
-            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
-        except (FileNotFoundError, netrc.NetrcParseError):
-            has_key = False
-    if not has_key:
-        os.environ["WANDB_MODE"] = "offline"
-        save_dir = cfg_logger.wandb.get("save_dir", ".")
-        print(
-            "W&B: no credentials found, logging offline; upload later with "
-            f"`wandb sync {save_dir}/wandb/offline-run-*`"
-        )
+from wandb_setup import wandb_mode_for
 
 
 def instantiate_list(cfg: DictConfig | None) -> list:

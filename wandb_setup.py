@@ -1,0 +1,128 @@
+"""W&B for both entry points: offline without credentials (never a prompt); reconstruction runs.
+
+``train.py`` calls ``wandb_mode_for`` before Lightning's ``WandbLogger`` starts. ``reconstruct.py``
+checks its logger first (``check_reconstruction_logger``), starts its own run when the inputs are
+good (``start_reconstruction``) and logs each EM iteration through ``em_logger``. ``wandb``
+itself is imported only when a run starts (it is slow to import).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# EM history key -> W&B name under em/<variant>/ ("step" is ||F_new - F||, the update's size).
+EM_KEYS = {
+    "loglik": "loglik",
+    "delta": "step",
+    "error": "error",
+    "empty_mass": "empty_mass",
+    "sigma": "sigma",
+    "gamma": "gamma",
+    "lr": "lr",
+    "noise": "noise",
+}
+
+
+def wandb_mode_for(cfg_logger: DictConfig | None) -> None:
+    """Send W&B offline when there are no credentials, saying once how to upload; never prompt."""
+    if not cfg_logger or "wandb" not in cfg_logger or os.environ.get("WANDB_MODE"):
+        return
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (FileNotFoundError, netrc.NetrcParseError):
+            has_key = False
+    if not has_key:
+        os.environ["WANDB_MODE"] = "offline"
+        save_dir = cfg_logger.wandb.get("save_dir", ".")
+        print(
+            "W&B: no credentials found, logging offline; upload later with "
+            f"`wandb sync {save_dir}/wandb/offline-run-*`"
+        )
+
+
+def check_reconstruction_logger(cfg: DictConfig) -> None:
+    """reconstruct.py logs to W&B or nowhere; say so before any work for another logger."""
+    others = [k for k in (cfg.get("logger") or {}) if k != "wandb"]
+    if others:
+        raise ValueError(
+            f"reconstruct.py logs to W&B only: logger=wandb or logger=none, got {others}"
+        )
+
+
+def start_reconstruction(cfg: DictConfig, tags: list[str]):
+    """A W&B run for one reconstruction (group = cfg.group, job type reconstruct), or None.
+
+    Args:
+        cfg: the composed reconstruct config, its logger checked by
+            ``check_reconstruction_logger``; ``cfg.logger.wandb`` holds project, name, save_dir,
+            offline. No logger (logger=none): no run.
+        tags: the run's tags.
+
+    Returns:
+        The ``wandb`` run, with every ``em/*`` metric on the ``em/iteration`` axis, or None.
+    """
+    logger = cfg.get("logger") or {}
+    if "wandb" not in logger:
+        return None
+    wandb_mode_for(logger)
+    import wandb
+
+    w = logger.wandb
+    save_dir = Path(w.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=w.project,
+        name=w.get("name"),
+        dir=str(save_dir),
+        group=cfg.group,
+        job_type="reconstruct",
+        tags=tags,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        mode="offline" if w.get("offline") else None,
+        reinit="finish_previous",
+    )
+    run.define_metric("em/iteration")
+    run.define_metric("em/*", step_metric="em/iteration")
+    return run
+
+
+def _image(x: torch.Tensor) -> np.ndarray:
+    """An (L, L) image as uint8 grey levels scaled to its own range."""
+    x = x.detach().cpu().double().numpy()
+    lo, hi = x.min(), x.max()
+    return np.uint8(255 * (x - lo) / (hi - lo if hi > lo else 1.0))
+
+
+def em_logger(run, variant: str, restarts: int, image_every: int) -> Callable[[dict], None]:
+    """A callback logging one EM history entry to ``run`` under ``em/<variant>/``.
+
+    Args:
+        run: a W&B run (from ``start_reconstruction``).
+        variant: "prior" or "no_prior".
+        restarts: number of initial guesses (with more than one, the restart index is logged).
+        image_every: log the estimate as an image every this many iterations (0: never).
+    """
+
+    def log(entry: dict) -> None:
+        row = {"em/iteration": entry["iteration"]}
+        for key, name in EM_KEYS.items():
+            if key in entry and entry[key] == entry[key]:  # NaN: not used by this M-step
+                row[f"em/{variant}/{name}"] = entry[key]
+        if restarts > 1:
+            row[f"em/{variant}/restart"] = entry["restart"]
+        if image_every and entry["iteration"] % image_every == 0:
+            import wandb
+
+            row[f"em/{variant}/estimate"] = wandb.Image(_image(entry["estimate"]))
+        run.log(row)
+
+    return log
