@@ -284,3 +284,82 @@ def test_dihedral_em_recovers_a_chiral_image_from_mirrored_copies():
         errors[name] = mtd.relative_error(image, res.estimate, group=mtd.Dihedral(L, 4))
     assert errors["dih"] < 0.05, errors
     assert errors["rot"] > 2 * errors["dih"], errors
+
+
+# ------------------------------------------------------------------------------------------------
+# The stream of posteriors: template blocks, per-patch summaries
+# ------------------------------------------------------------------------------------------------
+def _blocked(em, budget):
+    """Force template blocks: a chunk budget below K x 4L^2 elements."""
+    em.estep.form.cpu_chunk_elements = budget
+    return em
+
+
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+@pytest.mark.parametrize("L,K", [(4, 8), (5, 7)])
+def test_template_blocks_equal_brute_force(L, K, method, rng):
+    # K x 4L^2 above the chunk budget: the log-sum-exp streams across template blocks (two
+    # passes); statistics and log-likelihood must equal brute force as in one block.
+    data, F, rho, sigma = tiny_case(L, K, rng)
+    em = _blocked(engine(L, K, method, chunk_size=2), budget=6 * 4 * L * L)
+    chunk, blocks = em.estep.chunking(9)
+    assert len(blocks) > 1 and all(
+        (b.stop - b.start) % em.estep.form.pair == 0 for b in blocks[:-1]
+    )
+    stats = em.e_step(
+        em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
+    )
+    w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
+    omega, b, c = ref.statistics(w, ref.patches(data, L), K)
+    np.testing.assert_allclose(stats.omega.numpy(), omega, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.b.numpy(), b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.c.numpy(), c, rtol=1e-9, atol=1e-12)
+    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+    ll = em.log_likelihoods(data, torch.from_numpy(F), sigma).numpy()
+    direct = ref.log_likelihoods(ref.patches(data, L), F, sigma, K)
+    np.testing.assert_allclose(ll, direct, rtol=1e-9, atol=1e-9 * np.abs(direct).max())
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+def test_patch_summaries_equal_brute_force_and_sum_to_the_statistics(method, blocked, rng):
+    L, K = 4, 5
+    data, F, rho, sigma = tiny_case(L, K, rng, snr=8.0)
+    em = engine(L, K, method, chunk_size=2)
+    if blocked:
+        em = _blocked(engine(L, K, method, chunk_size=2), budget=4 * 4 * L * L)
+        assert len(em.estep.chunking(9)[1]) > 1
+    patches = em.prepare(data)
+    Ft, log_rho = torch.from_numpy(F), torch.from_numpy(np.log(rho))
+    s = em.summaries(patches, Ft, log_rho, sigma**2)
+    w, _ = ref.e_step(ref.patches(data, L), F, rho, sigma, K)  # (D, K, 2L, 2L)
+    D = len(w)
+    # Per patch: the log-likelihood, the empty mass, the best shift of the posterior summed over
+    # templates, the best (template, shift) jointly, and their probabilities.
+    ll = ref.log_likelihoods(ref.patches(data, L), F, sigma, K) + np.log(rho)[None, None]
+    ll = ll - math.log(K) - 0.5 * L * L * math.log(2 * math.pi * sigma**2)
+    top = ll.reshape(D, -1).max(1)
+    lse = top + np.log(np.exp(ll.reshape(D, -1) - top[:, None]).sum(1))
+    np.testing.assert_allclose(s.loglik.numpy(), lse, rtol=1e-10)
+    marginal = w.sum(1)  # (D, 2L, 2L)
+    empty = np.array([[lx == L or ly == L for ly in range(2 * L)] for lx in range(2 * L)])
+    np.testing.assert_allclose(s.empty.numpy(), marginal[:, empty].sum(1), rtol=1e-9, atol=1e-14)
+    best_shift = np.stack(np.unravel_index(marginal.reshape(D, -1).argmax(1), (2 * L, 2 * L)), 1)
+    np.testing.assert_array_equal(s.shift.numpy(), best_shift)
+    np.testing.assert_allclose(s.shift_prob.numpy(), marginal.reshape(D, -1).max(1), rtol=1e-9)
+    # The joint best: at an empty shift every template ties, so check the value it points at.
+    k, lx, ly = s.best.numpy().T
+    np.testing.assert_allclose(w[np.arange(D), k, lx, ly], w.reshape(D, -1).max(1), rtol=1e-9)
+    np.testing.assert_allclose(s.best_prob.numpy(), w.reshape(D, -1).max(1), rtol=1e-9)
+    occupied = ~empty[lx, ly]
+    assert occupied.any()  # the patches with a copy: their best template is unique
+    joint = np.stack(np.unravel_index(w.reshape(D, -1).argmax(1), w.shape[1:]), 1)
+    np.testing.assert_array_equal(s.best.numpy()[occupied], joint[occupied])
+    # Summed over patches the summaries are the statistics: the log-likelihood, and the
+    # occupancy's mass on the empty shifts.
+    stats = em.e_step(patches, Ft, log_rho, sigma**2)
+    assert float(s.loglik.sum()) == pytest.approx(float(stats.loglik), rel=1e-12)
+    empty_t = torch.from_numpy(empty)
+    assert float(s.empty.sum()) == pytest.approx(
+        float(stats.omega.sum(0)[empty_t].sum()), rel=1e-10
+    )
