@@ -17,10 +17,26 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
+from hydra.utils import instantiate
+
+import mtd
+
+
+def run_group(cfg: dict, L: int) -> mtd.TransformSet:
+    """The transformations a run searched, from its summary's config (em.group, em.K).
+
+    Summaries written before em.group existed searched the rotations of measurement.K (4 when
+    absent).
+    """
+    em = cfg["em"]
+    if "group" in em:
+        return instantiate(em["group"])(L)
+    return mtd.Rotations(L, int(cfg["measurement"].get("K", 4)))
 
 
 def load_runs(folders: list[Path]) -> list[dict]:
-    """One dict per run: preset, snr, index, errors {variant: e}, seconds, folder."""
+    """One dict per run: preset, snr, index, errors {variant: e}, seconds, folder, config."""
     runs, seen = [], set()
     for folder in folders:
         for path in sorted(folder.rglob("summary.json")):
@@ -44,6 +60,7 @@ def load_runs(folders: list[Path]) -> list[dict]:
                     "shifted": shifted,
                     "seconds": sum(v for k, v in m.items() if k.startswith("seconds/")),
                     "folder": path.parent,
+                    "config": cfg,
                 }
             )
     return runs
@@ -92,14 +109,12 @@ def plot_errors(means: dict, path: Path) -> None:
 
 
 def plot_estimates(runs: list[dict], snr: float, preset: str, path: Path) -> None:
-    """Rows truth / without / with prior, one column per target (rotation-aligned)."""
+    """Rows truth / without / with prior, one column per target, each estimate at the element of
+    its run's group that its error is measured at."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
-
-    import mtd
 
     chosen = sorted(
         (r for r in runs if r["snr"] == snr and r["preset"] == preset), key=lambda r: r["index"]
@@ -110,6 +125,7 @@ def plot_estimates(runs: list[dict], snr: float, preset: str, path: Path) -> Non
     fig, axes = plt.subplots(3, len(chosen), figsize=(1.2 * len(chosen), 3.9), squeeze=False)
     for j, r in enumerate(chosen):
         truth = torch.from_numpy(np.load(r["folder"] / "truth.npy"))
+        group = run_group(r["config"], truth.shape[-1])
         for i, name in enumerate(rows):
             ax = axes[i, j]
             ax.axis("off")
@@ -117,9 +133,8 @@ def plot_estimates(runs: list[dict], snr: float, preset: str, path: Path) -> Non
             if not file.is_file():
                 continue
             img = torch.from_numpy(np.load(file)).double()
-            if name != "truth":  # show the rotation the error is measured at
-                rots = mtd.Rotations(img.shape[-1], 4, dtype=torch.float64)(img)
-                img = rots[int(np.argmin([float((truth - x).norm()) for x in rots]))]
+            if name != "truth":
+                img = mtd.align(truth, img, group=group)
             ax.imshow(img.numpy(), cmap="gray")
             if j == 0:
                 ax.set_title(name.replace("_", " "), fontsize=8, loc="left")

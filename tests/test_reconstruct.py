@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 import mtd
+import mtd.outputs
 import reconstruct as rec
 from priors.nets import build_net
 
@@ -78,6 +80,7 @@ def test_end_to_end_with_the_analytic_prior_outputs_match_summary(tmp_path, gaus
         err = mtd.relative_error(torch.from_numpy(truth), torch.from_numpy(est))
         assert err == pytest.approx(metrics[f"error/{v}"], abs=1e-12)
         assert summary["runs"][v]["iterations"] == metrics[f"iterations/{v}"]
+        assert (summary["runs"][v]["group"], summary["runs"][v]["K"]) == ("Rotations", 4)
         mrc = mtd.read_micrograph(out / f"estimate_{v}.mrc")
         np.testing.assert_allclose(mrc.numpy(), est, rtol=1e-6, atol=1e-6)  # float32 in MRC
     # The oracle's exact score pulls the estimate to the data mean: better than no prior.
@@ -163,6 +166,78 @@ def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):
     np.save(tmp_path / "part_b.npy", meas.data.numpy()[20:])
     for spec in (f"[{tmp_path}/part_a.npy,{tmp_path}/part_b.npy]", f"{tmp_path}/part_*.npy"):
         assert run(tmp_path / "parts", spec) == pytest.approx(errors[1], abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# The config: presets, the searched group apart from the simulated one
+# ------------------------------------------------------------------------------------------------
+def _engines(tmp_path, *overrides):
+    """The EM with the prior and the one without, as reconstruct builds them for the config."""
+    cfg = compose_rec(tmp_path, *overrides)
+    group = hydra.utils.instantiate(cfg.em.group)(5)
+    m_step = hydra.utils.instantiate(cfg.em.m_step)
+    return cfg, rec.build_em(cfg, group, m_step, None, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("preset", "m_step", "rho", "iterations", "init"),
+    [
+        (
+            "paper_mnist",
+            "Gradient(steps=1, lr=0.001, gamma=LinearGamma(max=1.0), prior_t=0.01)",
+            "uniform",
+            100,
+            "digits",
+        ),
+        (
+            "mnist",
+            "Denoise(gamma=ConstantGamma(value=1.0), noise_scale=1.0, anneal_from=1.0, "
+            "anneal_iterations=32)",
+            "estimate",
+            40,
+            "digits",
+        ),
+        (
+            "paper_gaussian",
+            "Gradient(steps=1, lr=0.001, gamma=ConstantGamma(value=1.0), prior_t=0.01)",
+            "uniform",
+            100,
+            "uniform",
+        ),
+        (
+            "gaussian",
+            "Denoise(gamma=ConstantGamma(value=1.0), noise_scale=1.0, anneal_from=None, "
+            "anneal_iterations=0)",
+            "estimate",
+            100,
+            "prior_mean",
+        ),
+    ],
+)
+def test_presets_build_the_engine_settings_of_the_readme(
+    tmp_path, preset, m_step, rho, iterations, init
+):
+    cfg, em = _engines(tmp_path, f"em={preset}")
+    assert repr(em.m_step) == m_step
+    assert (em.rho_mode, em.iterations, em.tol, em.stochastic) == (rho, iterations, 1e-5, None)
+    assert isinstance(em.group, mtd.Rotations) and em.K == 4
+    assert (cfg.em.init, cfg.em.baseline, cfg.em.restarts) == (init, "same", 1)
+
+
+def test_searched_transformations_follow_the_simulated_ones_unless_set(tmp_path):
+    assert _engines(tmp_path, "measurement.K=8")[1].K == 8
+    cfg, em = _engines(tmp_path, "measurement.K=8", "em.K=6")
+    assert (cfg.measurement.K, em.K) == (8, 6)
+    # Files have no simulated rotations: the EM searches em.K (4 unless set).
+    file = ("measurement=file", "measurement.path=m.npy", "measurement.L=5")
+    assert _engines(tmp_path, *file)[1].K == 4
+    cfg, em = _engines(tmp_path, *file, "em/group=dihedral", "em.K=3")
+    assert isinstance(em.group, mtd.Dihedral) and em.K == 6  # 3 rotations, each mirrored
+    cfg, em = _engines(
+        tmp_path, "em/m_step=gradient", "em/m_step/gamma=constant", "em.stochastic=0.5"
+    )
+    assert repr(em.m_step.schedule) == "ConstantGamma(value=1.0)"
+    assert (em.stochastic.fraction, em.stochastic.seed) == (0.5, cfg.seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +369,7 @@ def test_interrupted_run_leaves_no_half_written_file(tmp_path, gauss_ckpt, monke
     fit = mtd.ApproximateEM.fit
 
     def interrupted(self, *args, **kwargs):  # Ctrl-C during the second EM
-        if self.m_step == "gradient" and kwargs.get("prior") is not None:
+        if isinstance(self.m_step, mtd.Gradient) and kwargs.get("prior") is not None:
             raise KeyboardInterrupt
         return fit(self, *args, **kwargs)
 
@@ -312,7 +387,7 @@ def test_interrupted_run_leaves_no_half_written_file(tmp_path, gauss_ckpt, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(
-        rec, "save_figure", lambda path, *a: mtd.measurement.atomic_write(path, figure)
+        mtd.outputs, "save_figure", lambda path, *a: mtd.measurement.atomic_write(path, figure)
     )
     with pytest.raises(KeyboardInterrupt):
         rec.reconstruct(cfg)
@@ -371,3 +446,34 @@ def test_report_means_match_the_runs(tmp_path, gauss_ckpt, capsys):
             assert f"{mean:.3f}" in row
     assert (tmp_path / "sweep/errors.png").is_file()
     assert (tmp_path / "sweep/estimates_paper_gaussian_snr10.png").is_file()
+
+
+def test_report_aligns_with_each_runs_own_group(tmp_path, gauss_ckpt):
+    """A run searching the 8 rotations and their mirror images: the report shows its estimates at
+    the group element its recorded error is measured at (not at one of 4 rotations)."""
+    import report
+
+    cfg = compose_rec(
+        tmp_path,
+        f"ckpt={gauss_ckpt}",
+        *GAUSS,
+        "em.iterations=5",
+        "measurement.K=8",
+        "measurement.reflect=true",
+        "em/group=dihedral",
+    )
+    metrics = rec.reconstruct(cfg)
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    truth = torch.from_numpy(np.load(out / "truth.npy"))
+    group = report.run_group(summary["config"], 5)
+    assert isinstance(group, mtd.Dihedral) and group.K == 16
+    for v in ("prior", "no_prior"):
+        est = torch.from_numpy(np.load(out / f"estimate_{v}.npy"))
+        shown = mtd.align(truth, est, group=group)
+        err = float((shown - truth).norm() / truth.norm())
+        assert err == pytest.approx(metrics[f"error/{v}"], abs=1e-12)
+    # A summary from before em.group: the rotations of measurement.K.
+    old = report.run_group({"em": {"name": "x"}, "measurement": {"K": 8}}, 5)
+    assert isinstance(old, mtd.Rotations) and old.K == 8
+    assert report.main([str(tmp_path)]) == 0
