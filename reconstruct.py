@@ -127,8 +127,10 @@ def initial_guess(cfg: DictConfig, L: int, prior: ScorePrior | None, truth) -> t
     elif e.init in ("prior_mean", "prior_samples"):
         if prior is None:
             raise ValueError(f"em.init={e.init} needs a prior (ckpt=PATH), got ckpt=none")
-        x = prior.mean().expand(R, L, L).clone() if e.init == "prior_mean" else None
-        x = prior.sample(R, int(cfg.seed)) if x is None else x
+        if e.init == "prior_mean":
+            x = prior.mean().expand(R, L, L).clone()
+        else:  # reverse-SDE draws
+            x = prior.sample(R, int(cfg.seed))
     else:
         raise ValueError(f"em.init must be one of {INITS}, got {e.init!r}")
     if x.shape[-1] != L:  # before the measurement's one pass, which can be long
@@ -217,15 +219,15 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 "(ISM): use em/m_step=gradient"
             )
     init = initial_guess(cfg, L, prior, truth)
+    metrics: dict = {}
+    if truth is not None:  # (checks the truth's shape before the long work)
+        metrics["error/init"] = min(mtd.relative_error(truth, x, group=group) for x in init)
     patches = ems[variants[-1]].prepare(data)  # one pass: every value checked, transforms
 
     tags = [*cfg.tags, f"em={cfg.em.name}", f"K={cfg.em.K}"] + (["oracle"] if cfg.oracle else [])
     if "snr" in info:
         tags.append(f"snr={info['snr']:g}")
     run = start_reconstruction(cfg, tags) if rank == 0 else None
-    metrics: dict = {}
-    if truth is not None:
-        metrics["error/init"] = min(mtd.relative_error(truth, x, group=group) for x in init)
     results, records = {}, {}
     try:
         for v in variants:
@@ -250,17 +252,16 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 "runs": records,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             }
-            errors = {v: metrics.get(f"error/{v}") for v in results}
             write_outputs(
                 out,
                 results,
                 summary,
                 data,
                 group,
-                truth,
-                meas,
-                errors,
-                int(cfg.crop),
+                truth=truth,
+                measurement=meas,
+                errors={v: metrics.get(f"error/{v}") for v in results},
+                crop=int(cfg.crop),
                 save_measurement=cfg.measurement.get("save", True),
             )
         if run is not None:

@@ -100,11 +100,11 @@ def write_outputs(
         write_micrograph(out / f"estimate_{name}.mrc", est)
     if truth is not None:
         atomic_write(out / "truth.npy", lambda p: np.save(p, truth.cpu().numpy()))
-    position = None
     if measurement is not None and save_measurement:
         measurement.save(out / "measurement.mrc")
-    if measurement is not None:
-        position = measurement.positions[0] if len(measurement.positions) else None
+    position = None  # centre the figure's crop on a planted copy
+    if measurement is not None and len(measurement.positions):
+        position = measurement.positions[0]
     if not torch.is_tensor(data):
         data = open_micrograph(data if isinstance(data, str | Path) else data[0])
     errors = errors or {}
