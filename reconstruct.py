@@ -62,7 +62,9 @@ def target_image(cfg: DictConfig, prior: ScorePrior | None) -> tuple[torch.Tenso
                 f"got {m.index}"
             )
         return stack[m.index], f"{m.target}[{m.index}]"
-    source = prior or ScorePrior.from_checkpoint(m.reference_ckpt)  # ckpt=none: same targets
+    source = prior  # ckpt=none: the same targets as with the reference prior
+    if source is None:
+        source = ScorePrior.from_checkpoint(m.reference_ckpt)
     return source.target(m.index, m.target_seed)
 
 
