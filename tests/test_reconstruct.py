@@ -172,7 +172,7 @@ def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):
 # The config: presets, the searched group apart from the simulated one
 # ------------------------------------------------------------------------------------------------
 def _engines(tmp_path, *overrides):
-    """The EM with the prior and the one without, as reconstruct builds them for the config."""
+    """The composed config and the EM that reconstruct builds from it for 5 x 5 images."""
     cfg = compose_rec(tmp_path, *overrides)
     group = hydra.utils.instantiate(cfg.em.group)(5)
     m_step = hydra.utils.instantiate(cfg.em.m_step)
