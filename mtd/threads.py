@@ -1,0 +1,140 @@
+"""Intra-op threads of the E-step, chosen by the work of one chunk (issue 11, item 7).
+
+The E-step streams patches in chunks of a few 10^5 (rotation, shift) elements, a few
+milliseconds each, and every torch op on a chunk is one OpenMP parallel region split evenly
+over the threads. When another process holds a core, the thread that shares it waits for the
+scheduler at every region, so a small chunk costs several times more with two threads than with
+one (measured: 3-8x, ``tests/benchmarks/bench_threads.py``); only a chunk whose work is large
+enough amortises that wait against what a second core gains on a quiet machine. The policy:
+one thread below ``PARALLEL_WORK`` elements per chunk, torch's default above.
+
+Usage in the E-step (the only call the engine needs)::
+
+    with limit_threads(resolve_threads(threads, chunk_work(chunk, K, L), device)):
+        ...  # the chunk loop
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Iterator
+
+import torch
+
+# The intra-op threads torch would use here (its default: the cores, or OMP_NUM_THREADS), taken
+# when this module is imported, so that a limit_threads context that lowered the current value
+# does not lower what "auto" gives a large chunk.
+DEFAULT_THREADS = torch.get_num_threads()
+
+# Elements (patches x templates x shifts) per chunk from which the E-step uses DEFAULT_THREADS.
+# Measured with tests/benchmarks/bench_threads.py --sweep on the project's 2-core VM (float64,
+# torch 2.14, OpenMP), one EM iteration at 1 and 2 threads, with and without a competing process
+# spinning on one core, variants interleaved, medians of 9 rounds, chunk sizes from 2.5e5 to
+# 2.4e7 elements for the FFT form (L = 28) and 2.6e5 to 8e6 for the GEMM form (L = 5):
+# - up to ~1e6 elements (the engine's default chunks: 2.3e5 for L = 28, 5.2e5 for L = 5) two
+#   threads gain at most ~1.2x quiet, often nothing, and lose 3-8x under the competing load;
+# - from ~2e6 elements (a chunk of >= ~20 ms on one thread) two threads gain 1.5-1.9x quiet and
+#   the loss under load falls to ~1.3-1.6x, shrinking with the chunk.
+# The per-element cost barely depends on the form or on L (4-9 ns per element on one thread for
+# L = 5 GEMM and L = 11, 16, 28 FFT chunks: the elementwise passes weigh as much as the GEMMs or
+# FFTs), so elements alone measure the work.
+PARALLEL_WORK = 1 << 21
+
+
+def chunk_work(patches: int, templates: int, L: int) -> int:
+    """The work of one E-step chunk, as ``threads_for`` counts it.
+
+    Args:
+        patches: patches in the chunk (the engine's chunk size, at most D).
+        templates: templates searched per patch (K rotations; 2K with reflections).
+        L: patch side; every template is correlated at the 4 L^2 shifts of the 2L x 2L grid.
+
+    Returns:
+        patches * templates * 4 L^2: the (patch, template, shift) elements of the chunk's logits,
+        the size of every pass over the chunk.
+    """
+    for name, value in (("patches", patches), ("templates", templates), ("L", L)):
+        _check_count(name, value, 1)
+    return int(patches) * int(templates) * 4 * int(L) ** 2
+
+
+def threads_for(work: int, device="cpu") -> int:
+    """Intra-op threads for an E-step whose chunks each hold ``work`` elements.
+
+    Args:
+        work: (patch, template, shift) elements per chunk (``chunk_work``), an integer >= 0.
+        device: the engine's device; on a non-CPU device torch's setting is left alone.
+
+    Returns:
+        1 when ``work < PARALLEL_WORK`` on the CPU, ``DEFAULT_THREADS`` otherwise; on other
+        devices the current ``torch.get_num_threads()``.
+    """
+    _check_count("work", work, 0)
+    if torch.device(device).type != "cpu":
+        return torch.get_num_threads()
+    return 1 if work < PARALLEL_WORK else DEFAULT_THREADS
+
+
+def resolve_threads(threads, work: int, device="cpu") -> int:
+    """The E-step's thread count from the user's ``threads`` setting.
+
+    Args:
+        threads: "auto" (``threads_for(work, device)``) or an integer >= 1, used as given on
+            every device.
+        work: elements per chunk (``chunk_work``).
+        device: the engine's device.
+
+    Returns:
+        The number of intra-op threads, >= 1.
+
+    Raises:
+        ValueError: ``threads`` is neither "auto" nor an integer >= 1.
+    """
+    if isinstance(threads, str) and threads == "auto":
+        return threads_for(work, device)
+    try:
+        n = _check_count("threads", threads, 1)
+    except ValueError:
+        raise ValueError(
+            f'threads must be "auto" or an integer >= 1 (intra-op threads of the E-step), '
+            f"got {threads!r}"
+        ) from None
+    return n
+
+
+@contextlib.contextmanager
+def limit_threads(n: int) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(n)``; restore the previous count on exit.
+
+    Restores also when the block raises. Nothing is set when ``n`` is already the current count.
+
+    Args:
+        n: intra-op threads, an integer >= 1.
+
+    Yields:
+        n.
+    """
+    n = _check_count("n", n, 1)
+    previous = torch.get_num_threads()
+    if n == previous:
+        yield n
+        return
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_count(name: str, value, low: int) -> int:
+    # Integers only (int, numpy integers): a float such as 1.5, a bool or a string is an error.
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}") from None
+    if n < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return n

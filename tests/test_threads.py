@@ -1,0 +1,171 @@
+"""mtd.threads: the E-step's intra-op thread policy, its context manager and its validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mtd
+from mtd import threads
+from mtd.threads import chunk_work, limit_threads, resolve_threads, threads_for
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # Whatever a failing test leaves behind, the next test starts at the same count.
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def default3(monkeypatch):
+    # A default different from both 1 and the current count, so "the default" is told apart from
+    # "the current value" and from the small-work answer.
+    monkeypatch.setattr(threads, "DEFAULT_THREADS", 3)
+    return 3
+
+
+def test_limit_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    n = 1 if before != 1 else 2
+    with limit_threads(n) as got:
+        assert got == n
+        assert torch.get_num_threads() == n
+    assert torch.get_num_threads() == before
+
+
+def test_limit_threads_restores_after_an_exception():
+    before = torch.get_num_threads()
+    n = 1 if before != 1 else 2
+    with pytest.raises(KeyError, match="inside"):
+        with limit_threads(n):
+            assert torch.get_num_threads() == n
+            raise KeyError("inside")
+    assert torch.get_num_threads() == before
+
+
+def test_limit_threads_nested_restore_in_order():
+    torch.set_num_threads(2)
+    with limit_threads(1):
+        with limit_threads(3):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_limit_threads_same_count_sets_nothing(monkeypatch):
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    with limit_threads(torch.get_num_threads()):
+        pass
+    assert calls == []
+    with limit_threads(torch.get_num_threads() + 1):
+        pass
+    assert len(calls) == 2  # set, then restored
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", None, True])
+def test_limit_threads_rejects_bad_counts(bad):
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match=r"n must be an integer >= 1, got"):
+        with limit_threads(bad):
+            pass
+    assert torch.get_num_threads() == before
+
+
+def test_threads_for_small_work_is_one_thread(default3):
+    for work in (0, 1, 225_792, threads.PARALLEL_WORK - 1):
+        assert threads_for(work, "cpu") == 1
+
+
+def test_threads_for_large_work_is_the_default_not_the_current_count(default3):
+    with limit_threads(1):  # a context lowered the current count: "auto" must not follow it
+        for work in (threads.PARALLEL_WORK, 10 * threads.PARALLEL_WORK):
+            assert threads_for(work, "cpu") == 3
+            assert threads_for(work, torch.device("cpu")) == 3
+
+
+def test_threads_for_leaves_other_devices_alone(default3):
+    with limit_threads(2):
+        for device in ("cuda", torch.device("cuda", 0), "meta"):
+            assert threads_for(0, device) == 2
+            assert threads_for(10 * threads.PARALLEL_WORK, device) == 2
+        assert torch.get_num_threads() == 2
+
+
+def test_default_threads_is_torchs_default_at_import():
+    # A fresh interpreter with OMP_NUM_THREADS=2 starts torch at 2 threads; lowering the count
+    # after importing mtd.threads does not change what it captured.
+    code = (
+        "import torch, mtd.threads as t; d = torch.get_num_threads(); torch.set_num_threads(1); "
+        "print(d, t.DEFAULT_THREADS, t.threads_for(t.PARALLEL_WORK, 'cpu'))"
+    )
+    env = {"OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == ["2", "2", "2"]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "many", None, True])
+def test_threads_for_rejects_bad_work(bad):
+    with pytest.raises(ValueError, match=r"work must be an integer >= 0, got"):
+        threads_for(bad, "cpu")
+
+
+def test_resolve_threads_auto_follows_the_policy(default3):
+    assert resolve_threads("auto", 0, "cpu") == 1
+    assert resolve_threads("auto", threads.PARALLEL_WORK, "cpu") == 3
+    with limit_threads(2):
+        assert resolve_threads("auto", threads.PARALLEL_WORK, "cuda") == 2
+
+
+def test_resolve_threads_int_is_used_as_given_on_every_device(default3):
+    for device in ("cpu", "cuda"):
+        assert resolve_threads(1, 10 * threads.PARALLEL_WORK, device) == 1
+        assert resolve_threads(5, 0, device) == 5
+    assert resolve_threads(np.int64(2), 0, "cpu") == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, "many", 1.5, 2.0, True, None, "Auto"])
+def test_resolve_threads_rejects_bad_values(bad):
+    with pytest.raises(ValueError) as info:
+        resolve_threads(bad, 0, "cpu")
+    msg = str(info.value)
+    assert msg.startswith("threads must be")
+    assert '"auto"' in msg and "integer >= 1" in msg and repr(bad) in msg
+
+
+def test_chunk_work_counts_the_logits_of_a_chunk():
+    # One logit per (patch, template, shift), the shifts a 2L x 2L grid: the logits array of a
+    # chunk of 7 patches, 3 templates, L = 5.
+    assert chunk_work(7, 3, 5) == torch.empty(7, 3, 10, 10).numel()
+    for bad in ((0, 3, 5), (7, 0, 5), (7, 3, 0), (7, 3, 1.5)):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            chunk_work(*bad)
+
+
+@pytest.mark.parametrize(("L", "K", "N"), [(28, 4, 308), (5, 8, 1000)])
+def test_engine_default_cpu_chunks_run_on_one_thread(default3, L, K, N):
+    """The engine's default CPU chunks (~2 ms each, sized to stay in cache) are below
+    PARALLEL_WORK: one thread; the same problem in chunks holding PARALLEL_WORK elements gets the
+    default. This is the measured case of issue 11 (see bench_threads)."""
+    D = (N // L) ** 2
+    em = mtd.ApproximateEM(mtd.Rotations(L, K=K), dtype=torch.float64)
+    chunk, blocks = em.estep.chunking(D)
+    block = max(b.stop - b.start for b in blocks)
+    assert threads_for(chunk_work(chunk, block, L), "cpu") == 1
+    big = -(-threads.PARALLEL_WORK // (K * 4 * L * L))
+    if big <= D:
+        em = mtd.ApproximateEM(
+            mtd.Rotations(L, K=K), compute=mtd.Compute(chunk_size=big), dtype=torch.float64
+        )
+        chunk, blocks = em.estep.chunking(D)
+        assert threads_for(chunk_work(chunk, K, L), "cpu") == 3
