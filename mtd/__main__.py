@@ -55,9 +55,8 @@ def main(argv=None) -> int:
         f"measurement {N} x {N}: {len(meas.angles)} copies of a {truth.shape[0]}-pixel digit, "
         f" SNR {args.snr:g} (sigma {meas.sigma:.4f}), K = {args.K}"
     )
-    em = mtd.ApproximateEM(
-        truth.shape[0], K=args.K, iterations=args.iterations, device=args.device, dtype=args.dtype
-    )
+    group = mtd.Rotations(truth.shape[0], args.K)
+    em = mtd.ApproximateEM(group, iterations=args.iterations, device=args.device, dtype=args.dtype)
     from tqdm import tqdm
 
     bar = tqdm(total=args.iterations, desc="EM", unit="it", file=sys.stdout)

@@ -123,12 +123,15 @@ def run_case(L, N, K, dtype, naive_patches, repeats, rng, device="cpu"):
     data = meas.data.numpy()
     F = image + 0.1 * rng.standard_normal((L, L))
     rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
-    em = mtd.ApproximateEM(L, K=K, dtype=dtype, device=device)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=dtype, device=device)
     one, D = engine_iteration(em, data, F, rho, meas.sigma)
-    fft_chunk = mtd.ApproximateEM(L, K=K, dtype=dtype, method="fft", device=device)._chunk(D)
+    fft = mtd.ApproximateEM(
+        mtd.Rotations(L, K), compute=mtd.Compute(method="fft"), dtype=dtype, device=device
+    )
+    fft_chunk = fft.estep.chunking(D)[0]
     fns = {
         "ours": one,
-        "own": bare(L, K, D, em.method, dtype, em._chunk(D), device=device),
+        "own": bare(L, K, D, em.estep.method, dtype, em.estep.chunking(D)[0], device=device),
         "fft": bare(L, K, D, "fft", dtype, fft_chunk, True, device),
     }
     t = timed(fns, repeats, device)
@@ -153,7 +156,7 @@ def run_case(L, N, K, dtype, naive_patches, repeats, rng, device="cpu"):
     return {
         "case": f"L={L} N={N} K={K}",
         "D": D,
-        "method": em.method,
+        "method": em.estep.method,
         "ours_ms": 1e3 * t["ours"],
         "fft_ms": 1e3 * t["fft"],
         "own_ms": 1e3 * t["own"],
@@ -171,7 +174,10 @@ def compare_methods(dtype, repeats, device="cpu"):
         rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
         t = {}
         for method in ("fft", "gemm"):
-            em = mtd.ApproximateEM(L, K=8, dtype=dtype, method=method, device=device)
+            compute = mtd.Compute(method=method)
+            em = mtd.ApproximateEM(
+                mtd.Rotations(L, 8), compute=compute, dtype=dtype, device=device
+            )
             one, _ = engine_iteration(em, data, F, rho, 1.0)
             t[method] = 1e3 * timed({method: one}, repeats, device)[method]
         best = min(t, key=t.get)

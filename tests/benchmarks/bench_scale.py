@@ -34,7 +34,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def one_size(path: str, L: int, K: int, dtype: str, repeats: int) -> dict:
+def one_size(path: str, L: int, K: int, dtype: str, repeats: int, device: str = "cpu") -> dict:
     """Runs in the child process: time and peak memory of EM iterations on one file."""
     import torch
 
@@ -43,11 +43,14 @@ def one_size(path: str, L: int, K: int, dtype: str, repeats: int) -> dict:
 
     base = peak_rss_bytes()
     dt = getattr(torch, dtype)
-    em = mtd.ApproximateEM(L, K=K, sigma=1.0, stream=True, dtype=dt)
+    compute = mtd.Compute(stream=True)
+    em = mtd.ApproximateEM(
+        mtd.Rotations(L, K), sigma=1.0, compute=compute, dtype=dt, device=device
+    )
     data = em.prepare(path)
     rng = np.random.default_rng(0)
-    F = torch.as_tensor(rng.uniform(0, 1, (L, L)), dtype=dt)
-    log_rho = torch.full((2 * L, 2 * L), 1.0 / (4 * L * L), dtype=dt).log()
+    F = torch.as_tensor(rng.uniform(0, 1, (L, L)), dtype=dt, device=em.device)
+    log_rho = torch.full((2 * L, 2 * L), 1.0 / (4 * L * L), dtype=dt, device=em.device).log()
 
     def iteration():
         stats = em.e_step(data, F, log_rho, 1.0)
@@ -56,15 +59,18 @@ def one_size(path: str, L: int, K: int, dtype: str, repeats: int) -> dict:
 
     iteration()
     peak = peak_rss_bytes() - base  # the engine's alone
+    chunk = em.estep.chunking(data.D)[0]
     t = timed(
-        {"ours": iteration, "bare": bare(L, K, data.D, em.method, dt, em._chunk(data.D))}, repeats
+        {"ours": iteration, "bare": bare(L, K, data.D, em.estep.method, dt, chunk, device=device)},
+        repeats,
+        device,
     )
     return {
         "D": data.D,
         "seconds": t["ours"],
         "bare": t["bare"],
         "peak": peak,
-        "method": em.method,
+        "method": em.estep.method,
     }
 
 
@@ -86,10 +92,13 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-straightforward", action="store_true")
+    p.add_argument("--device", default="cpu", help="of the engine and the bare GEMMs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: the path of one measurement
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one_size(args.one, args.L, args.K, args.dtype, args.repeats)))
+        print(
+            json.dumps(one_size(args.one, args.L, args.K, args.dtype, args.repeats, args.device))
+        )
         return
 
     import torch
@@ -121,6 +130,8 @@ def main(argv=None):
                 args.dtype,
                 "--repeats",
                 str(args.repeats),
+                "--device",
+                args.device,
             ]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             r["N"], r["file"] = N, path.stat().st_size
@@ -147,6 +158,7 @@ def main(argv=None):
             naive_patches=200,
             repeats=3,
             rng=np.random.default_rng(0),
+            device=args.device,
         )
         print(
             f"L = 5, N = 1000, K = 8: engine {r['ours_ms']:.1f} ms, straightforward NumPy "

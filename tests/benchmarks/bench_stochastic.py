@@ -49,23 +49,22 @@ def main(argv=None):
     truth = torch.as_tensor(rng.uniform(0, 1, (args.L, args.L)))
     meas = mtd.simulate(truth, args.N, density=0.1, snr=args.snr, K=args.K, seed=args.seed)
     init = torch.as_tensor(rng.uniform(0, 1, (args.L, args.L)))
-    common = dict(K=args.K, sigma=meas.sigma, tol=args.tol, dtype=getattr(torch, args.dtype))
+    common = dict(sigma=meas.sigma, tol=args.tol, dtype=getattr(torch, args.dtype))
+    group = mtd.Rotations(args.L, args.K)
     print(
         f"N = {args.N}, L = {args.L}, K = {args.K}, SNR {args.snr:g}, "
         f"{len(meas.angles)} copies, {(args.N // args.L) ** 2} patches, {args.dtype}"
     )
     full = run(
-        mtd.ApproximateEM(args.L, iterations=args.iterations, **common), meas.data, init, truth
+        mtd.ApproximateEM(group, iterations=args.iterations, **common), meas.data, init, truth
     )
     print(f"full EM               error {full[0]:.4f}  {full[1]:>4} iterations  {full[2]:7.1f} s")
     for S in args.S:
         for polish in args.polish:
             em = mtd.ApproximateEM(
-                args.L,
+                group,
                 iterations=args.stochastic_iterations,
-                stochastic=S,
-                seed=args.seed,
-                polish=polish,
+                stochastic=mtd.Stochastic(S, polish=polish, seed=args.seed),
                 **common,
             )
             st = run(em, meas.data, init, truth)
