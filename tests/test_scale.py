@@ -189,4 +189,3 @@ def test_thousands_of_templates_stay_within_the_chunk_memory():
         assert work[K] <= budget_bytes, (K, work[K], budget_bytes)
         blocks = em.estep.chunking(4)[1]
         assert (len(blocks) == 1) == (K == 16) and blocks[-1].stop == K
-    assert work[2000] <= 1.1 * work[16]
