@@ -163,11 +163,13 @@ def main(argv=None) -> int:
         )
     text, means = table(runs)
     seconds = sum(r["seconds"] for r in runs)
-    print("Mean relative error (the paper's: minimised over rotations)\n")
+    print(
+        "Mean relative error (the paper's: minimised over each run's group, em/group and em.K)\n"
+    )
     print(text)
     if all(r["shifted"] for r in runs):
         shift = json.loads((runs[0]["folder"] / "summary.json").read_text())["config"]["max_shift"]
-        print(f"\nMinimised over rotations and translations by up to {shift} pixels\n")
+        print(f"\nMinimised over the group and translations by up to {shift} pixels\n")
         print(table(runs, "shifted")[0])
     print(f"\n{len(runs)} runs, {seconds:.0f} s of EM in all")
     out = args.folders[0]
