@@ -26,6 +26,7 @@ import torch
 from mtd.group import TransformSet
 from mtd.likelihood import Form, choose_method, make_form, template_energy
 from mtd.patches import PatchSource
+from mtd.threads import chunk_work, limit_threads, resolve_threads
 
 # Streamed E-steps read and transform patches a block of chunks at a time: at most this many bytes
 # of patch transforms in memory.
@@ -45,11 +46,14 @@ class Compute:
         stream: hold the patch transforms in memory (False) or stream the patches from the
             measurement a block at a time in every E-step (True: memory bounded by the block,
             not by N); None streams measurements given as files and holds in-memory ones.
+        threads: intra-op threads of the E-step: "auto" (``mtd.threads.threads_for``: one thread
+            for chunks too small to gain from more, torch's default otherwise) or an integer.
     """
 
     method: str = "auto"
     chunk_size: int | None = None
     stream: bool | None = None
+    threads: int | str = "auto"
 
     def __post_init__(self):
         if self.method not in ("auto", "fft", "gemm"):
@@ -57,6 +61,7 @@ class Compute:
         c = self.chunk_size
         if c is not None and (int(c) != c or c < 1):
             raise ValueError(f"chunk_size must be an integer >= 1 or None, got {c!r}")
+        resolve_threads(self.threads, 0)  # validates
 
 
 @dataclass
@@ -389,6 +394,13 @@ class EStep:
         # chunk of one patch that costs the per-chunk overhead for nothing.
         return math.ceil(D / math.ceil(D / most)), blocks
 
+    def threads(self, D: int) -> int:
+        """Intra-op threads for the E-steps on D patches (``Compute.threads``)."""
+        chunk, blocks = self.chunking(D)
+        size = max(b.stop - b.start for b in blocks)
+        work = chunk_work(max(chunk, 1), size, self.L)
+        return resolve_threads(self.compute.threads, work, self.device)
+
     def _chunks(self, data: Patches, subset: torch.Tensor | None, comm) -> list:
         """The patch indices of this process's chunks: slices of all patches, or of ``subset``."""
         chunk, _ = self.chunking(data.D)
@@ -577,8 +589,9 @@ class EStep:
         """
         _, blocks = self.chunking(data.D)
         total = StatisticsSum(self, blocks)
-        for post, energy in self.posteriors(data, x, log_rho, sigma2, subset, comm):
-            total.add(post, energy)
+        with limit_threads(self.threads(data.D)):
+            for post, energy in self.posteriors(data, x, log_rho, sigma2, subset, comm):
+                total.add(post, energy)
         scale = 1.0 if subset is None else data.D / len(subset)
         return total.result(data.D, comm, scale)
 
@@ -587,8 +600,9 @@ class EStep:
     ) -> PatchSummaries:
         """Per-patch posterior summaries over all patches (``PatchSummaries``)."""
         summary = PatchSummary(self, data.D)
-        for post, energy in self.posteriors(data, x, log_rho, sigma2, comm=comm):
-            summary.add(post, energy)
+        with limit_threads(self.threads(data.D)):
+            for post, energy in self.posteriors(data, x, log_rho, sigma2, comm=comm):
+                summary.add(post, energy)
         return summary.result(comm)
 
     def log_likelihoods(self, data: Patches, x: torch.Tensor, sigma: float) -> torch.Tensor:
