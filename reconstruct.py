@@ -214,12 +214,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     if cfg.em.baseline == "closed_form":  # the run without the prior is closed-form EM
         m_steps["no_prior"] = mtd.ClosedForm()
     ems = {v: build_em(cfg, group, m_steps[v], sigma, device) for v in variants}
-    if score is not None and isinstance(m_steps["prior"], mtd.Denoise):
-        if not score.time_conditioned:
-            raise ValueError(
-                f"em/m_step=denoise needs a time-conditioned prior; {cfg.ckpt} is time-free "
-                "(ISM): use em/m_step=gradient"
-            )
+    m_steps["prior"].check_prior(score)  # before the long pass over the data
     init = initial_guess(cfg, L, prior, truth)
     metrics: dict = {}
     if truth is not None:  # (checks the truth's shape before the long work)

@@ -215,6 +215,11 @@ class Denoise(MStep):
                 "(priors.ScorePrior and AnalyticGaussianPrior have one); a bare score function "
                 "has not"
             )
+        if prior is not None and getattr(prior, "time_conditioned", True) is False:
+            raise ValueError(
+                "the Denoise M-step needs a time-conditioned prior (its score at the diffusion "
+                "time of each noise level); this prior is time-free (ISM): use a Gradient M-step"
+            )
 
     def gamma(self, tau: int, T: int) -> float:
         return self.schedule(tau, T)
