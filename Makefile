@@ -16,7 +16,7 @@
 #   SYSTEM_SITE=1             the venv sees the packages of $(PYTHON) (a GPU image's CUDA torch);
 #                             pip then installs only what is missing
 #   PIP_ARGS=... INSTALL=...  what pip is given: offline, e.g. PIP_ARGS="--no-index
-#                             --find-links DIR --no-deps" INSTALL="-e . DIR/*.whl"
+#                             --find-links DIR --no-deps" INSTALL="DIR/*.whl"
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -25,8 +25,8 @@
 #
 # Set-up: the virtual environment $VENV (default .venv) if it exists; else `make install`. On a
 # GPU image whose python3 already holds CUDA torch (and no registry can be reached) the venv is
-# made over it (SYSTEM_SITE=1) and pip installs, offline, the project and the wheels in
-# .gpu-wheels/ (made beforehand by `make gpu-wheels` on a machine with a registry; carry it).
+# made over it (SYSTEM_SITE=1) and pip installs, offline, the wheels in .gpu-wheels/ of what
+# the image lacks (made beforehand by `make gpu-wheels` on a machine with a registry; carry it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,11 +49,13 @@ setup() {
         command -v make >/dev/null || { echo "no $VENV and no make to set it up"; return 1; }
         if python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
             if [ -d "$WHEELS" ]; then
-                # Offline: the project (no build isolation: setuptools comes from the image) and the
-                # wheels of what the image lacks; everything else is the image's own.
+                # Offline: the wheels of what the image lacks; everything else is the image's
+                # own. The project itself is not installed (building it would need the image's
+                # setuptools to be recent enough): every step runs from the repository root,
+                # where mtd and priors import as they are.
                 make install VENV="$VENV" SYSTEM_SITE=1 \
-                    PIP_ARGS="--no-index --no-deps --no-build-isolation --find-links $WHEELS" \
-                    INSTALL="-e . $(echo "$WHEELS"/*.whl)"
+                    PIP_ARGS="--no-index --no-deps --find-links $WHEELS" \
+                    INSTALL="$(echo "$WHEELS"/*.whl)"
             else
                 # A registry in reach: the image's CUDA torch satisfies the bounds and stays.
                 make install VENV="$VENV" SYSTEM_SITE=1
