@@ -123,11 +123,27 @@ def test_m_steps_and_rho_equal_brute_force(L, K, rng):
     np.testing.assert_allclose(
         em.closed_form(stats, Ft).numpy(), ref.closed_form_m_step(w, patch_list, K), rtol=1e-8
     )
-    # Gradient of Q, and one step of eq. (18) with a prior.
+    # Gradient of Q, and one step of eq. (18) with a prior: the Gradient M-step at iteration
+    # tau = 2 of T = 5 weighs the score by the paper's linspace(0, 1, 5)[2] = 0.5.
     g = ref.grad_q(w, patch_list, F, sigma, K)
     np.testing.assert_allclose(em.grad_q(stats, Ft, sigma**2).numpy(), g, rtol=1e-9, atol=1e-9)
-    # rho, eq. (18) of the approximate-EM paper.
-    np.testing.assert_allclose((stats.omega.sum(0) / stats.D).numpy(), w.sum((0, 1)) / len(w))
+    mu = rng.uniform(0, 1, (L, L))
+    prior = lambda x, t: -(x - torch.from_numpy(mu))  # noqa: E731  the score of N(mu, I)
+    stepped, info = em.m_step.step(em.group, stats, Ft, sigma**2, 2, 5, prior)
+    expected = F + 1e-3 * (g + np.linspace(0, 1, 5)[2] * -(F - mu))
+    np.testing.assert_allclose(stepped.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert info["gamma"] == 0.5 and info["lr"] == 1e-3
+    # rho, eq. (18) of the approximate-EM paper, as the EM loop updates it: one iteration from
+    # the uniform rho (fit's start) gives the posteriors' mean shift occupancy.
+    uniform = np.full((2 * L, 2 * L), 1 / (4 * L * L))
+    w0, _ = ref.e_step(patch_list, F, uniform, sigma, K)
+    loop = mtd.ApproximateEM(mtd.Rotations(L, K), sigma=sigma, iterations=1, dtype=torch.float64)
+    res = loop.fit(data, Ft)
+    np.testing.assert_allclose(res.rho.numpy(), w0.sum((0, 1)) / len(w0), rtol=1e-9, atol=1e-15)
+    shifts = np.arange(2 * L)
+    empty = (shifts[:, None] == L) | (shifts[None, :] == L)  # l_x = L or l_y = L: a blank crop
+    mass = w0.sum((0, 1))[empty].sum() / len(w0)
+    assert res.history[0]["empty_mass"] == pytest.approx(mass, rel=1e-9)
 
 
 @pytest.mark.parametrize("L,K", [(4, 4), (5, 8)])
@@ -183,19 +199,16 @@ def test_one_gradient_iteration_is_eq_18(rng):
 
 
 def test_reference_iteration_matches_engine(rng):
-    """The benchmark's baseline computes the same iteration as the engine."""
+    """The benchmark's baseline computes the same iteration as the engine's loop."""
     L, K = 4, 4
-    data, F, rho, sigma = tiny_case(L, K, rng)
+    data, F, _, sigma = tiny_case(L, K, rng)
+    rho = np.full((2 * L, 2 * L), 1 / (4 * L * L))  # where fit starts
     F_ref, rho_ref, loglik = ref.iteration(ref.patches(data, L), F, rho, sigma, K)
-    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=torch.float64)
-    stats = em.e_step(
-        em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
-    )
-    np.testing.assert_allclose(
-        em.closed_form(stats, torch.from_numpy(F)).numpy(), F_ref, rtol=1e-9
-    )
-    np.testing.assert_allclose((stats.omega.sum(0) / stats.D).numpy(), rho_ref, rtol=1e-9)
-    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), sigma=sigma, iterations=1, dtype=torch.float64)
+    res = em.fit(data, torch.from_numpy(F))
+    np.testing.assert_allclose(res.estimate.numpy(), F_ref, rtol=1e-9)
+    np.testing.assert_allclose(res.rho.numpy(), rho_ref, rtol=1e-9)
+    assert float(res.loglik[0]) == pytest.approx(loglik, rel=1e-10)
 
 
 @pytest.mark.parametrize("L,K", [(5, 4), (4, 8)])
@@ -217,15 +230,37 @@ def test_chunk_size_does_not_change_results(L, K, rng):
         assert abs(r.sigma - runs[0].sigma) < 1e-10
 
 
-def test_sigma_estimate_maximises_q(rng):
+def test_sigma_estimate_maximises_q_at_the_new_estimate(rng):
+    # sigma=None: the M-step's sigma^2 is argmax of Q (eq. 16 with its -D L^2 / 2 log sigma^2)
+    # at the new estimate, the mean squared residual of the patches under the posteriors of the
+    # E-step, sum_m sum_{l,k} w ||M_m - C T_l Z R_k F_new||^2 / (D L^2). Brute force: the
+    # posteriors at the first E-step (uniform rho, sigma^2 = the patches' mean power), the
+    # closed-form F_new, the residual by loops.
     L, K = 5, 4
-    data, F, rho, _ = tiny_case(L, K, rng)
-    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=torch.float64)
-    stats = em.e_step(em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), 0.5)
-    Ft = torch.from_numpy(F)
-    s2 = float(em.residual(stats, Ft)) / (stats.D * L * L)
-    full_q = lambda v: float(em.q_function(stats, Ft, v)) - 0.5 * stats.D * L * L * math.log(v)  # noqa: E731
-    assert full_q(s2) > full_q(s2 * 1.01) and full_q(s2) > full_q(s2 * 0.99)
+    data, F, _, _ = tiny_case(L, K, rng)
+    patch_list = ref.patches(data, L)
+    sigma0 = math.sqrt(np.square(data).mean())
+    w, _ = ref.e_step(patch_list, F, np.full((2 * L, 2 * L), 1 / (4 * L * L)), sigma0, K)
+    F_new = ref.closed_form_m_step(w, patch_list, K)
+
+    def mean_residual(X):
+        RX = ref.rotations(X, K)
+        total = sum(
+            w[m, k, lx, ly] * np.square(Mm - ref.crop_shift(RX[k], lx, ly)).sum()
+            for m, Mm in enumerate(patch_list)
+            for k in range(K)
+            for lx in range(2 * L)
+            for ly in range(2 * L)
+        )
+        return total / (len(patch_list) * L * L)
+
+    expected = mean_residual(F_new)
+    assert abs(mean_residual(F) / expected - 1) > 0.05  # the old estimate's would differ
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), sigma=None, iterations=1, dtype=torch.float64)
+    res = em.fit(data, torch.from_numpy(F))
+    np.testing.assert_allclose(res.estimate.numpy(), F_new, rtol=1e-8)
+    assert res.history[0]["sigma"] ** 2 == pytest.approx(expected, rel=1e-9)
+    assert res.sigma**2 == pytest.approx(expected, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,47 +13,75 @@ from priors.prior import AnalyticGaussianPrior, ScorePrior, score_error
 PRETRAINED = Path(__file__).resolve().parents[1] / "priors" / "pretrained"
 
 
-# The bounds are the priors issue's goal, 5%; the README gives the measured figures.
-@pytest.mark.parametrize(
-    "name,bounds",
-    [
-        ("gaussian_ism.ckpt", {0.0: 0.05}),
-        (
-            "gaussian_dsm.ckpt",
-            {0.01: 0.05, 0.05: 0.05, 0.1: 0.05, 0.3: 0.05, 0.6: 0.05, 1.0: 0.05},
-        ),
-    ],
-)
-def test_shipped_gaussian_priors_match_the_analytic_score(name, bounds):
-    path = PRETRAINED / name
-    assert path.stat().st_size < 20e6
-    raw = torch.load(path, weights_only=True)
-    assert all(k.startswith("ema.") or k == "held_out" for k in raw["state_dict"])  # EMA only
-    prior = ScorePrior.from_checkpoint(path)
+# The README's figures (relative L2 error of the score on 10,000 samples of x_t, seed 0), each
+# bound the claim rounded up plus the margin a seed change needs: over seeds 0-4 the errors move
+# by at most 0.0002 (ISM; 2.72-2.74%) and 0.0007 (DSM at t = 1: 4.56-4.63%), so a bound is the
+# claimed figure + 0.0005 (its rounding) + 0.0005 (the seed), 0.001 in all.
+MARGIN = 0.001
+README_SCORE_ERRORS = {
+    "gaussian_ism.ckpt": {0.0: 0.027},
+    "gaussian_dsm.ckpt": {
+        0.01: 0.041,
+        0.04: 0.028,
+        0.1: 0.035,
+        0.3: 0.040,
+        0.6: 0.031,
+        1.0: 0.046,
+    },
+}
+
+
+def _gaussian(name):
+    prior = ScorePrior.from_checkpoint(PRETRAINED / name)
     mu = torch.tensor(prior.meta["mu"]).reshape(5, 5)
-    truth = AnalyticGaussianPrior(mu, prior.sde)
 
     def draw(n, g):  # the data distribution N(mu, I)
         return mu + torch.randn((n, 1, 5, 5), generator=g)
 
-    for t, bound in bounds.items():
+    return prior, AnalyticGaussianPrior(mu, prior.sde), draw
+
+
+@pytest.mark.parametrize("name", list(README_SCORE_ERRORS))
+def test_shipped_gaussian_priors_match_the_analytic_score(name):
+    path = PRETRAINED / name
+    assert path.stat().st_size < 20e6
+    raw = torch.load(path, weights_only=True)
+    assert all(k.startswith("ema.") or k == "held_out" for k in raw["state_dict"])  # EMA only
+    prior, truth, draw = _gaussian(name)
+    for t, claim in README_SCORE_ERRORS[name].items():
         err = score_error(prior, truth, draw, t)
-        assert err < bound, (t, err)
+        assert err < claim + MARGIN, (t, err, claim)
+
+
+def test_shipped_dsm_prior_is_within_the_claimed_error_at_every_time():
+    # "at most 4.6% on 24 times from 0.01 to 1" (the largest is at t = 1).
+    prior, truth, draw = _gaussian("gaussian_dsm.ckpt")
+    errors = [score_error(prior, truth, draw, float(t)) for t in np.geomspace(0.01, 1, 24)]
+    assert max(errors) < 0.046 + MARGIN, max(errors)
+
+
+# The README: Tweedie denoising of the held-out digits cuts the error to 0.36 / 0.25 / 0.17 of the
+# noisy input's at t = 0.01 / 0.05 / 0.2. Measured here with 8 noise draws per digit (80
+# images): 0.361-0.366 / 0.258-0.262 / 0.162-0.166 over seeds 0-4 (one draw per digit spreads
+# 0.36-0.37 / 0.25-0.27 / 0.16-0.19). Bounds: the claim + 0.015 (0.01 for the two-digit
+# rounding, where 0.26 was written 0.25, and 0.005 for the seed).
+README_TWEEDIE = {0.01: 0.36, 0.05: 0.25, 0.2: 0.17}
 
 
 def test_shipped_mnist_prior_denoises_held_out_digits():
     path = PRETRAINED / "mnist.ckpt"
     assert path.stat().st_size < 20e6
     prior = ScorePrior.from_checkpoint(path)
-    x0 = prior.held_out[:, None]  # the ten reconstruction targets, never seen in training
-    assert x0.shape == (10, 1, 28, 28) and len(prior.meta["held_out"]) == 10
+    assert prior.held_out.shape == (10, 28, 28) and len(prior.meta["held_out"]) == 10
+    x0 = prior.held_out[:, None].repeat(8, 1, 1, 1)  # the ten targets, never seen in training
     g = torch.Generator().manual_seed(0)
-    for t in (0.05, 0.2):
+    for t, claim in README_TWEEDIE.items():
         a, s = float(prior.sde.alpha(t)), float(prior.sde.sigma(t))
         noisy = a * x0 + s * torch.randn(x0.shape, generator=g)
         before = (noisy / a - x0).norm()
         after = (prior.denoise(noisy, t) - x0).norm()
-        assert after < 0.5 * before, (t, float(after / before))
+        assert after < (claim + 0.015) * before, (t, float(after / before))
+        assert after > (claim - 0.03) * before, (t, float(after / before))  # not a better net
 
 
 # ------------------------------------------------------------------------------------------------

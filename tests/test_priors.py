@@ -154,6 +154,34 @@ def _closed_form_sigma(t: torch.Tensor, beta_min: float, beta_max: float) -> tor
 TINY_UNET = {"name": "unet", "image_size": 8, "channels": 8, "mults": [1, 2], "emb_dim": 16}
 
 
+def test_ema_is_the_exponential_moving_average_of_the_trained_weights():
+    # After the weights w_1..w_n of n training steps, the EMA with decay d started at e_0 is
+    # d^n e_0 + sum_i (1 - d) d^(n - i) w_i (the definition; DESIGN section 5). A copy of the
+    # raw weights would be w_n.
+    module = ScoreModule(
+        net={"name": "mlp", "image_size": 3, "hidden": 4, "time": True}, ema_decay=0.8
+    ).double()
+    g = torch.Generator().manual_seed(0)
+    start = [e.detach().clone() for e in module.ema.parameters()]
+    steps = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in module.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        steps.append([p.detach().clone() for p in module.net.parameters()])
+        module.on_train_batch_end(None, None, 0)
+    n = len(steps)
+    for j, e in enumerate(module.ema.parameters()):
+        expected = 0.8**n * start[j] + sum(
+            0.2 * 0.8 ** (n - 1 - i) * steps[i][j] for i in range(n)
+        )
+        torch.testing.assert_close(e.detach(), expected, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(e, steps[-1][j])
+    # The weights trained are the raw ones; the EMA takes no gradient.
+    assert all(p.requires_grad for p in module.net.parameters())
+    assert not any(e.requires_grad for e in module.ema.parameters())
+
+
 def test_a_non_default_beta_max_drives_the_loss_the_score_and_the_checkpoint(tmp_path):
     sde_hp = {"beta_min": 0.1, "beta_max": 5.0, "N": 1000}
     meta = {"name": "mnist", "image_size": 8, "units": 1.0}
@@ -376,6 +404,10 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, dig
     x = torch.rand(2, 1, 28, 28)
     ema_score = model.score_fn(model.ema)(x, torch.full((2,), 0.1))
     assert torch.allclose(prior(x, 0.1), ema_score, atol=1e-6)
+    # ... and the EMA weights are an average, not the last step's raw weights.
+    ema, raw = (torch.cat([p.flatten() for p in m.parameters()]) for m in (model.ema, model.net))
+    assert not torch.allclose(ema, raw)
+    assert not torch.allclose(prior(x, 0.1), model.score_fn(model.net)(x, torch.full((2,), 0.1)))
     held = prior.meta["held_out"]
     images = objects["datamodule"].images
     assert len(held) == 10 and torch.equal(prior.held_out, images[held])
