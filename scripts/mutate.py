@@ -1,0 +1,389 @@
+"""Mutation check: put plausible bugs into the engine and the priors, one at a time, and see which
+the default tests catch.
+
+    python scripts/mutate.py                 # every mutation, its own test selection (~4 min)
+    python scripts/mutate.py --only snr-formula ema-copy
+    python scripts/mutate.py --full          # the whole default suite per mutation (slow)
+    python scripts/mutate.py --list
+
+Each mutation is (name, file, exact old text, new text, tests): the old text must occur exactly
+once in the file. The working tree (what git tracks plus untracked files it does not ignore) is
+copied into a temporary directory once; there each mutation is applied, ``python -m pytest -x -q``
+runs on its test selection (a subset of the default suite, chosen so that the whole check takes
+minutes; with ``--full`` the whole default suite), and the file is restored. The shared working
+tree is never touched. The selection runs unmutated first: it must pass, else nothing is
+concluded.
+
+Prints a table name / file / killed by / result and exits non-zero if any mutation survives, or
+its old text is no longer in the file (the code moved on: update the mutation). When a test suite
+misses a bug found in the wild, add the bug here with the test that now kills it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+def M(name, file, old, new, *tests):
+    return Mutation(name, file, old, new, tests)
+
+
+CLAIMS = "tests/test_claims.py"
+EXACT = "tests/test_exact.py"
+SIM = "tests/test_simulator.py"
+
+MUTATIONS = [
+    # ---- the six bugs of issue 16 ---------------------------------------------------------------
+    M(
+        "empty-mask-off-by-one",
+        "mtd/estep.py",
+        "empty[L, :] = empty[:, L] = True",
+        "empty[L - 1, :] = empty[:, L - 1] = True",
+        f"{CLAIMS}::test_empty_mass_is_one_on_blank_patches_and_zero_on_patches_holding_a_copy",
+        f"{CLAIMS}::test_empty_mass_of_a_blank_measurement_is_one",
+    ),
+    M(
+        "snr-formula",
+        "mtd/measurement.py",
+        "sigma = math.sqrt(energy / (snr * L * L))",
+        "sigma = math.sqrt(energy / (L * L)) / snr",
+        f"{SIM}::test_snr_is_the_ratio_of_image_power_to_noise_power",
+    ),
+    M(
+        "ema-copy",
+        "priors/module.py",
+        "e.lerp_(p, 1 - decay)",
+        "e.copy_(p)",
+        "tests/test_priors.py::test_ema_is_the_exponential_moving_average_of_the_trained_weights",
+    ),
+    M(
+        "anneal-reversed",
+        "mtd/msteps.py",
+        "self.anneal_from ** (1 - u) * level**u",
+        "self.anneal_from**u * level ** (1 - u)",
+        f"{CLAIMS}::test_denoiser_noise_is_sigma_over_root_coverage_annealed_geometrically_from_above",
+        f"{CLAIMS}::test_the_history_records_the_annealed_noise",
+    ),
+    M(
+        "sigma-at-old-estimate",
+        "mtd/em.py",
+        "self.residual(stats, x_new)",
+        "self.residual(stats, x)",
+        f"{EXACT}::test_sigma_estimate_maximises_q_at_the_new_estimate",
+    ),
+    M(
+        "restart-prior-sign",
+        "mtd/em.py",
+        "score += gamma * self.log_prior(prior, res.estimate)",
+        "score -= gamma * self.log_prior(prior, res.estimate)",
+        f"{CLAIMS}::test_restarts_with_a_prior_rank_by_loglik_plus_gamma_log_prior",
+    ),
+    # ---- the engine -----------------------------------------------------------------------------
+    M(
+        "rho-normalised-by-DK",
+        "mtd/em.py",
+        "rho = stats.omega.sum(0) / stats.D",
+        "rho = stats.omega.sum(0) / (stats.D * self.K)",
+        f"{EXACT}::test_reference_iteration_matches_engine",
+        f"{EXACT}::test_m_steps_and_rho_equal_brute_force",
+    ),
+    M(
+        "rotation-clockwise",
+        "mtd/rotations.py",
+        "    sy = cos * y + sin * x + c\n    sx = -sin * y + cos * x + c",
+        "    sy = cos * y - sin * x + c\n    sx = sin * y + cos * x + c",
+        f"{CLAIMS}::test_rotation_turns_about_the_centre_counter_clockwise",
+    ),
+    M(
+        "rotation-centre",
+        "mtd/rotations.py",
+        "    c = (L - 1) / 2\n    i, j = torch.meshgrid(",
+        "    c = L / 2\n    i, j = torch.meshgrid(",
+        f"{CLAIMS}::test_rotation_turns_about_the_centre_counter_clockwise",
+    ),
+    M(
+        "rotation-drops-last-row",  # the fill: the last row and column read as outside
+        "mtd/rotations.py",
+        "inside = (ys >= 0) & (ys <= L - 1) & (xs >= 0) & (xs <= L - 1)",
+        "inside = (ys >= 0) & (ys < L - 1) & (xs >= 0) & (xs < L - 1)",
+        f"{CLAIMS}::test_rotation_turns_about_the_centre_counter_clockwise",
+    ),
+    M(
+        "dihedral-not-mirrored",
+        "mtd/rotations.py",
+        "mirrored = index - col + (L - 1 - col)",
+        "mirrored = index",
+        f"{EXACT}::test_dihedral_e_step_and_m_step_equal_brute_force",
+    ),
+    M(
+        "coverage-box-off-by-one",
+        "mtd/estep.py",
+        "rows = ext.unfold(1, L, 1)[:, :L].sum(-1)",
+        "rows = ext.unfold(1, L, 1)[:, 1 : L + 1].sum(-1)",
+        f"{EXACT}::test_e_step_statistics_equal_brute_force",
+    ),
+    M(
+        "loglik-normaliser-per-patch",
+        "mtd/estep.py",
+        "norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)",
+        "norm = -0.5 * math.log(2 * math.pi * sigma2)",
+        f"{EXACT}::test_e_step_statistics_equal_brute_force",
+    ),
+    M(
+        "stochastic-unscaled",
+        "mtd/estep.py",
+        "scale = 1.0 if subset is None else data.D / len(subset)",
+        "scale = 1.0",
+        "tests/test_scale.py::test_stochastic_statistics_are_the_subset_sums_scaled_to_all_patches",
+    ),
+    M(
+        "linear-gamma-over-T",
+        "mtd/msteps.py",
+        "self.max * min(tau / (T - 1), 1.0)",
+        "self.max * min(tau / T, 1.0)",
+        f"{EXACT}::test_m_steps_and_rho_equal_brute_force",
+    ),
+    M(
+        "gradient-prior-sign",
+        "mtd/msteps.py",
+        "direction = direction + gamma * _image_prior(prior, x_new, self.prior_t)",
+        "direction = direction - gamma * _image_prior(prior, x_new, self.prior_t)",
+        f"{EXACT}::test_one_gradient_iteration_is_eq_18",
+    ),
+    M(
+        "denoise-blend-swapped",
+        "mtd/msteps.py",
+        "return (1 - gamma) * x_ml + gamma * denoised, info",
+        "return gamma * x_ml + (1 - gamma) * denoised, info",
+        "tests/test_em.py::test_denoise_m_step_is_the_map_step_for_a_gaussian_prior_with_uniform_coverage",
+    ),
+    M(
+        "denoise-noise-is-variance",
+        "mtd/msteps.py",
+        "level = self.noise_scale * math.sqrt(sigma2 / max(mean_coverage, 1e-12))",
+        "level = self.noise_scale * sigma2 / max(mean_coverage, 1e-12)",
+        f"{CLAIMS}::test_denoiser_noise_is_sigma_over_root_coverage_annealed_geometrically_from_above",
+    ),
+    M(
+        "log-prior-weights-doubled",
+        "mtd/em.py",
+        "zip((u + 1) / 2, wq / 2, strict=True)",
+        "zip((u + 1) / 2, wq, strict=True)",
+        "tests/test_em.py::test_log_prior_integrates_the_score",
+        f"{CLAIMS}::test_restarts_with_a_prior_rank_by_loglik_plus_gamma_log_prior",
+    ),
+    M(
+        "relative-error-normaliser",
+        "mtd/metrics.py",
+        "return torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(truth)",
+        "return torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(\n"
+        "        candidates.reshape(len(candidates), -1), dim=1\n    )",
+        "tests/test_measurement.py::test_relative_error_is_rotation_invariant_and_optionally_shift_invariant",
+    ),
+    # ---- the simulator --------------------------------------------------------------------------
+    M(
+        "well-separation-gap",
+        "mtd/measurement.py",
+        'gap = 2 * L - 1 if separation == "well" else L',
+        'gap = 2 * L - 2 if separation == "well" else L',
+        "tests/test_measurement.py::test_plants_exactly_p_copies_with_the_separation_rule",
+    ),
+    M(
+        "mirror-after-rotation",
+        "mtd/measurement.py",
+        "flipped = _copies(mirror(image), angles, K, rotation)",
+        "flipped = mirror(_copies(image, angles, K, rotation))",
+        f"{SIM}::test_copies_are_planted_at_the_returned_positions_and_angles",
+    ),
+    # ---- the priors -----------------------------------------------------------------------------
+    M(
+        "tweedie-sigma-not-squared",
+        "priors/prior.py",
+        "return (x + s**2 * self.score(x, t)) / a",
+        "return (x + s * self.score(x, t)) / a",
+        "tests/test_priors.py::test_tweedie_denoiser_of_the_gaussian_prior",
+    ),
+    M(
+        "posterior-mean-unscaled",
+        "priors/prior.py",
+        "return self.denoise(float(self.sde.alpha(t)) * y, t)",
+        "return self.denoise(y, t)",
+        "tests/test_priors.py::test_posterior_mean_at_a_noise_level_is_the_gaussian_closed_form",
+    ),
+    M(
+        "score-units-once",
+        "priors/prior.py",
+        "out = self.net(x.to(p) / self.scale, t) / self.scale",
+        "out = self.net(x.to(p) / self.scale, t)",
+        f"{CLAIMS}::test_a_prior_in_other_units_has_the_score_of_the_rescaled_density",
+    ),
+    M(
+        "export-keeps-raw-weights",
+        "priors/prior.py",
+        'if k.startswith("ema.") or k == "held_out"}',
+        'if k.startswith(("ema.", "net.")) or k == "held_out"}',
+        f"{CLAIMS}::test_priors_export_keeps_the_ema_weights_only",
+    ),
+    M(
+        "dsm-noise-sign",
+        "priors/losses.py",
+        "residual = std * net(mean + std * z, t) + z",
+        "residual = std * net(mean + std * z, t) - z",
+        "tests/test_priors.py::test_dsm_loss_at_exact_score_is_its_analytic_minimum",
+    ),
+    M(
+        "hutchinson-without-probe",
+        "priors/losses.py",
+        "trace = (g * v).flatten(1).sum(1)",
+        "trace = g.flatten(1).sum(1)",
+        f"{CLAIMS}::test_hutchinson_ism_is_an_unbiased_estimate_of_the_exact_loss",
+    ),
+    M(
+        "corrector-half-noise",
+        "priors/sde.py",
+        "x = x + step * g + torch.sqrt(2 * step) * z",
+        "x = x + step * g + torch.sqrt(step) * z",
+        f"{CLAIMS}::test_reverse_sampler_with_a_corrector_draws_the_data_distribution",
+    ),
+    M(
+        "probability-flow-full-score",
+        "priors/sde.py",
+        "f = f - G**2 * self.score(x, t) * weight",
+        "f = f - G**2 * self.score(x, t)",
+        f"{CLAIMS}::test_reverse_sde_and_probability_flow_ode_carry_noise_to_the_data",
+    ),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """Copy what git carries (tracked files and untracked ones it does not ignore) into dest."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        rel = raw.decode()
+        src = ROOT / rel
+        if not src.is_file():  # deleted in the working tree
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+def run_tests(where: Path, tests, full: bool, timeout: float) -> tuple[int, str, float]:
+    args = [] if full else list(tests)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *args]
+    env = {**os.environ, "PYTHONPATH": str(where), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=where, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return -1, "timeout", time.perf_counter() - start
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+
+
+def killed_by(output: str) -> str:
+    m = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    if m:
+        return m.group(1).split("/")[-1]
+    return "collection / import error" if "error" in output.lower() else "?"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
+    p.add_argument("--full", action="store_true", help="the whole default suite per mutation")
+    p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    args = p.parse_args(argv)
+    names = [m.name for m in MUTATIONS]
+    if len(set(names)) != len(names):
+        p.error("mutation names must be unique")
+    chosen = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            p.error(f"unknown mutation(s) {unknown}; known: {names}")
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:30s} {m.file:20s} {' '.join(m.tests)}")
+        return 0
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
+        where = Path(tmp)
+        copy_tree(where)
+        selection = list(dict.fromkeys(t for m in chosen for t in m.tests))
+        rc, out, secs = run_tests(where, selection, args.full, args.timeout)
+        if rc != 0:
+            print(out[-3000:])
+            print(f"the unmutated tests fail (rc {rc}): fix them before judging mutations")
+            return 2
+        print(f"unmutated: {len(selection)} test selections pass ({secs:.0f} s)", flush=True)
+        rows, bad = [], 0
+        for m in chosen:
+            path = where / m.file
+            text = path.read_text()
+            count = text.count(m.old)
+            if count != 1:
+                rows.append((m.name, m.file, f"old text found {count} times", "STALE", 0.0))
+                bad += 1
+                continue
+            path.write_text(text.replace(m.old, m.new))
+            try:
+                rc, out, secs = run_tests(where, m.tests, args.full, args.timeout)
+            finally:
+                path.write_text(text)
+            if rc == 0:
+                rows.append((m.name, m.file, "-", "SURVIVED", secs))
+                bad += 1
+            elif rc == -1:
+                rows.append((m.name, m.file, "timeout", "killed (timeout)", secs))
+            else:
+                rows.append((m.name, m.file, killed_by(out), "killed", secs))
+            print(f"  {rows[-1][0]}: {rows[-1][3]} ({secs:.0f} s)", flush=True)
+    print()
+    print("| mutation | file | killed by | result |")
+    print("|---|---|---|---|")
+    for name, file, by, result, _ in rows:
+        print(f"| {name} | {file} | {by} | {result} |")
+    total = time.perf_counter() - start
+    survived = sum(r[3] == "SURVIVED" for r in rows)
+    stale = sum(r[3] == "STALE" for r in rows)
+    print(
+        f"\n{len(rows) - survived - stale} of {len(rows)} killed, {survived} survived, "
+        f"{stale} stale; {total:.0f} s ({'whole default suite' if args.full else 'selections'})"
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
