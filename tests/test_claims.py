@@ -245,13 +245,13 @@ def test_hutchinson_ism_is_an_unbiased_estimate_of_the_exact_loss():
 def test_reverse_sampler_with_a_corrector_draws_the_data_distribution(corrector_steps):
     # 16 x 16 images: the corrector's step takes the norms of each sample's noise and score,
     # which concentrate in 256 dimensions (in 4 they do not, and the corrector inflates the
-    # variance: std 1.5 at 2 x 2, 1.09 at 5 x 5, 1.018 here). Over 2,000 samples the pooled std
+    # variance: std 1.5 at 2 x 2, 1.09 at 5 x 5, 1.018 here). Over 1,000 samples the pooled std
     # is known to 0.002; the bounds leave room for the sampler's own discretisation (1.003 without
     # corrector).
     sde = VPSDE()
     mu = torch.arange(256, dtype=torch.float32).reshape(16, 16) % 5
     prior = AnalyticGaussianPrior(mu, sde)
-    shape = (2000, 1, 16, 16)
+    shape = (1000, 1, 16, 16)
     g = torch.Generator().manual_seed(4)
     x = sample(sde, prior, shape, steps=200, corrector_steps=corrector_steps, generator=g)
     assert float((x.mean(0)[0] - mu).abs().max()) < 0.12
@@ -385,5 +385,16 @@ def test_python_m_mtd_recovers_a_digit_and_writes_its_outputs(tmp_path):
     written = np.load(tmp_path / "estimate.npy")
     assert written.shape == (28, 28)
     assert mtd.read_micrograph(tmp_path / "measurement.mrc").shape == (308, 308)
-    helped = run_module("mtd", "--help")
-    assert all(opt in helped.stdout for opt in ("--snr", "--K", "--N", "--out"))
+
+
+def test_python_m_mtd_help_names_its_options(capsys):
+    from mtd.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(opt in out for opt in ("--snr", "--K", "--N", "--out"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--digit", "20"])
+    assert exit_.value.code == 2 and "--digit must be in 0..19, got 20" in capsys.readouterr().err

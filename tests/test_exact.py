@@ -209,6 +209,7 @@ def test_reference_iteration_matches_engine(rng):
     np.testing.assert_allclose(res.estimate.numpy(), F_ref, rtol=1e-9)
     np.testing.assert_allclose(res.rho.numpy(), rho_ref, rtol=1e-9)
     assert float(res.loglik[0]) == pytest.approx(loglik, rel=1e-10)
+    assert res.history[0]["delta"] == pytest.approx(np.linalg.norm(F_ref - F), rel=1e-9)
 
 
 @pytest.mark.parametrize("L,K", [(5, 4), (4, 8)])
