@@ -4,13 +4,16 @@ The E-step streams patches in chunks of a few 10^5 (rotation, shift) elements, a
 milliseconds each, and every torch op on a chunk is one OpenMP parallel region split evenly
 over the threads. When another process holds a core, the thread that shares it waits for the
 scheduler at every region, so a small chunk costs several times more with two threads than with
-one (measured: 3-8x, ``tests/benchmarks/bench_threads.py``); only a chunk whose work is large
-enough amortises that wait against what a second core gains on a quiet machine. The policy:
-one thread below ``PARALLEL_WORK`` elements per chunk, torch's default above.
+one (measured: 1.3-10x, median 3x, ``tests/benchmarks/bench_threads.py``); only a chunk whose
+work is large enough amortises that wait against what a second core gains on a quiet machine.
+The policy: one thread below ``PARALLEL_WORK`` elements per chunk, torch's default above; a user's
+``threads`` (an integer) overrides it. The engine's default CPU chunks are sized to stay in cache
+(2^18-2^19 elements), so on the CPU they run on one thread.
 
-Usage in the E-step (the only call the engine needs)::
+Usage in the E-step, around the loop over chunks (``block``: templates per template block)::
 
-    with limit_threads(resolve_threads(threads, chunk_work(chunk, K, L), device)):
+    work = chunk_work(chunk, block, L)
+    with limit_threads(resolve_threads(threads, work, device)):
         ...  # the chunk loop
 """
 
@@ -28,18 +31,21 @@ import torch
 DEFAULT_THREADS = torch.get_num_threads()
 
 # Elements (patches x templates x shifts) per chunk from which the E-step uses DEFAULT_THREADS.
-# Measured with tests/benchmarks/bench_threads.py --sweep on the project's 2-core VM (float64,
-# torch 2.14, OpenMP), one EM iteration at 1 and 2 threads, with and without a competing process
-# spinning on one core, variants interleaved, medians of 9 rounds, chunk sizes from 2.5e5 to
-# 2.4e7 elements for the FFT form (L = 28) and 2.6e5 to 8e6 for the GEMM form (L = 5):
-# - up to ~1e6 elements (the engine's default chunks: 2.3e5 for L = 28, 5.2e5 for L = 5) two
-#   threads gain at most ~1.2x quiet, often nothing, and lose 3-8x under the competing load;
-# - from ~2e6 elements (a chunk of >= ~20 ms on one thread) two threads gain 1.5-1.9x quiet and
-#   the loss under load falls to ~1.3-1.6x, shrinking with the chunk.
+# Measured with tests/benchmarks/bench_threads.py --sweep on the project's shared 2-core VM
+# (float64, torch 2.14, OpenMP; four sweeps, other agents' jobs running too): one EM iteration at
+# 1 and 2 threads, quiet and with a process spinning on one core, variants interleaved, medians of
+# 5-11 rounds, chunks of 2.5e5 to 2.4e7 elements (FFT form, L = 28) and 5e5 to 8e6 (GEMM form,
+# L = 5), and the default chunks of L = 11, 16 and 28 with 4x and 16x the patches:
+# - up to ~1e6 elements (every default CPU chunk: 2.3e5 for L = 28, 5.2e5 for L = 5, ~2 ms on
+#   one thread) two threads gain 0.6-1.7x quiet and lose 1.3-10x under the competing load
+#   (median 1 / 0.3); the same chunk size with 4x or 16x the patches behaves the same: the chunk,
+#   not the problem, sets the cost of the wait at every parallel region;
+# - at 2e6 the median loss under load is still 1.6x (1 / 0.63); from 4e6 (a chunk of 40-120 ms
+#   on one thread) it is 1.3x (1 / 0.75) and below, while a quiet machine gains up to 1.7x.
 # The per-element cost barely depends on the form or on L (4-9 ns per element on one thread for
 # L = 5 GEMM and L = 11, 16, 28 FFT chunks: the elementwise passes weigh as much as the GEMMs or
 # FFTs), so elements alone measure the work.
-PARALLEL_WORK = 1 << 21
+PARALLEL_WORK = 1 << 22
 
 
 def chunk_work(patches: int, templates: int, L: int) -> int:

@@ -152,20 +152,15 @@ def test_chunk_work_counts_the_logits_of_a_chunk():
             chunk_work(*bad)
 
 
-@pytest.mark.parametrize(("L", "K", "N"), [(28, 4, 308), (5, 8, 1000)])
+@pytest.mark.parametrize(("L", "K", "N"), [(28, 4, 308), (5, 8, 1000), (5, 400, 1000)])
 def test_engine_default_cpu_chunks_run_on_one_thread(default3, L, K, N):
-    """The engine's default CPU chunks (~2 ms each, sized to stay in cache) are below
-    PARALLEL_WORK: one thread; the same problem in chunks holding PARALLEL_WORK elements gets the
-    default. This is the measured case of issue 11 (see bench_threads)."""
+    """The engine's default CPU chunks (~2 ms each, sized to stay in cache) hold at most the
+    correlation form's element budget, below PARALLEL_WORK: one thread, for the two cases of
+    issue 11 and for K = 400 (templates in blocks). See bench_threads for the measurements."""
     D = (N // L) ** 2
     em = mtd.ApproximateEM(mtd.Rotations(L, K=K), dtype=torch.float64)
     chunk, blocks = em.estep.chunking(D)
     block = max(b.stop - b.start for b in blocks)
-    assert threads_for(chunk_work(chunk, block, L), "cpu") == 1
-    big = -(-threads.PARALLEL_WORK // (K * 4 * L * L))
-    if big <= D:
-        em = mtd.ApproximateEM(
-            mtd.Rotations(L, K=K), compute=mtd.Compute(chunk_size=big), dtype=torch.float64
-        )
-        chunk, blocks = em.estep.chunking(D)
-        assert threads_for(chunk_work(chunk, K, L), "cpu") == 3
+    work = chunk_work(chunk, block, L)
+    assert work <= em.estep.form.chunk_elements() < threads.PARALLEL_WORK
+    assert threads_for(work, "cpu") == 1

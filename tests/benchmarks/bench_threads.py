@@ -14,14 +14,17 @@ Each case runs at a fixed 1 thread, a fixed 2 threads (``torch.set_num_threads``
 (``mtd.threads.resolve_threads("auto", work of one chunk, "cpu")``), each "quiet" and "loaded":
 with ``--spinners`` processes that this benchmark starts, each spinning on one core
 (``python -c "while True: pass"``), paused (SIGSTOP) for the quiet rounds and resumed (SIGCONT)
-for the loaded ones, killed at the end. The variants, cases and load states take turns within
-every round, so a slow spell of a shared machine falls on all of them alike; printed are the
-median and the range (min-max) of ``--repeats`` rounds, and the policy's median over the faster
-fixed count's (the "best fixed" for that load state).
+for the loaded ones, killed at the end. The variants and cases run in a new random order in every
+load state of every round, so a slow spell of a shared machine falls on all of them alike; printed
+are the median and the range (min-max) of ``--repeats`` rounds, and the policy's median over the
+faster fixed count's (the "best fixed" for that load state). Where the case has enough work, a
+fourth variant, "big chunks", runs the policy on chunks of at least PARALLEL_WORK elements (the
+form's element budget raised on that engine): the only way threads get that much work per chunk.
 
-``--sweep`` times 1 and 2 threads, quiet and loaded, over chunk sizes of one FFT and one GEMM
-problem and at the default chunks of intermediate sizes (L = 11, 16; L = 28 with 4x and 16x the
-patches): the gain of two threads against the work of a chunk, which places PARALLEL_WORK.
+``--sweep`` times 1 and 2 threads, quiet and loaded, over chunk budgets (elements per chunk,
+set on the engine's correlation form) of one FFT and one GEMM problem, and at the default chunks
+of intermediate sizes (L = 11, 16; L = 28 with 4x the patches): the gain of two threads against
+the work of a chunk, which places PARALLEL_WORK.
 POSIX only (the spinners are paused and resumed by signals).
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -46,10 +50,24 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 # --- The engine API in one place (adapt here when it changes) ---------------------------------
-def make_engine(L: int, K: int, chunk_size: int | None = None) -> mtd.ApproximateEM:
-    """The engine under test: rotations by 2 pi k / K, float64, on the CPU."""
-    compute = mtd.Compute(chunk_size=chunk_size)
-    return mtd.ApproximateEM(mtd.Rotations(L, K=K), compute=compute, dtype=torch.float64)
+def make_engine(L: int, K: int, budget: int | None = None) -> mtd.ApproximateEM:
+    """The engine under test: rotations by 2 pi k / K, float64, on the CPU.
+
+    Args:
+        budget: elements per chunk (patches x templates x shifts) instead of the correlation
+            form's cache-sized default (set on this engine's form only, for the sweep).
+    """
+    em = mtd.ApproximateEM(mtd.Rotations(L, K=K), dtype=torch.float64)
+    if budget is not None:
+        em.estep.form.cpu_chunk_elements = budget
+    return em
+
+
+def engine_threads(em: mtd.ApproximateEM, threads) -> None:
+    """Give the engine's own ``threads`` setting (``Compute.threads``, where it has one), so that
+    an E-step that picks its threads itself runs the variant's count, not its "auto"."""
+    if hasattr(em.estep.compute, "threads"):
+        em.estep.compute.threads = threads
 
 
 def chunk_shape(em: mtd.ApproximateEM, D: int) -> tuple[int, int]:
@@ -71,11 +89,11 @@ def case_image(L: int, rng: np.random.Generator) -> np.ndarray:
 class Case:
     """One prepared problem: ``iteration()`` runs one E-step + closed-form M-step."""
 
-    def __init__(self, L: int, N: int, K: int, chunk_size: int | None = None):
+    def __init__(self, L: int, N: int, K: int, budget: int | None = None):
         rng = np.random.default_rng(0)
         image = case_image(L, rng)
         meas = mtd.simulate(image, N, density=0.1, snr=1.0, K=K, seed=0)
-        self.em = make_engine(L, K, chunk_size)
+        self.em = make_engine(L, K, budget)
         self.patches = self.em.prepare(meas.data)
         self.x = torch.as_tensor(image + 0.1 * rng.standard_normal((L, L)), dtype=torch.float64)
         self.log_rho = torch.full((2 * L, 2 * L), -np.log(4.0 * L * L), dtype=torch.float64)
@@ -127,13 +145,15 @@ def timed_rounds(variants: dict, spinners: Spinners, repeats: int) -> dict:
     for fn in variants.values():
         fn()
     times = {(name, on): [] for name in variants for on in (False, True)}
-    names = list(variants)
+    order = random.Random(0)
     for r in range(repeats):
         for on in (False, True) if r % 2 == 0 else (True, False):
             spinners.load(on)
-            # Rotate the order, so no variant always runs first after a load change.
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
+            # A new order every round: no variant always follows the same one (a 2-thread run
+            # leaves OpenMP workers spinning for a while) or runs first after a load change.
+            names = list(variants)
+            order.shuffle(names)
+            for name in names:
                 start = time.perf_counter()
                 variants[name]()
                 times[(name, on)].append(time.perf_counter() - start)
@@ -141,18 +161,27 @@ def timed_rounds(variants: dict, spinners: Spinners, repeats: int) -> dict:
     return times
 
 
-def with_threads(fn, n: int):
+def fixed(case: Case, n: int):
+    """One iteration at n threads."""
+
     def run():
+        engine_threads(case.em, n)
         with limit_threads(n):
-            fn()
+            case.iteration()
 
     return run
 
 
 def with_policy(case: Case):
-    # What the E-step does with threads="auto": the count from the work of one chunk.
+    """One iteration at what the E-step's threads="auto" gives: the count for one chunk's work."""
     n = resolve_threads("auto", case.work, "cpu")
-    return with_threads(case.iteration, n), n
+
+    def run():
+        engine_threads(case.em, "auto")
+        with limit_threads(n):
+            case.iteration()
+
+    return run, n
 
 
 def fmt(ts: list) -> str:
@@ -161,11 +190,15 @@ def fmt(ts: list) -> str:
 
 
 def big_chunks(c: Case) -> Case | None:
-    """The case in chunks of at least PARALLEL_WORK elements, where it has >= 4 such chunks."""
-    per_patch = c.block * 4 * c.L**2
-    if c.work >= PARALLEL_WORK or c.D * per_patch < 4 * PARALLEL_WORK:
+    """The case in chunks of PARALLEL_WORK elements, where it has >= 4 such chunks."""
+    if c.work >= PARALLEL_WORK or c.D * c.K * 4 * c.L**2 < 4 * PARALLEL_WORK:
         return None
-    return Case(c.L, c.N, c.K, chunk_size=-(-PARALLEL_WORK // per_patch))
+    budget = PARALLEL_WORK
+    while True:  # equal chunks may hold a little less than the budget: raise it until they don't
+        big = Case(c.L, c.N, c.K, budget=budget)
+        if big.work >= PARALLEL_WORK:
+            return big
+        budget += PARALLEL_WORK // 16
 
 
 def main_cases(spinners: Spinners, repeats: int) -> None:
@@ -173,8 +206,8 @@ def main_cases(spinners: Spinners, repeats: int) -> None:
     names = ("1 thread", "2 threads", "policy", "big chunks")
     variants, policy, bigs = {}, {}, {}
     for c in cases:
-        variants[c.label(), names[0]] = with_threads(c.iteration, 1)
-        variants[c.label(), names[1]] = with_threads(c.iteration, 2)
+        variants[c.label(), names[0]] = fixed(c, 1)
+        variants[c.label(), names[1]] = fixed(c, 2)
         variants[c.label(), names[2]], policy[c.label()] = with_policy(c)
         bigs[c.label()] = big = big_chunks(c)
         if big is not None:
@@ -212,16 +245,17 @@ def main_cases(spinners: Spinners, repeats: int) -> None:
 
 
 def main_sweep(spinners: Spinners, repeats: int) -> None:
-    # (L, N, K, chunk_size): chunk sizes of one FFT and one GEMM problem, and the default chunks
-    # of intermediate sizes (more patches at the same chunk, or other L).
-    grid = [(28, 1232, 4, c) for c in (None, 80, 320, 1936)]
-    grid += [(5, 1000, 8, c) for c in (None, 2600, 10000)]
+    # (L, N, K, elements per chunk): chunk budgets from the default to 2^23 for one FFT and one
+    # GEMM problem, and the default chunks of intermediate sizes (more patches at the same
+    # chunk, or other L).
+    grid = [(28, 1232, 4, b) for b in (None, 1 << 20, 1 << 21, 1 << 22, 1 << 23)]
+    grid += [(5, 1000, 8, b) for b in (None, 1 << 20, 1 << 21, 1 << 22, 1 << 23)]
     grid += [(28, 616, 4, None), (16, 352, 4, None), (11, 484, 4, None)]
     cases = [Case(*g) for g in grid]
     variants = {}
     for i, c in enumerate(cases):
         for n in (1, 2):
-            variants[(i, n)] = with_threads(c.iteration, n)
+            variants[(i, n)] = fixed(c, n)
     times = timed_rounds(variants, spinners, repeats)
     print(
         f"1 and 2 threads against the work of a chunk: ms per iteration, median of {repeats} "
