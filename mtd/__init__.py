@@ -15,6 +15,7 @@ from mtd.metrics import align, relative_error
 from mtd.msteps import ClosedForm, ConstantGamma, Denoise, Gradient, LinearGamma, MStep
 from mtd.patches import PatchSource, extract_patches
 from mtd.rotations import Dihedral, Rotations, mirror, rotate
+from mtd.steerable import FBBasis, Steerable
 
 __all__ = [
     "ApproximateEM",
@@ -25,6 +26,7 @@ __all__ = [
     "Dihedral",
     "EMResult",
     "EStep",
+    "FBBasis",
     "Gradient",
     "LinearGamma",
     "MStep",
@@ -34,6 +36,7 @@ __all__ = [
     "Patches",
     "Rotations",
     "Statistics",
+    "Steerable",
     "Stochastic",
     "TorchDistributed",
     "TransformSet",

@@ -88,3 +88,34 @@ class TransformSet(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"L={self.L}, K={self.K}"
+
+
+def solve_normal(A: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Solve the dense normal equations A x' = rhs; entries A (almost) does not reach keep x.
+
+    Below sqrt(eps) of the largest diagonal entry, an unknown's equation would be the rounding
+    noise of the FFT back-projection divided by a vanishing weight (a stochastic E-step on a few
+    patches leaves such entries, and one of them is enough to blow the estimate up): those
+    entries are fixed at their value in x and the system is solved for the others, by Cholesky
+    (least squares if A is singular there).
+
+    Args:
+        A: (n, n) symmetric positive semi-definite, n = x.numel().
+        rhs: the right-hand side, the shape of x.
+        x: the current unknown.
+
+    Returns:
+        x', the shape of x.
+    """
+    floor = torch.finfo(x.dtype).eps ** 0.5
+    covered = A.diagonal() > floor * A.diagonal().max()
+    x_fixed = torch.where(covered, 0, x.reshape(-1))
+    b = torch.where(covered, rhs.reshape(-1) - A @ x_fixed, x.reshape(-1))
+    both = covered[:, None] & covered[None, :]
+    A = torch.where(both, A, 0) + torch.diag((~covered).to(A.dtype))
+    L_chol, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        sol = torch.cholesky_solve(b.reshape(-1, 1), L_chol)
+    else:
+        sol = torch.linalg.lstsq(A, b.reshape(-1, 1)).solution
+    return sol.reshape(x.shape)

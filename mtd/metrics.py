@@ -20,20 +20,31 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 def _candidates(truth, estimate, K: int, max_shift: int, group):
-    """truth (L, L) float64 and every version of the estimate the error minimises over."""
+    """truth float64 and every version of the estimate the error minimises over.
+
+    Images (L, L) by default; with a ``group`` whose unknown is not an image (coefficients of a
+    steerable basis, say), vectors of its shape, and no translations.
+    """
     device = truth.device if isinstance(truth, torch.Tensor) else "cpu"
     truth = torch.as_tensor(truth, dtype=torch.float64, device=device)
     estimate = torch.as_tensor(estimate, dtype=torch.float64, device=truth.device)
-    if truth.ndim != 2 or truth.shape != estimate.shape or truth.shape[0] != truth.shape[1]:
+    image = group is None or len(group.shape) == 2
+    if truth.shape != estimate.shape or (
+        image and (truth.ndim != 2 or truth.shape[0] != truth.shape[1])
+    ):
         raise ValueError(
-            f"truth and estimate must be square images of one shape, got {tuple(truth.shape)} "
-            f"and {tuple(estimate.shape)}"
+            f"truth and estimate must be {'square images' if image else 'unknowns'} of one "
+            f"shape, got {tuple(truth.shape)} and {tuple(estimate.shape)}"
         )
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    if max_shift < 0 or (max_shift and not image):
+        raise ValueError(
+            f"max_shift must be >= 0 (0 for an unknown not an image), got {max_shift}"
+        )
     # A copy: moving the caller's group (an engine's, say) to float64 would change it in place.
     group = Rotations(truth.shape[-1], K) if group is None else copy.deepcopy(group)
     orbit = group.to(device=truth.device, dtype=torch.float64).orbit(estimate)
+    if not image:
+        return truth, orbit
     r = range(-max_shift, max_shift + 1)
     return truth, torch.cat([_shift(orbit, dy, dx) for dy in r for dx in r])
 

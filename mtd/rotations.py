@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from mtd.group import TransformSet
+from mtd.group import TransformSet, solve_normal
 
 
 def _bilinear_table(
@@ -159,20 +159,7 @@ class GatherTransforms(TransformSet):
             diag = self.adjoint(c)
             covered = diag > floor * diag.max()
             return torch.where(covered, rhs / torch.where(covered, diag, 1), x)
-        L = self.L
-        A = self.normal_matrix(c)
-        covered = A.diagonal() > floor * A.diagonal().max()
-        # The system on the covered pixels, the others fixed at x (identity rows).
-        x_fixed = torch.where(covered, 0, x.reshape(-1))
-        rhs = torch.where(covered.view(L, L), rhs - (A @ x_fixed).view_as(rhs), x)
-        both = covered[:, None] & covered[None, :]
-        A = torch.where(both, A, 0) + torch.diag((~covered).to(A.dtype))
-        L_chol, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0:
-            sol = torch.cholesky_solve(rhs.reshape(-1, 1), L_chol)
-        else:
-            sol = torch.linalg.lstsq(A, rhs.reshape(-1, 1)).solution
-        return sol.reshape(L, L)
+        return solve_normal(self.normal_matrix(c), rhs, x)
 
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
         return self.templates(x)
