@@ -10,6 +10,9 @@ guess, logs the iterations to W&B (``wandb_setup``) and writes the estimates, a 
 from __future__ import annotations
 
 import glob
+import hashlib
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,11 +33,65 @@ ROOT = Path(__file__).resolve().parent
 OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
 
 INITS = ("digits", "uniform", "prior_mean", "prior_samples", "file")
+# check_scale: an initial guess peaking at more than this many times the measurement's peak is on
+# another scale (a 0-255 digit against MNIST measurements at SNR 0.1-10: 45-200 times; the
+# presets' guesses: below 1).
+SCALE_RATIO = 10.0
 BASELINES = ("same", "closed_form")
 
 
 def _none(value) -> bool:
     return value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+
+
+def _integer(cfg: DictConfig, key: str, minimum: int | None = None) -> int:
+    """``cfg``'s value at the dotted ``key`` as an int, or an error naming the key and value."""
+    value = OmegaConf.select(cfg, key)
+    try:
+        number = int(value)
+        if isinstance(value, bool) or number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    """``cfg``'s value at the dotted ``key`` as a float, or an error naming the key and value."""
+    value = OmegaConf.select(cfg, key)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+
+
+def checkpoint_identity(ckpt) -> dict:
+    """What summary.json records of the prior, so that report.py never averages runs of two
+    different checkpoints: its path, size in bytes and SHA-256 (None for ckpt=none)."""
+    if _none(ckpt):
+        return {"path": None}
+    path = Path(str(ckpt))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse a run directory that already holds a finished run (its summary.json): a run never
+    writes into another run's directory. A folder left by an interrupted run (no summary.json)
+    is reused."""
+    if (out / "summary.json").exists():
+        raise ValueError(
+            f"the run directory {out} already holds a finished run (summary.json); outputs never "
+            "overwrite another run: point hydra.run.dir (or paths.output_dir) at a new folder, "
+            "or delete that one"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,19 +136,39 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
     if m.source == "simulate":
         truth, where = target_image(cfg, prior)
         L = truth.shape[-1]
-        N = 11 * L if _none(m.N) else int(m.N)
+        N = 11 * L if _none(m.N) else _integer(cfg, "measurement.N", L)
+        density, snr = _number(cfg, "measurement.density"), _number(cfg, "measurement.snr")
+        if not density > 0:  # no copies: EM would fit pure noise and report errors
+            raise ValueError(
+                f"measurement.density must be > 0 (the share of the measurement covered by "
+                f"copies), got {m.density!r}"
+            )
+        if not snr > 0:
+            raise ValueError(f"measurement.snr must be > 0 (inf: no noise), got {m.snr!r}")
+        if math.isinf(snr) and m.sigma_known:  # the true sigma is 0: no likelihood
+            raise ValueError(
+                "measurement.snr=inf (no noise) gives EM the true sigma = 0 with "
+                "measurement.sigma_known=true; add measurement.sigma_known=false (EM estimates "
+                "sigma)"
+            )
         meas = mtd.simulate(
             truth,
             N,
-            density=float(m.density),
-            snr=float(m.snr),
-            K=int(m.K),
+            density=density,
+            snr=snr,
+            K=_integer(cfg, "measurement.K", 1),
             rotation=m.rotation,
             reflect=bool(m.reflect),
             separation=m.separation,
             seed=int(m.seed),
         )
-        info = {"target": where, "N": N, "L": L, "copies": len(meas.angles), "snr": float(m.snr)}
+        if not len(meas.angles):
+            raise ValueError(
+                f"measurement.density={m.density} plants no copy of a {L} x {L} image in "
+                f"{N} x {N} (round(density N^2 / L^2) = 0): raise measurement.density or "
+                "measurement.N"
+            )
+        info = {"target": where, "N": N, "L": L, "copies": len(meas.angles), "snr": snr}
         info["sigma"] = float(meas.sigma)
         return meas.data, info["sigma"] if m.sigma_known else None, truth, info, meas
     if m.source == "file":  # one file, a list of files, or a glob pattern (sorted)
@@ -103,7 +180,7 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
                 raise FileNotFoundError(f"measurement.path: no file matches {item}")
             paths += found
         shapes = [list(mtd.open_micrograph(p).shape) for p in paths]  # memory-mapped
-        info = {"target": paths, "N": shapes, "L": int(m.L)}
+        info = {"target": paths, "N": shapes, "L": _integer(cfg, "measurement.L", 1)}
         truth = None if _none(m.truth) else mtd.read_images(m.truth)[0]
         sigma = None if _none(m.sigma) else float(m.sigma)
         return paths if len(paths) > 1 else paths[0], sigma, truth, info, None
@@ -113,7 +190,7 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
 def initial_guess(cfg: DictConfig, L: int, prior: ScorePrior | None, truth) -> torch.Tensor:
     """(R, L, L) float64 initial guesses, R = em.restarts."""
     e = cfg.em
-    R = int(e.restarts)
+    R = _integer(cfg, "em.restarts", 1)
     if e.init == "uniform":  # the paper's Gaussian init, U[0, 1]
         g = torch.Generator().manual_seed(int(cfg.seed))
         x = torch.rand((R, L, L), generator=g, dtype=torch.float64)
@@ -124,6 +201,8 @@ def initial_guess(cfg: DictConfig, L: int, prior: ScorePrior | None, truth) -> t
             raise ValueError("em.init_indices include the target itself: choose other digits")
         x = digits.mean(0).expand(R, *digits.shape[1:]).clone()
     elif e.init == "file":
+        if _none(e.init_file):
+            raise ValueError("em.init=file needs em.init_file=PATH (an (L, L) or (n, L, L) image)")
         stack = mtd.read_images(e.init_file)
         x = stack[:R] if len(stack) >= R else stack[:1].expand(R, *stack.shape[1:]).clone()
     elif e.init in ("prior_mean", "prior_samples"):
@@ -140,6 +219,37 @@ def initial_guess(cfg: DictConfig, L: int, prior: ScorePrior | None, truth) -> t
             f"em.init={e.init} gives {x.shape[-1]}-pixel images, the EM needs L = {L}"
         )
     return x
+
+
+def check_scale(init: torch.Tensor, data, what: str) -> float:
+    """Warn when the initial guess is on another scale than the measurement (e.g. 0-255 grey
+    levels against a measurement in [0, 1]): EM then starts, and often stays, far off.
+
+    The measurement's scale is its largest absolute value over an evenly strided sample of at most
+    about 10^6 pixels (memory-mapped files read only those); the guess's, its largest absolute
+    value. The measurement's peak is at least about a copy's (copies plus noise), so a guess
+    peaking at more than SCALE_RATIO times it is on another scale. A guess far below it is not
+    flagged: at low SNR the noise alone makes the measurement's peak many times the image's.
+
+    Returns:
+        The ratio of the two peaks.
+    """
+    if not torch.is_tensor(data):
+        data = mtd.open_micrograph(data if isinstance(data, str | Path) else data[0])
+    step = max(1, int(math.sqrt(data.shape[0] * data.shape[1] / 1e6)))
+    sample = data[::step, ::step]
+    sample = sample if torch.is_tensor(sample) else torch.from_numpy(np.array(sample))
+    peak_data = float(sample.abs().max())
+    peak_init = float(init.abs().max())
+    ratio = peak_init / peak_data if peak_data > 0 else math.inf
+    if ratio > SCALE_RATIO:
+        print(
+            f"warning: the initial guess ({what}) peaks at {peak_init:.4g}, the measurement at "
+            f"{peak_data:.4g}: {ratio:.3g} times its scale; EM expects the guess in the "
+            "measurement's units (images stored as 0-255 grey levels: divide by 255)",
+            file=sys.stderr,
+        )
+    return ratio
 
 
 def build_em(cfg: DictConfig, group: mtd.TransformSet, m_step, sigma, device) -> mtd.ApproximateEM:
@@ -188,6 +298,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
         run (prior, no_prior).
     """
     out = Path(out_dir if out_dir is not None else cfg.paths.output_dir)
+    check_run_dir(out)
     device, comm, rank = resolve_device(cfg.device), None, 0
     if cfg.get("launcher"):  # several processes: Fabric starts them and the process group
         fabric = hydra.utils.instantiate(cfg.launcher)
@@ -216,6 +327,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     ems = {v: build_em(cfg, group, m_steps[v], sigma, device) for v in variants}
     m_steps["prior"].check_prior(score)  # before the long pass over the data
     init = initial_guess(cfg, L, prior, truth)
+    check_scale(init, data, f"em.init={cfg.em.init}")
     metrics: dict = {}
     if truth is not None:  # (checks the truth's shape before the long work)
         metrics["error/init"] = min(mtd.relative_error(truth, x, group=group) for x in init)
@@ -246,6 +358,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             summary = {
                 "metrics": metrics,
                 "measurement": info,
+                "checkpoint": checkpoint_identity(cfg.ckpt),
                 "runs": records,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             }
@@ -257,7 +370,10 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 group,
                 truth=truth,
                 measurement=meas,
-                errors={v: metrics.get(f"error/{v}") for v in results},
+                errors={
+                    v: (metrics.get(f"error/{v}"), metrics.get(f"error_shift/{v}"))
+                    for v in results
+                },
                 crop=int(cfg.crop),
                 save_measurement=cfg.measurement.get("save", True),
             )
@@ -318,9 +434,25 @@ def run_record(res, seconds: float, em, K: int) -> dict:
     }
 
 
+# Errors our checks raise for bad input: one line, exit status 2, no traceback (tracebacks are for
+# bugs; HYDRA_FULL_ERROR=1 shows them anyway).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def user_error_exit(error: Exception) -> None:
+    """Re-raise under HYDRA_FULL_ERROR=1; otherwise print ``error: <message>`` and exit 2."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="reconstruct")
 def main(cfg: DictConfig) -> None:
-    metrics = reconstruct(cfg)
+    try:
+        metrics = reconstruct(cfg)
+    except USER_ERRORS as e:
+        user_error_exit(e)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return  # rank 0 reports
     names = {"init": "initial guess", "no_prior": "without prior", "prior": "with prior"}

@@ -35,9 +35,46 @@ def run_group(cfg: dict, L: int) -> mtd.TransformSet:
     return mtd.Rotations(L, int(cfg["measurement"].get("K", 4)))
 
 
-def load_runs(folders: list[Path]) -> list[dict]:
-    """One dict per run: preset, snr, index, errors {variant: e}, seconds, folder, config."""
-    runs, seen = [], set()
+# Keys that vary from target to target (or from noise draw to noise draw) inside one experiment;
+# every other config value defines the experiment. Where files go and how W&B logs are no part of
+# it either.
+PER_RUN = {"measurement": ("index", "snr", "seed", "save"), "": ("seed", "tags", "image_every")}
+NOT_THE_EXPERIMENT = ("paths", "logger", "hydra", "launcher", "device", "crop", "task_name")
+
+
+def checkpoint_identity(cfg: dict, summary: dict) -> dict:
+    """Which prior a run used: its path and, where recorded (or still on disk), size and hash."""
+    if "checkpoint" in summary:  # recorded by reconstruct.py when the run started
+        return summary["checkpoint"]
+    ckpt = cfg.get("ckpt")
+    if ckpt is None or str(ckpt).lower() in ("none", "null", ""):
+        return {"path": None}
+    path = Path(str(ckpt))
+    return {"path": str(ckpt), "bytes": path.stat().st_size if path.is_file() else None}
+
+
+def experiment_key(cfg: dict, summary: dict) -> str:
+    """Everything in a run's config that defines its experiment, as canonical JSON: all of it but
+    the target (measurement.index), the SNR (the table's column), the noise draw, where files go
+    and the logger; with the checkpoint's identity instead of its path alone."""
+    kept = {k: v for k, v in cfg.items() if k not in NOT_THE_EXPERIMENT and k not in PER_RUN[""]}
+    kept["measurement"] = {
+        k: v for k, v in cfg.get("measurement", {}).items() if k not in PER_RUN["measurement"]
+    }
+    if kept.get("ckpt") is not None and str(kept["ckpt"]).lower() not in ("none", "null", ""):
+        kept["measurement"].pop("reference_ckpt", None)  # only used with ckpt=none
+    kept["ckpt"] = checkpoint_identity(cfg, summary)
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def load_runs(folders: list[Path]) -> tuple[list[dict], dict]:
+    """One dict per simulated run with errors: preset, snr, index, target, experiment (key),
+    errors {variant: e}, shifted, seconds, folder, config.
+
+    Returns:
+        (runs, skipped): skipped counts the summaries left out, by reason.
+    """
+    runs, seen, skipped = [], set(), defaultdict(list)
     for folder in folders:
         for path in sorted(folder.rglob("summary.json")):
             if path.resolve() in seen:  # overlapping folders: count each run once
@@ -49,6 +86,10 @@ def load_runs(folders: list[Path]) -> list[dict]:
                 k[6:]: v for k, v in m.items() if k.startswith("error/") and k != "error/init"
             }
             if not errors:
+                skipped["no truth, so no errors"].append(path.parent)
+                continue
+            if "snr" not in s["measurement"]:  # a measurement file with a truth image
+                skipped["measurement=file (no SNR to tabulate it under)"].append(path.parent)
                 continue
             shifted = {k[12:]: v for k, v in m.items() if k.startswith("error_shift/")}
             runs.append(
@@ -56,6 +97,8 @@ def load_runs(folders: list[Path]) -> list[dict]:
                     "preset": cfg["em"]["name"] + (" (oracle)" if cfg.get("oracle") else ""),
                     "snr": float(s["measurement"]["snr"]),
                     "index": int(cfg["measurement"]["index"]),
+                    "target": json.dumps(s["measurement"].get("target"), default=str),
+                    "experiment": experiment_key(cfg, s),
                     "errors": errors,
                     "shifted": shifted,
                     "seconds": sum(v for k, v in m.items() if k.startswith("seconds/")),
@@ -63,28 +106,83 @@ def load_runs(folders: list[Path]) -> list[dict]:
                     "config": cfg,
                 }
             )
-    return runs
+    return runs, dict(skipped)
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else "..." + text[-37:]
+
+
+def experiment_names(runs: list[dict]) -> dict[str, str]:
+    """{experiment key: its name}: the preset, and where two experiments share a preset the
+    config values that tell them apart (e.g. ``ckpt.bytes=320608``)."""
+    by_preset = defaultdict(set)
+    for r in runs:
+        by_preset[r["preset"]].add(r["experiment"])
+    names = {}
+    for preset, keys in by_preset.items():
+        if len(keys) == 1:
+            names[next(iter(keys))] = preset
+            continue
+        flat = {k: _flatten(json.loads(k)) for k in keys}
+        fields = sorted(set().union(*flat.values()))
+        differ = [f for f in fields if len({_short(flat[k].get(f)) for k in keys}) > 1]
+        for k in keys:
+            shown = ", ".join(f"{f}={_short(flat[k].get(f))}" for f in differ[:3])
+            names[k] = f"{preset} ({shown}{', ...' if len(differ) > 3 else ''})"
+    return names
 
 
 def table(runs: list[dict], key: str = "errors") -> tuple[str, dict]:
-    """Markdown table of mean errors and the means themselves {(preset, variant): {snr: mean}}."""
+    """Markdown table of mean errors +- their standard deviation over runs, one row per
+    experiment and variant, and the means {(experiment name, variant): {snr: mean}}.
+
+    The targets column counts distinct targets (a target run twice, e.g. with another noise
+    seed, is one target); the runs column counts runs.
+    """
+    names = experiment_names(runs)
     cells = defaultdict(lambda: defaultdict(list))
+    targets = defaultdict(lambda: defaultdict(set))
     for r in runs:
         for variant, e in r[key].items():
-            cells[(r["preset"], variant)][r["snr"]].append(e)
+            row = (names[r["experiment"]], variant)
+            cells[row][r["snr"]].append(e)
+            targets[row][r["snr"]].add((r["target"], r["index"]))
     snrs = sorted({r["snr"] for r in runs})
-    means = {key: {snr: float(np.mean(v)) for snr, v in by.items()} for key, by in cells.items()}
+    means = {k: {snr: float(np.mean(v)) for snr, v in by.items()} for k, by in cells.items()}
+    # Standard deviation over the runs of a cell (ddof = 1; a single run has none).
+    spread = {
+        k: {snr: float(np.std(v, ddof=1)) if len(v) > 1 else None for snr, v in by.items()}
+        for k, by in cells.items()
+    }
     lines = [
-        "| preset | prior | " + " | ".join(f"SNR {s:g}" for s in snrs) + " | targets |",
-        "|---|---|" + "---|" * len(snrs) + "---|",
+        "| experiment | prior | " + " | ".join(f"SNR {s:g}" for s in snrs) + " | targets | runs |",
+        "|---|---|" + "---|" * len(snrs) + "---|---|",
     ]
-    for (preset, variant), by in sorted(cells.items()):
-        row = [f"{means[(preset, variant)][s]:.3f}" if s in by else "-" for s in snrs]
-        n = sorted({len(v) for v in by.values()})
+    for (name, variant), by in sorted(cells.items()):
+        row = []
+        for s in snrs:
+            if s not in by:
+                row.append("-")
+                continue
+            sd = spread[(name, variant)][s]
+            row.append(f"{means[(name, variant)][s]:.3f}" + ("" if sd is None else f" ± {sd:.3f}"))
+        n_targets = sorted({len(t) for t in targets[(name, variant)].values()})
+        n_runs = sorted({len(v) for v in by.values()})
         lines.append(
-            f"| {preset} | {'with' if variant == 'prior' else 'without'} | "
+            f"| {name} | {'with' if variant == 'prior' else 'without'} | "
             + " | ".join(row)
-            + f" | {'/'.join(map(str, n))} |"
+            + f" | {'/'.join(map(str, n_targets))} | {'/'.join(map(str, n_runs))} |"
         )
     return "\n".join(lines), means
 
@@ -108,16 +206,19 @@ def plot_errors(means: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_estimates(runs: list[dict], snr: float, preset: str, path: Path) -> None:
-    """Rows truth / without / with prior, one column per target, each estimate at the element of
-    its run's group that its error is measured at."""
+def plot_estimates(runs: list[dict], snr: float, name: str, path: Path) -> None:
+    """Rows truth / without / with prior, one column per run of experiment ``name`` (as
+    ``experiment_names`` calls it) at ``snr``, each estimate at the element of its run's group
+    that its error is measured at."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = experiment_names(runs)
     chosen = sorted(
-        (r for r in runs if r["snr"] == snr and r["preset"] == preset), key=lambda r: r["index"]
+        (r for r in runs if r["snr"] == snr and names[r["experiment"]] == name),
+        key=lambda r: r["index"],
     )
     if not chosen:
         return
@@ -138,7 +239,7 @@ def plot_estimates(runs: list[dict], snr: float, preset: str, path: Path) -> Non
             ax.imshow(img.numpy(), cmap="gray")
             if j == 0:
                 ax.set_title(name.replace("_", " "), fontsize=8, loc="left")
-    fig.suptitle(f"{preset}, SNR {snr:g}", fontsize=9)
+    fig.suptitle(f"{name}, SNR {snr:g}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -156,10 +257,12 @@ def main(argv=None) -> int:
     missing = [str(f) for f in args.folders if not f.is_dir()]
     if missing:
         p.error(f"not folders: {', '.join(missing)}")
-    runs = load_runs(args.folders)
+    runs, skipped = load_runs(args.folders)
+    left_out = "; ".join(f"{len(v)} {why}" for why, v in skipped.items())
     if not runs:
         p.error(
-            "no summary.json with errors under the given folders (only simulated runs have them)"
+            "nothing to tabulate: no simulated run with errors under the given folders"
+            + (f" (left out: {left_out})" if left_out else " (no summary.json found)")
         )
     text, means = table(runs)
     seconds = sum(r["seconds"] for r in runs)
@@ -167,16 +270,27 @@ def main(argv=None) -> int:
         "Mean relative error (the paper's: minimised over each run's group, em/group and em.K)\n"
     )
     print(text)
+    print("\n(mean ± standard deviation over the runs of each cell)")
     if all(r["shifted"] for r in runs):
         shift = json.loads((runs[0]["folder"] / "summary.json").read_text())["config"]["max_shift"]
         print(f"\nMinimised over the group and translations by up to {shift} pixels\n")
         print(table(runs, "shifted")[0])
     print(f"\n{len(runs)} runs, {seconds:.0f} s of EM in all")
+    if left_out:
+        print(f"left out: {left_out}")
     out = args.folders[0]
     plot_errors(means, out / "errors.png")
     snr = args.snr if args.snr is not None else max(r["snr"] for r in runs)
+    names = experiment_names(runs)
     for preset in sorted({r["preset"] for r in runs}):
-        plot_estimates(runs, snr, preset, out / f"estimates_{preset}_snr{snr:g}.png")
+        # One figure per experiment; a preset run as several experiments gets them numbered.
+        chosen = sorted({names[r["experiment"]] for r in runs if r["preset"] == preset})
+        for j, name in enumerate(chosen):
+            stem = preset if len(chosen) == 1 else f"{preset}_{j}"
+            path = out / f"estimates_{stem}_snr{snr:g}.png"
+            plot_estimates(runs, snr, name, path)
+            if len(chosen) > 1:
+                print(f"{path.name}: {name}")
     print(f"figures: {out / 'errors.png'}, {out}/estimates_*_snr{snr:g}.png")
     return 0
 

@@ -5,6 +5,8 @@ Hydra composes ``configs/train.yaml``; ``train(cfg)`` does the work and can be c
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,7 +14,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from priors.data import DownloadError
 from wandb_setup import wandb_mode_for
+
+# Errors our checks raise for bad input: one line, exit status 2, no traceback (tracebacks are for
+# bugs; HYDRA_FULL_ERROR=1 shows them anyway).
+USER_ERRORS = (ValueError, FileNotFoundError, DownloadError)
 
 
 def instantiate_list(cfg: DictConfig | None) -> list:
@@ -22,6 +29,20 @@ def instantiate_list(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c and "_target_" in c]
 
 
+def check_epochs(cfg: DictConfig) -> None:
+    """Refuse a trainer that would stop before its first step (it would exit 0 with no
+    checkpoint): max_epochs >= 1, or -1 / null with max_steps >= 1."""
+    t = cfg.trainer
+    epochs, steps = t.get("max_epochs"), t.get("max_steps", -1)
+    if steps is not None and steps != -1 and steps < 1:
+        raise ValueError(f"trainer.max_steps must be >= 1 (or -1: no limit), got {steps!r}")
+    if epochs is not None and epochs != -1 and epochs < 1:
+        raise ValueError(
+            f"trainer.max_epochs must be >= 1 (or -1 with trainer.max_steps), got {epochs!r}: "
+            "no epoch, no checkpoint"
+        )
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit a score network as configured.
 
@@ -29,6 +50,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         (metrics, objects): the trainer's final metrics as floats, and the model, data module and
         trainer.
     """
+    check_epochs(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()  # the held-out targets are needed before fit
@@ -62,7 +84,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    metrics, objects = train(cfg)
+    try:
+        metrics, objects = train(cfg)
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     if not objects["trainer"].is_global_zero:  # under DDP, one summary
         return
     saved = [c.best_model_path for c in objects["trainer"].checkpoint_callbacks]

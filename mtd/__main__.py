@@ -22,7 +22,8 @@ DIGITS = Path(__file__).resolve().parents[1] / "assets" / "mnist_digits.npz"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtd", description=__doc__.splitlines()[0])
+    first_paragraph = " ".join(__doc__.split("\n\n")[0].split())
+    p = argparse.ArgumentParser(prog="python -m mtd", description=first_paragraph)
     p.add_argument(
         "--digit", type=int, default=10, help="index into assets/mnist_digits.npz (0-19)"
     )
@@ -37,9 +38,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument(
-        "--out", type=Path, default=None, help="folder for measurement.mrc, estimate.npy"
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for measurement.mrc, estimate.npy, truth.npy (made if missing)",
     )
     args = p.parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():  # before EM
+        p.error(f"--out must be a folder, got the existing file {args.out}")
 
     with np.load(DIGITS) as f:
         images = torch.from_numpy(f["images"].astype(np.float64) / 255.0)
@@ -84,7 +90,8 @@ def main(argv=None) -> int:
     if args.out is not None:
         meas.save(args.out / "measurement.mrc")
         mtd.write_micrograph(args.out / "estimate.npy", res.estimate.cpu())
-        print(f"wrote {args.out / 'measurement.mrc'} and {args.out / 'estimate.npy'}")
+        mtd.write_micrograph(args.out / "truth.npy", truth)
+        print(f"wrote measurement.mrc, estimate.npy and truth.npy into {args.out}")
     return 0
 
 

@@ -23,8 +23,10 @@ def save_figure(path, truth, data, estimates: dict, group, crop: int = 4, positi
         path: the PNG to write.
         truth: (L, L) true image, or None.
         data: (N, N) measurement (tensor or array, e.g. memory-mapped).
-        estimates: {name: ((L, L) estimate, its error or None)}; each is shown at the group
-            element the error is measured at (``mtd.align``).
+        estimates: {name: ((L, L) estimate, its errors)}: the errors are None, the error over
+            the group, or (that error, the error up to translation too or None), as summary.json
+            has them (``error/<name>``, ``error_shift/<name>``); each estimate is shown at the
+            group element the error is measured at (``mtd.align``).
         group: the ``TransformSet`` the estimates are known up to.
         crop: the crop is ``crop * L`` pixels wide (at most the measurement).
         position: (row, column) top-left corner of a planted copy to centre the crop on, or None
@@ -44,7 +46,10 @@ def save_figure(path, truth, data, estimates: dict, group, crop: int = 4, positi
     r0, c0 = min(r0, data.shape[0] - size), min(c0, data.shape[1] - size)
     panels.append((f"measurement ({size} x {size} crop)", data[r0 : r0 + size, c0 : c0 + size]))
     for name, (est, err) in estimates.items():
+        err, shift = err if isinstance(err, tuple | list) else (err, None)
         title = name.replace("_", " ") + ("" if err is None else f"\nerror {err:.3f}")
+        if shift is not None:  # one pixel off reads large above; this is the shape's error
+            title += f"\nup to translation {shift:.3f}"
         panels.append((title, est if truth is None else align(truth, est, group=group)))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.1))
     for ax, (title, img) in zip(np.atleast_1d(axes), panels, strict=True):
@@ -85,7 +90,8 @@ def write_outputs(
         group: the ``TransformSet`` the estimates are known up to (the figure's alignment).
         truth: (L, L) true image, or None.
         measurement: the simulated ``Measurement`` to save (its copies centre the crop), or None.
-        errors: {name: error} shown in the figure's titles.
+        errors: {name: error or (error, error up to translation)} shown in the figure's
+            titles.
         crop: the figure's crop is ``crop * L`` pixels wide.
         save_measurement: write ``measurement.mrc``.
 

@@ -84,6 +84,12 @@ class PatchSource:
         band = self.arrays[s][r0 * L : r1 * L, : nc * L]
         if isinstance(band, np.ndarray):
             band = torch.from_numpy(np.array(band))  # a copy of just these rows
+        if not torch.isfinite(band).all():  # name the file: one bad file of a glob
+            bad = int((~torch.isfinite(band)).sum())
+            raise ValueError(
+                f"{self.names[s]}: the measurement has {bad} non-finite values (NaN or inf) in "
+                f"rows {r0 * L}..{r1 * L - 1}"
+            )
         return extract_patches(band.to(device=self.device, dtype=self.dtype), L)
 
     def _run(self, start: int, stop: int) -> torch.Tensor:

