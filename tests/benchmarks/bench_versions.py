@@ -190,6 +190,11 @@ def main(argv=None):
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "mtd"],
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
     runs = {c: {"old": [], "new": []} for c in args.cases}
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / "base"
@@ -220,7 +225,8 @@ def main(argv=None):
     first = runs[args.cases[0]]["new"][0]
     pinned = "pinned" if args.threads else "default; the new engine's own policy in its E-step"
     print(
-        f"old: {base.stdout.strip()}, new: {head} + working tree; {first['threads']} torch "
+        f"old: {base.stdout.strip()}, new: {head} + working tree ({len(dirty)} uncommitted in "
+        f"mtd/); {first['threads']} torch "
         f"threads ({pinned}); {args.rounds} rounds; per process the median of "
         f"{', '.join(f'{c}: {repeats[c]}' for c in args.cases)} iterations after one warm-up"
     )
