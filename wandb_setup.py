@@ -58,7 +58,17 @@ def check_reconstruction_logger(cfg: DictConfig) -> None:
         )
 
 
-def start_reconstruction(cfg: DictConfig, tags: list[str]):
+def run_name(cfg: DictConfig, info: dict) -> str:
+    """A reconstruction run's display name: preset, target and SNR (or the measurement file),
+    e.g. ``mnist held_out[0] snr=1``, so that runs tell apart on a dashboard."""
+    target = info.get("target")
+    if isinstance(target, list):  # measurement files
+        target = Path(target[0]).name + (f" +{len(target) - 1}" if len(target) > 1 else "")
+    name = f"{cfg.em.name}{' oracle' if cfg.get('oracle') else ''} {target}"
+    return name + (f" snr={info['snr']:g}" if "snr" in info else "")
+
+
+def start_reconstruction(cfg: DictConfig, tags: list[str], name: str | None = None):
     """A W&B run for one reconstruction (group = cfg.group, job type reconstruct), or None.
 
     Args:
@@ -66,6 +76,7 @@ def start_reconstruction(cfg: DictConfig, tags: list[str]):
             ``check_reconstruction_logger``; ``cfg.logger.wandb`` holds project, name, save_dir,
             offline. No logger (logger=none): no run.
         tags: the run's tags.
+        name: the display name when ``logger.wandb.name`` is not set (``run_name``).
 
     Returns:
         The ``wandb`` run, with every ``em/*`` metric on the ``em/iteration`` axis, or None.
@@ -81,7 +92,7 @@ def start_reconstruction(cfg: DictConfig, tags: list[str]):
     save_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=w.project,
-        name=w.get("name"),
+        name=w.get("name") or name,
         dir=str(save_dir),
         group=cfg.group,
         job_type="reconstruct",
@@ -105,12 +116,28 @@ def _image(x: torch.Tensor) -> np.ndarray:
 def em_logger(run, variant: str, restarts: int, image_every: int) -> Callable[[dict], None]:
     """A callback logging one EM history entry to ``run`` under ``em/<variant>/``.
 
+    Its ``final(entry)`` logs the last entry's estimate too when ``image_every`` skipped it, so
+    that the dashboard's last image is the estimate EM returned (call it with that entry).
+
     Args:
         run: a W&B run (from ``start_reconstruction``).
         variant: "prior" or "no_prior".
         restarts: number of initial guesses (with more than one, the restart index is logged).
         image_every: log the estimate as an image every this many iterations (0: never).
     """
+
+    logged = set()
+
+    def final(entry: dict) -> None:
+        if image_every and (entry.get("restart"), entry["iteration"]) not in logged:
+            import wandb
+
+            run.log(
+                {
+                    "em/iteration": entry["iteration"],
+                    f"em/{variant}/estimate": wandb.Image(_image(entry["estimate"])),
+                }
+            )
 
     def log(entry: dict) -> None:
         row = {"em/iteration": entry["iteration"]}
@@ -123,6 +150,38 @@ def em_logger(run, variant: str, restarts: int, image_every: int) -> Callable[[d
             import wandb
 
             row[f"em/{variant}/estimate"] = wandb.Image(_image(entry["estimate"]))
+            logged.add((entry.get("restart"), entry["iteration"]))
         run.log(row)
 
+    log.final = final
     return log
+
+
+def log_results(run, out: Path, estimates: dict, truth, crop) -> None:
+    """What a researcher comparing runs looks for, logged once EM is done: each final estimate,
+    the truth, a crop of the measurement (``final/*`` images), ``reconstruction.png``, and an
+    artifact (type ``reconstruction``) of the run directory's estimate and truth files and
+    ``summary.json``.
+
+    Args:
+        run: the W&B run.
+        out: the run directory, its files written (``mtd.outputs.write_outputs``).
+        estimates: {variant: (L, L) estimate}.
+        truth: (L, L) true image, or None.
+        crop: (n, n) crop of the measurement around a copy, or None.
+    """
+    import wandb
+
+    row = {f"final/{v}/estimate": wandb.Image(_image(x)) for v, x in estimates.items()}
+    if truth is not None:
+        row["final/truth"] = wandb.Image(_image(truth))
+    if crop is not None:
+        row["final/measurement_crop"] = wandb.Image(_image(torch.as_tensor(np.asarray(crop))))
+    if (out / "reconstruction.png").is_file():
+        row["final/reconstruction"] = wandb.Image(str(out / "reconstruction.png"))
+    run.log(row)
+    artifact = wandb.Artifact(f"reconstruction-{run.id}", type="reconstruction")
+    for pattern in ("estimate_*.npy", "estimate_*.mrc", "truth.npy", "summary.json"):
+        for file in sorted(out.glob(pattern)):
+            artifact.add_file(str(file))
+    run.log_artifact(artifact)

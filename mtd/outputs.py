@@ -16,6 +16,16 @@ from mtd.measurement import Measurement, atomic_write, open_micrograph, write_mi
 from mtd.metrics import align
 
 
+def crop_window(shape, L: int, crop: int = 4, position=None) -> tuple[int, int, int]:
+    """The figure's crop of an ``shape`` = (N0, N1) measurement: (top row, left column, side),
+    side = min(crop * L, N0, N1), centred on ``position`` (a copy's top-left corner) if given."""
+    size = min(crop * L, *shape)
+    r0 = c0 = 0
+    if position is not None:
+        r0, c0 = (max(0, int(v) - (crop * L - L) // 2) for v in position)
+    return min(r0, shape[0] - size), min(c0, shape[1] - size), size
+
+
 def save_figure(path, truth, data, estimates: dict, group, crop: int = 4, position=None) -> None:
     """Truth, a crop of the measurement and the estimates side by side, as a PNG.
 
@@ -39,11 +49,7 @@ def save_figure(path, truth, data, estimates: dict, group, crop: int = 4, positi
 
     L = next(iter(estimates.values()))[0].shape[-1]
     panels = [] if truth is None else [("truth", truth)]
-    size = min(crop * L, *data.shape)
-    r0 = c0 = 0
-    if position is not None:
-        r0, c0 = (max(0, int(v) - (crop * L - L) // 2) for v in position)
-    r0, c0 = min(r0, data.shape[0] - size), min(c0, data.shape[1] - size)
+    r0, c0, size = crop_window(data.shape, L, crop, position)
     panels.append((f"measurement ({size} x {size} crop)", data[r0 : r0 + size, c0 : c0 + size]))
     for name, (est, err) in estimates.items():
         err, shift = err if isinstance(err, tuple | list) else (err, None)

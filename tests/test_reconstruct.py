@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import mtd
 import mtd.outputs
@@ -419,6 +420,63 @@ def test_wandb_offline_run(tmp_path, gauss_ckpt, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and metrics["error/prior"] >= 0
     assert any(f.suffix == ".wandb" for f in runs[0].iterdir())
+
+
+def test_wandb_run_has_a_name_the_final_estimate_the_truth_the_figure_and_an_artifact(
+    tmp_path, gauss_ckpt, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_rec(tmp_path, f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=4", "image_every=2")
+    cfg.logger = OmegaConf.create({"wandb": {"project": "t", "save_dir": str(tmp_path)}})
+    rec.reconstruct(cfg)
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run / "files" / "media" / "images"
+    for variant in ("prior", "no_prior"):
+        # iterations 0 and 2 (image_every) and the last, 3, that EM returned
+        assert len(list((media / "em" / variant).glob("estimate_*.png"))) == 3
+        assert len(list((media / "final" / variant).glob("estimate_*.png"))) == 1
+    for name in ("truth", "measurement_crop", "reconstruction"):
+        assert len(list((media / "final").glob(f"{name}_*.png"))) == 1
+    record = next(run.glob("*.wandb")).read_bytes()
+    assert b"paper_gaussian N(mu, I) draw 0 of seed 1337 snr=10" in record  # the display name
+    assert b"reconstruction-" in record and b"estimate_prior.npy" in record  # the artifact
+
+
+class FakeRun:
+    """Records what reconstruct.py tells a W&B run."""
+
+    def __init__(self):
+        self.summary, self.logged, self.exit_code, self.id = {}, [], "not finished", "fake"
+
+    def log(self, row):
+        self.logged.append(row)
+
+    def log_artifact(self, artifact):
+        self.logged.append({"artifact": artifact.name})
+
+    def finish(self, exit_code=None):
+        self.exit_code = exit_code
+
+
+def test_ctrl_c_marks_the_wandb_run_interrupted_and_a_finished_one_exits_0(
+    tmp_path, gauss_ckpt, monkeypatch
+):
+    runs = []
+    monkeypatch.setattr(rec, "start_reconstruction", lambda *a: runs.append(FakeRun()) or runs[-1])
+    rec.reconstruct(
+        compose_rec(tmp_path / "done", f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=2")
+    )
+    assert runs[-1].exit_code == 0 and "interrupted" not in runs[-1].summary
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mtd.ApproximateEM, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rec.reconstruct(compose_rec(tmp_path / "int", f"ckpt={gauss_ckpt}", *GAUSS))
+    # A non-zero exit code: W&B records the run as failed, not as a finished run.
+    assert runs[-1].exit_code == 130 and runs[-1].summary["interrupted"] is True
 
 
 def test_report_means_match_the_runs(tmp_path, gauss_ckpt, capsys):

@@ -344,3 +344,16 @@ def test_user_errors_config_parses(tmp_path):
     for key in ("a.c", "a.d"):
         with pytest.raises(ValueError, match=f"{key} must be an integer"):
             rec._integer(cfg, key)
+
+
+@pytest.mark.parametrize(("fraction", "warned"), [(0.1, True), (0.45, True), (0.5, False)])
+def test_stochastic_em_on_too_few_patches_per_iteration_is_warned_of(
+    tmp_path, no_em, capsys, fraction, warned
+):
+    # The default measurement: N = 308, L = 28, so 121 patches; 0.1 draws 12, 0.45 54, 0.5 60.
+    with pytest.raises(AssertionError, match="EM started"):  # the warning comes before EM
+        rec.reconstruct(compose_rec(tmp_path, f"em.stochastic={fraction}", "em.polish=10"))
+    err = capsys.readouterr().err
+    assert ("patches per iteration; below 60 (stochastic_min_patches)" in err) == warned, err
+    if fraction == 0.1:
+        assert "draws 12 of the measurement's 121 patches" in err and "em.stochastic >= 0.5" in err
