@@ -4,7 +4,7 @@ The E-step streams patches in chunks of a few 10^5 (rotation, shift) elements, a
 milliseconds each, and every torch op on a chunk is one OpenMP parallel region split evenly
 over the threads. When another process holds a core, the thread that shares it waits for the
 scheduler at every region, so a small chunk costs several times more with two threads than with
-one (measured: a median 5x, ``tests/benchmarks/bench_threads.py``); only a chunk whose
+one (measured: a median 3.4x, ``tests/benchmarks/bench_threads.py``); only a chunk whose
 work is large enough amortises that wait against what a second core gains on a quiet machine.
 The policy: one thread below ``PARALLEL_WORK`` elements per chunk, torch's default above; a user's
 ``threads`` (an integer) overrides it. The engine's default CPU chunks are sized to stay in cache
@@ -32,20 +32,23 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 # Elements (patches x templates x shifts) per chunk from which the E-step uses DEFAULT_THREADS.
 # Measured with tests/benchmarks/bench_threads.py --sweep on the project's shared 2-core VM
-# (float64, torch 2.14, OpenMP; four sweeps, other agents' jobs running too): one EM iteration at
+# (float64, torch 2.14, OpenMP; five sweeps, other agents' jobs running too): one EM iteration at
 # 1 and 2 threads, quiet and with a process spinning on one core, variants interleaved, medians of
 # 5-11 rounds, chunks of 2.5e5 to 2.4e7 elements (FFT form, L = 28, 11, 16) and 5e5 to 8e6 (GEMM
 # form, L = 5), and the default chunks of L = 11, 16 and of L = 28 with 4x and 16x the patches.
 # Gain = 1-thread time / 2-thread time, median (range) over the measurements in each band:
-#   <= 1e6 elements (every default CPU chunk; 26):  quiet 0.79 (0.05-1.66), loaded 0.20 (0.09-1.24)
-#   1e6-3e6 (7):                                    quiet 1.20 (0.16-1.94), loaded 0.63 (0.21-0.98)
-#   >= 4e6, 40-240 ms per chunk on one thread (9):  quiet 0.90 (0.34-1.69), loaded 0.83 (0.62-1.29)
-# Below ~1e6 a competing process makes two threads ~5x slower (the same chunk with 4x or 16x the
-# patches alike: the chunk, not the problem, sets the cost of the wait at every parallel region);
-# from 4e6 the worst loss is 1.6x while a quiet machine can still gain 1.7x, so that is where the
-# default threads start. The per-element cost barely depends on the form or on L (4-9 ns per
-# element on one thread for L = 5 GEMM and L = 11, 16, 28 FFT chunks: the elementwise passes
-# weigh as much as the GEMMs or FFTs), so elements alone measure the work.
+#   <= ~1e6 elements (every default CPU chunk; 33): quiet 0.88 (0.05-1.66), loaded 0.29 (0.09-1.24)
+#   1e6-4e6 (10):                                   quiet 1.31 (0.16-1.94), loaded 0.52 (0.21-0.98)
+#   >= 4e6, 27-240 ms per chunk on one thread (13): quiet 1.00 (0.34-1.69), loaded 0.76 (0.62-1.29)
+# In the calmest sweep the loaded gain rose steadily with the work (FFT 0.38, 0.51, 0.61, 0.73,
+# 0.82 at 2.5e5, 1e6, 2e6, 4e6, 8e6; GEMM 0.29, 0.30, 0.43, 0.62, 0.68 at 5e5 ... 8e6), the
+# quiet gain was 0.6-1.7. Below ~1e6 a competing process makes two threads a median 3.4x slower
+# (the same chunk with 4x or 16x the patches alike: the chunk, not the problem, sets the cost of
+# the wait at every parallel region); from 4e6 the worst loss is 1.6x while a quiet machine can
+# still gain 1.7x, so that is where the default threads start. The per-element cost barely
+# depends on the form or on L (4-9 ns per element on one thread for L = 5 GEMM and L = 11, 16, 28
+# FFT chunks: the elementwise passes weigh as much as the GEMMs or FFTs), so elements alone
+# measure the work.
 PARALLEL_WORK = 1 << 22
 
 
