@@ -1,8 +1,10 @@
 """Collect reconstruction runs into the paper's table and figures: ``python report.py DIR ...``.
 
 Reads every ``summary.json`` under the given folders (the sweep folders of
-``python reconstruct.py -m experiment=...``), prints the mean relative error per preset, SNR and
-variant (with / without prior) as a Markdown table, and writes into the first folder
+``python reconstruct.py -m experiment=...``), prints the mean relative error ± its standard
+deviation per experiment (everything in a run's config but the target, the SNR, the noise seed and
+where files go; the checkpoint by its size and hash), SNR and variant (with / without prior) as a
+Markdown table with the number of distinct targets and of runs, and writes into the first folder
 ``errors.png`` (mean error against SNR, as Figs. 3 and 4 of the score-prior paper) and
 ``estimates_<preset>_snr<S>.png`` (truth / without / with prior for every target at one SNR, as
 Fig. 5).
@@ -39,7 +41,16 @@ def run_group(cfg: dict, L: int) -> mtd.TransformSet:
 # every other config value defines the experiment. Where files go and how W&B logs are no part of
 # it either.
 PER_RUN = {"measurement": ("index", "snr", "seed", "save"), "": ("seed", "tags", "image_every")}
-NOT_THE_EXPERIMENT = ("paths", "logger", "hydra", "launcher", "device", "crop", "task_name")
+NOT_THE_EXPERIMENT = (
+    "paths",
+    "logger",
+    "hydra",
+    "launcher",
+    "device",
+    "crop",
+    "task_name",
+    "stochastic_min_patches",  # a warning's threshold, not the experiment
+)
 
 
 def checkpoint_identity(cfg: dict, summary: dict) -> dict:

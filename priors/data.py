@@ -14,12 +14,46 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 
 class DownloadError(RuntimeError):
     """A data set could not be downloaded (no internet, a mirror down): a user's problem, told
     in one line with the offline alternative."""
+
+
+class EpochShuffle(Sampler[int]):
+    """A new permutation of n items every epoch, a function of (seed, epoch) only.
+
+    Lightning calls ``set_epoch`` before each training epoch, so a run resumed from a checkpoint
+    at epoch e draws epoch e's order exactly as the uninterrupted run did (a DataLoader's
+    ``shuffle=True`` draws each epoch's order from a generator whose state a checkpoint does not
+    keep).
+
+    Args:
+        n: number of items.
+        seed: the run's seed; epoch e's order is ``randperm(n)`` from seed ``seed + e``.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    """The DataLoader's own generator (its workers' base seed): drawn from it, not from the
+    global RNG, so that iterating a loader leaves the global RNG (the training noise, saved in
+    checkpoints by ``ScoreModule``) where it was."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,18 +183,22 @@ class MNISTDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train_set,
             self.batch_size,
-            shuffle=True,
-            generator=g,
+            sampler=EpochShuffle(len(self.train_set), self.seed),
+            generator=_loader_generator(self.seed),
             num_workers=self.num_workers,
             drop_last=len(self.train_set) > self.batch_size,
         )
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set,
+            self.batch_size,
+            generator=_loader_generator(self.seed),
+            num_workers=self.num_workers,
+        )
 
 
 class GaussianDataModule(L.LightningDataModule):
@@ -210,16 +248,18 @@ class GaussianDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.data_seed)
         return DataLoader(
             self.train_set,
             min(self.batch_size, self.n_train),
-            shuffle=True,
-            generator=g,
+            sampler=EpochShuffle(self.n_train, self.data_seed),
+            generator=_loader_generator(self.data_seed),
             num_workers=self.num_workers,
         )
 
     def val_dataloader(self):
         return DataLoader(
-            self.val_set, min(self.batch_size, max(self.n_val, 1)), num_workers=self.num_workers
+            self.val_set,
+            min(self.batch_size, max(self.n_val, 1)),
+            generator=_loader_generator(self.data_seed),
+            num_workers=self.num_workers,
         )

@@ -154,6 +154,24 @@ class ScoreModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["score_format"] = SCORE_FORMAT
+        # The global RNG draws the training noise (t, z of the losses): a run resumed from this
+        # checkpoint continues its stream, so it equals the uninterrupted run (tensors only, so
+        # the checkpoint still loads with weights_only=True).
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Applied when training starts (on_train_start), after Lightning's sanity check.
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        state, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
