@@ -51,6 +51,7 @@ def M(name, file, old, new, *tests):
 CLAIMS = "tests/test_claims.py"
 EXACT = "tests/test_exact.py"
 SIM = "tests/test_simulator.py"
+RECON = "tests/test_claims_reconstruct.py"
 
 MUTATIONS = [
     # ---- the six bugs of issue 16 ---------------------------------------------------------------
@@ -271,6 +272,28 @@ MUTATIONS = [
         "f = f - G**2 * self.score(x, t) * weight",
         "f = f - G**2 * self.score(x, t)",
         f"{CLAIMS}::test_reverse_sde_and_probability_flow_ode_carry_noise_to_the_data",
+    ),
+    # ---- reconstruct.py and its W&B run ---------------------------------------------------------
+    M(
+        "wandb-group-is-the-task",
+        "wandb_setup.py",
+        "group=cfg.group,",
+        "group=cfg.task_name,",
+        f"{RECON}::test_wandb_run_group_tags_keys_and_summary",
+    ),
+    M(
+        "target-path-first-image",
+        "reconstruct.py",
+        'return stack[m.index], f"{m.target}[{m.index}]"',
+        'return stack[0], f"{m.target}[{m.index}]"',
+        f"{RECON}::test_measurement_target_path_is_the_simulated_truth",
+    ),
+    M(
+        "prior-samples-unseeded",
+        "reconstruct.py",
+        "x = prior.sample(R, int(cfg.seed))",
+        "x = prior.sample(R, 0)",
+        f"{RECON}::test_init_prior_samples_are_reverse_sde_draws_of_the_prior",
     ),
 ]
 
