@@ -16,8 +16,10 @@ sum, a second pass yields the normalised posteriors block by block.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 from mtd.group import TransformSet
 from mtd.likelihood import Form, choose_method, make_form, template_energy
 from mtd.patches import PatchSource
-from mtd.threads import chunk_work, limit_threads, resolve_threads
+from mtd.threads import DEFAULT_THREADS, chunk_work, limit_threads, resolve_threads
 
 # Streamed E-steps read and transform patches a block of chunks at a time: at most this many bytes
 # of patch transforms in memory.
@@ -225,6 +227,15 @@ class StatisticsSum:
         self.energy = torch.zeros((), dtype=estep.dtype, device=estep.device)
         self._block = {(b.start, b.stop): j for j, b in enumerate(blocks)}
 
+    def merge(self, other: StatisticsSum) -> None:
+        """Add another worker's sums to these."""
+        for mine, theirs in zip(self.acc, other.acc, strict=True):
+            pairs = [(mine, theirs)] if torch.is_tensor(mine) else zip(mine, theirs, strict=True)
+            for m, t in pairs:  # the FFT form's accumulator is a (spectra, omega) pair
+                m += t
+        self.loglik += other.loglik
+        self.energy += other.energy
+
     def add(self, post: Posterior, energy: torch.Tensor) -> None:
         j = self._block[(post.block.start, post.block.stop)]
         self.form.accumulate(post.held, post.local, post.w, post.scale, self.acc[j])
@@ -412,7 +423,7 @@ class EStep:
             chunks = chunks[comm.rank :: comm.world_size]
         return chunks
 
-    def _held_chunks(self, data: Patches, chunks: list) -> Iterator[tuple]:
+    def _held_chunks(self, data: Patches, chunks: list, form: Form) -> Iterator[tuple]:
         """Yield (held, local index, global index) chunk by chunk.
 
         In memory the transforms are there; streamed, a block of chunks is read and transformed
@@ -424,7 +435,7 @@ class EStep:
                 glob = index if not isinstance(index, slice) else _as_index(index)
                 yield data.held, index, glob.to(self.device)
             return
-        block = max(1, _STREAM_BLOCK_BYTES // self.form.bytes_per_patch())
+        block = max(1, _STREAM_BLOCK_BYTES // form.bytes_per_patch())
         i = 0
         while i < len(chunks):
             group, n = [], 0
@@ -433,7 +444,7 @@ class EStep:
                 n += _count(chunks[i])
                 i += 1
             index = torch.cat([_as_index(c) for c in group]).to(self.device)
-            held, offset = self.form.transform(data.source.read(index)), 0
+            held, offset = form.transform(data.source.read(index)), 0
             for c in group:
                 local = slice(offset, offset + _count(c))
                 offset = local.stop
@@ -507,21 +518,39 @@ class EStep:
             comm: ``mtd.TorchDistributed`` (or any object with rank and world_size): this process
                 takes every world_size-th chunk.
         """
+        plan = self._plan(data, x, log_rho, sigma2)
+        yield from self._stream(plan, data, self._chunks(data, subset, comm), self.form)
+
+    def _plan(self, data: Patches, x, log_rho, sigma2) -> dict:
+        """What every chunk of one E-step shares: template blocks, prepared templates, passes."""
         L = self.L
         _, blocks = self.chunking(data.D)
         prepared, bounds = self._templates(data, x, log_rho, sigma2, blocks)
-        norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)
-        single = len(blocks) == 1
         # Log-sum-exp without the passes it does not need (each is one pass over every chunk).
-        n = self.K * 4 * L * L
-        shift, clamp, floor = _log_sum_exp_passes(self.dtype, n, *bounds)
-        if not single:  # the blocks' running max and sum: always shifted, clamped
+        shift, clamp, floor = _log_sum_exp_passes(self.dtype, self.K * 4 * L * L, *bounds)
+        if len(blocks) > 1:  # the blocks' running max and sum: always shifted, clamped
             shift, clamp = True, True
-        for held, local, index in self._held_chunks(data, self._chunks(data, subset, comm)):
+        norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)
+        return {
+            "blocks": blocks,
+            "prepared": prepared,
+            "shift": shift,
+            "clamp": clamp,
+            "floor": floor,
+            "norm": norm,
+            "sigma2": sigma2,
+        }
+
+    def _stream(self, plan: dict, data: Patches, chunks: list, form: Form):
+        """The posteriors of ``chunks`` (see ``posteriors``), correlated with ``form``."""
+        blocks, prepared, norm = plan["blocks"], plan["prepared"], plan["norm"]
+        shift, clamp, floor, sigma2 = plan["shift"], plan["clamp"], plan["floor"], plan["sigma2"]
+        single = len(blocks) == 1
+        for held, local, index in self._held_chunks(data, chunks, form):
             energy = data.energy[index]
             own = norm - energy / (2 * sigma2)  # the patch's own term and the normalisation
             if single:
-                logits = self.form.correlate(held, local, prepared[0])
+                logits = form.correlate(held, local, prepared[0])
                 e = logits.view(logits.shape[0], -1)
                 if shift:
                     top = e.amax(1, keepdim=True)
@@ -535,7 +564,7 @@ class EStep:
                 if shift:
                     lse += top.view(-1)
                 post = Posterior(
-                    self.form, held, local, index, blocks[0], logits, total.reciprocal(), lse,
+                    form, held, local, index, blocks[0], logits, total.reciprocal(), lse,
                     True, True,
                 )  # fmt: skip
                 yield post, energy
@@ -543,7 +572,7 @@ class EStep:
             # Pass 1: every patch's log-sum-exp over all blocks, streamed (running max and sum).
             top = total = None
             for p in prepared:
-                e = self.form.correlate(held, local, p)
+                e = form.correlate(held, local, p)
                 e = e.view(e.shape[0], -1)
                 m = e.amax(1)
                 if top is None:
@@ -558,13 +587,13 @@ class EStep:
             ones = torch.ones_like(total)
             # Pass 2: the normalised posteriors, block by block.
             for j, p in enumerate(prepared):
-                logits = self.form.correlate(held, local, p)
+                logits = form.correlate(held, local, p)
                 e = logits.view(logits.shape[0], -1)
                 e.sub_(log_total[:, None]).clamp_(min=floor).exp_()
                 last = j == len(prepared) - 1
                 yield (
                     Posterior(
-                        self.form, held, local, index, blocks[j], logits, ones, lse, j == 0, last
+                        form, held, local, index, blocks[j], logits, ones, lse, j == 0, last
                     ),
                     energy,
                 )
@@ -587,13 +616,63 @@ class EStep:
         Returns:
             ``Statistics``.
         """
-        _, blocks = self.chunking(data.D)
-        total = StatisticsSum(self, blocks)
-        with limit_threads(self.threads(data.D)):
-            for post, energy in self.posteriors(data, x, log_rho, sigma2, subset, comm):
-                total.add(post, energy)
+        plan = self._plan(data, x, log_rho, sigma2)
+        chunks = self._chunks(data, subset, comm)
+        workers = self.workers(data.D, len(chunks))
+        # Contiguous runs of chunks, one per worker: equal shares, and a streamed worker reads
+        # its own rows of the micrographs.
+        bounds = [round(w * len(chunks) / workers) for w in range(workers + 1)]
+        parts = [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        totals = [StatisticsSum(self, plan["blocks"]) for _ in parts]
+        forms = [self.form, *self._spare_forms(workers - 1)]
+
+        def run(w: int) -> None:
+            for post, energy in self._stream(plan, data, parts[w], forms[w]):
+                totals[w].add(post, energy)
+
+        with limit_threads(1 if workers > 1 else self.threads(data.D)):
+            if workers == 1:
+                run(0)
+            else:  # each worker on one core, one intra-op thread: no barrier at every op
+                list(self._pool(workers).map(run, range(workers)))
+        for other in totals[1:]:
+            totals[0].merge(other)
         scale = 1.0 if subset is None else data.D / len(subset)
-        return total.result(data.D, comm, scale)
+        return totals[0].result(data.D, comm, scale)
+
+    def workers(self, D: int, chunks: int) -> int:
+        """How many chunk loops run side by side on the CPU (``Compute.threads="auto"``).
+
+        A chunk is sized to stay in cache, too small for every op to be split across threads:
+        with two intra-op threads each op ends at a barrier, and when another process holds a
+        core the thread that shares it stalls every op (``mtd.threads``). Instead the chunks are
+        shared out, each worker running its own chunks on one thread: on a quiet machine the
+        cores work side by side; under a competing load a worker slows down, none waits at
+        barriers. The split is fixed by the sizes, so a run's sums are the same every time.
+        One worker where the chunks are big enough to be split (``mtd.threads.PARALLEL_WORK``),
+        off the CPU, or when ``threads`` is set.
+        """
+        if self.compute.threads != "auto" or self.device.type != "cpu" or chunks < 2:
+            return 1
+        if self.threads(D) > 1:  # chunks big enough for intra-op threads
+            return 1
+        return max(1, min(DEFAULT_THREADS, chunks))
+
+    def _spare_forms(self, n: int) -> list[Form]:
+        """Forms for extra workers: the same tables, their own work buffers."""
+        spare = getattr(self, "_spares", [])
+        while len(spare) < n:
+            form = copy.copy(self.form)
+            form.work = None
+            spare.append(form)
+        self._spares = spare
+        return spare[:n]
+
+    def _pool(self, n: int) -> ThreadPoolExecutor:
+        pool = getattr(self, "_executor", None)
+        if pool is None or pool._max_workers != n:
+            pool = self._executor = ThreadPoolExecutor(n, thread_name_prefix="mtd-estep")
+        return pool
 
     def summaries(
         self, data: Patches, x: torch.Tensor, log_rho: torch.Tensor, sigma2: float, comm=None
@@ -622,7 +701,9 @@ class EStep:
         # Undo the prior term of the bias; add the patch energies back.
         log_w = self.group.log_weights().to(device=self.device, dtype=self.dtype)
         out = []
-        for held, local, index in self._held_chunks(data, self._chunks(data, None, None)):
+        for held, local, index in self._held_chunks(
+            data, self._chunks(data, None, None), self.form
+        ):
             parts = []
             for b, p in zip(blocks, prepared, strict=True):
                 lg = self.form.correlate(held, local, p)
