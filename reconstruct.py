@@ -75,6 +75,36 @@ def _number(cfg: DictConfig, key: str) -> float:
         raise ValueError(f"{key} must be a number, got {value!r}") from None
 
 
+# Config values that must be integers (with their least value) or numbers, checked up front so that
+# a typo names its key instead of failing in int() / float() somewhere later.
+INTEGER_KEYS = {
+    "seed": None,
+    "max_shift": 0,
+    "crop": 1,
+    "image_every": 0,
+    "stochastic_min_patches": 0,
+    "em.K": 1,
+    "em.iterations": 1,
+    "em.polish": 0,
+    "em.restarts": 1,
+}
+SIMULATE_INTEGER_KEYS = {"measurement.index": 0, "measurement.seed": None, "measurement.K": 1}
+NUMBER_KEYS = ("em.tol", "em.stochastic")
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every integer and number of the config is one, or an error naming its key and value."""
+    keys = dict(INTEGER_KEYS)
+    if cfg.measurement.source == "simulate":
+        keys.update(SIMULATE_INTEGER_KEYS)
+    for key, least in keys.items():
+        if key in ("max_shift", "image_every") and OmegaConf.select(cfg, key) is None:
+            continue  # null: off, as 0
+        _integer(cfg, key, least)
+    for key in NUMBER_KEYS:
+        _number(cfg, key)
+
+
 def checkpoint_identity(ckpt) -> dict:
     """What summary.json records of the prior, so that report.py never averages runs of two
     different checkpoints: its path, size in bytes and SHA-256 (None for ckpt=none)."""
@@ -344,6 +374,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
         comm = mtd.TorchDistributed() if fabric.world_size > 1 else None
     # Everything that can be wrong is checked before EM starts.
     check_reconstruction_logger(cfg)
+    check_numbers(cfg)
     if cfg.em.baseline not in BASELINES:
         raise ValueError(f"em.baseline must be one of {BASELINES}, got {cfg.em.baseline!r}")
     prior = load_prior(cfg, device)
@@ -379,7 +410,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     exit_code = 1  # what W&B records if the loop does not finish: failed (130: interrupted)
     try:
         for v in variants:
-            log = em_logger(run, v, len(init), int(cfg.image_every)) if run else None
+            log = em_logger(run, v, len(init), int(cfg.image_every or 0)) if run else None
             res, seconds = run_em(
                 ems[v], v, patches, init, score if v == "prior" else None, truth, log, comm, rank
             )

@@ -56,13 +56,18 @@ def main(argv=None) -> int:
     others = [i for i in range(len(images)) if i != args.digit][:10]
     init = images[others].mean(0)
     N = args.N or 11 * truth.shape[0]
-    meas = mtd.simulate(truth, N, density=args.density, snr=args.snr, K=args.K, seed=args.seed)
+    try:  # bad values: one line naming the option (argparse's usage and exit status 2)
+        meas = mtd.simulate(truth, N, density=args.density, snr=args.snr, K=args.K, seed=args.seed)
+        group = mtd.Rotations(truth.shape[0], args.K)
+        em = mtd.ApproximateEM(
+            group, iterations=args.iterations, device=args.device, dtype=args.dtype
+        )
+    except ValueError as e:
+        p.error(str(e))
     print(
         f"measurement {N} x {N}: {len(meas.angles)} copies of a {truth.shape[0]}-pixel digit, "
         f" SNR {args.snr:g} (sigma {meas.sigma:.4f}), K = {args.K}"
     )
-    group = mtd.Rotations(truth.shape[0], args.K)
-    em = mtd.ApproximateEM(group, iterations=args.iterations, device=args.device, dtype=args.dtype)
     from tqdm import tqdm
 
     bar = tqdm(total=args.iterations, desc="EM", unit="it", file=sys.stdout)

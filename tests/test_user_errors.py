@@ -214,6 +214,9 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("em.init=file",), "em.init=file needs em.init_file=PATH"),
         (("measurement.N=abc",), "measurement.N must be an integer, got 'abc'"),
         (("measurement.snr=inf",), "measurement.sigma_known=false"),
+        (("em.K=abc",), "em.K must be an integer, got 'abc'"),
+        (("em.iterations=1.5",), "em.iterations must be an integer, got 1.5"),
+        (("em.tol=small",), "em.tol must be a number, got 'small'"),
     ],
 )
 def test_silent_nonsense_is_refused_naming_the_key(tmp_path, gauss_ckpt, no_em, overrides, match):
@@ -326,6 +329,9 @@ def test_python_m_mtd_out_an_existing_file_fails_before_em(tmp_path, no_em, caps
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "recovers it." in capsys.readouterr().out  # the whole first paragraph
+    with pytest.raises(SystemExit) as exit_:  # the engine's own checks: usage and one line
+        main(["--snr", "-1"])
+    assert exit_.value.code == 2 and "error: snr must be > 0" in capsys.readouterr().err
 
 
 def test_python_m_mtd_writes_the_truth(tmp_path):
