@@ -38,6 +38,8 @@ class Measurement:
         seed: the seed it was drawn with.
         reflections: (p,) bool, whether each copy is the mirror image (rotated after mirroring);
             None when the simulation planted no mirror images.
+        coefficients: (n,) the image's coefficients in the steerable basis its copies were
+            rotated in (``simulate(basis=...)``), else None.
     """
 
     data: torch.Tensor
@@ -51,6 +53,7 @@ class Measurement:
     separation: str
     seed: int
     reflections: torch.Tensor | None = None
+    coefficients: torch.Tensor | None = None
 
     @property
     def L(self) -> int:
@@ -60,10 +63,11 @@ class Measurement:
     def N(self) -> int:
         return self.data.shape[-1]
 
-    def clean(self) -> torch.Tensor:
-        """(N, N) the measurement without noise, rebuilt from the truth."""
+    def clean(self, basis=None) -> torch.Tensor:
+        """(N, N) the measurement without noise, rebuilt from the truth (and the basis the
+        simulation rotated the copies in, if any)."""
         out = torch.zeros_like(self.data)
-        copies = _copies(self.image, self.angles, self.K, self.rotation, self.reflections)
+        copies = _copies(self.image, self.angles, self.K, self.rotation, self.reflections, basis)
         _plant(out, copies, self.positions)
         return out
 
@@ -117,17 +121,25 @@ def _place(N: int, L: int, p: int, gap: int, rng: np.random.Generator) -> np.nda
 
 
 def _copies(
-    image: torch.Tensor, angles: torch.Tensor, K: int, rotation: str, reflections=None
+    image: torch.Tensor, angles: torch.Tensor, K: int, rotation: str, reflections=None, basis=None
 ) -> torch.Tensor:
-    """(p, L, L) rotated copies: the EM's operators for discrete angles, else bilinear.
+    """(p, L, L) rotated copies: the EM's operators for discrete angles, else bilinear; with a
+    steerable ``basis``, the band-limited image rotated exactly (eq. 3) at every angle.
 
     A copy with ``reflections[i]`` true is the rotated mirror image, R mirror(F) (the order of
     ``mtd.Dihedral``'s templates).
     """
     if reflections is not None:
-        out = _copies(image, angles, K, rotation)
-        flipped = _copies(mirror(image), angles, K, rotation)
+        out = _copies(image, angles, K, rotation, basis=basis)
+        flipped = _copies(mirror(image), angles, K, rotation, basis=basis)
         return torch.where(reflections.view(-1, 1, 1), flipped, out)
+    if basis is not None:
+        coef = basis.expand(image)
+        out = torch.empty(len(angles), *image.shape, dtype=image.dtype, device=image.device)
+        for s in range(0, len(angles), 4096):  # bounded memory for many copies
+            rotated = basis.rotation(angles[s : s + 4096]).to(image) @ coef  # (b, n)
+            out[s : s + 4096] = basis.evaluate(rotated)
+        return out
     L = image.shape[-1]
     if rotation == "discrete":
         k = torch.round(angles * K / (2 * math.pi)).long() % K
@@ -158,6 +170,8 @@ def simulate(
     separation: str = "well",
     seed: int = 0,
     reflect: bool = False,
+    basis=None,
+    snr_of: str = "planted",
 ) -> Measurement:
     """Simulate an MTD measurement (eq. 1 of both papers).
 
@@ -170,6 +184,10 @@ def simulate(
     noise). With ``reflect`` every copy is the mirror image with probability 1/2, mirrored before
     it is rotated (the transformations ``mtd.Dihedral`` searches).
 
+    With a steerable ``basis`` (``mtd.FBBasis``), the approximate-EM paper's forward model: the
+    image is replaced by its band-limited expansion in the basis (``Measurement.image``, and its
+    ``coefficients``), and every copy is that image rotated exactly by its angle (eq. 3).
+
     Args:
         image: (L, L) image F.
         N: side of the square measurement.
@@ -181,6 +199,9 @@ def simulate(
         seed: seed of all the randomness.
         reflect: plant mirror images too (drawn after the rotations, so ``reflect=False`` gives
             the same bytes as before the option existed).
+        basis: an ``mtd.FBBasis`` of side L, or None (copies rotated by the pixel operators).
+        snr_of: with a basis, "planted" (the SNR of the band-limited image) or "raw" (from the
+            norm of the image given, as the approximate-EM paper's code computes it).
 
     Returns:
         ``Measurement`` with the data and the truth.
@@ -204,7 +225,15 @@ def simulate(
         raise ValueError(f"density must be a finite number >= 0, got {density!r}")
     if not snr > 0:
         raise ValueError(f"snr must be > 0 (inf for no noise), got {snr!r}")
-    energy = float(image.square().sum())
+    if snr_of not in ("planted", "raw"):
+        raise ValueError(f"snr_of must be 'planted' or 'raw', got {snr_of!r}")
+    coefficients, raw = None, image
+    if basis is not None:
+        if basis.L != L:
+            raise ValueError(f"basis is for {basis.L} x {basis.L} images, the image is {L} x {L}")
+        coefficients = basis.expand(image)
+        image = basis.evaluate(coefficients)
+    energy = float((raw if snr_of == "raw" else image).square().sum())
     if energy == 0:
         raise ValueError("image is all zeros: its SNR is undefined")
     p = round(density * N * N / (L * L))
@@ -226,7 +255,7 @@ def simulate(
     sigma = math.sqrt(energy / (snr * L * L))
     data = torch.from_numpy(rng.standard_normal((N, N)))
     data.mul_(sigma)
-    _plant(data, _copies(image, angles, K, rotation, reflections), positions)
+    _plant(data, _copies(image, angles, K, rotation, reflections, basis), positions)
     return Measurement(
         data,
         sigma,
@@ -239,6 +268,7 @@ def simulate(
         separation,
         seed,
         reflections,
+        coefficients,
     )
 
 
