@@ -471,7 +471,8 @@ def crop_for_logging(data, meas, L: int, crop: int):
         data = mtd.open_micrograph(data if isinstance(data, str | Path) else data[0])
     position = meas.positions[0] if meas is not None and len(meas.positions) else None
     r0, c0, size = crop_window(data.shape, L, crop, position)
-    return np.array(data[r0 : r0 + size, c0 : c0 + size])
+    window = data[r0 : r0 + size, c0 : c0 + size]
+    return window.detach().cpu().numpy().copy() if torch.is_tensor(window) else np.array(window)
 
 
 def run_em(em, variant, data, init, prior, truth, log=None, comm=None, rank=0):
