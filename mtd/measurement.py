@@ -248,7 +248,7 @@ def simulate(
     rng = np.random.default_rng(seed)
     positions = torch.from_numpy(_place(N, L, p, gap, rng))
     if rotation == "discrete":
-        angles = torch.from_numpy(rng.integers(0, K, size=p)) * (2 * math.pi / K)
+        angles = torch.from_numpy(rng.integers(0, K, size=p)).double() * (2 * math.pi / K)
     else:
         angles = torch.from_numpy(rng.uniform(0, 2 * math.pi, size=p))
     reflections = torch.from_numpy(rng.random(p) < 0.5) if reflect else None

@@ -73,6 +73,7 @@ class _Prior:
     """What every prior gives the EM engine: the score in measurement units and Tweedie on it."""
 
     sde: VPSDE
+    scale = 1.0  # measurement units per network unit
 
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
         raise NotImplementedError
@@ -81,20 +82,24 @@ class _Prior:
         return self.score(x, t)
 
     def denoise(self, x: torch.Tensor, t) -> torch.Tensor:
-        """Tweedie's posterior mean E[x_0 | x_t = x] = (x + sigma_t^2 s(x, t)) / alpha_t."""
+        """Tweedie's posterior mean E[x_0 | x_t = x] = (x + (u sigma_t)^2 s(x, t)) / alpha_t.
+
+        In measurement units (u per network unit) the SDE's noise is u sigma_t.
+        """
         t = torch.as_tensor(t, dtype=torch.float64)
         a, s = self.sde.alpha(t), self.sde.sigma(t)
         a = a.to(x).view(-1, *(1,) * (x.ndim - 1)) if a.ndim else float(a)
         s = s.to(x).view(-1, *(1,) * (x.ndim - 1)) if s.ndim else float(s)
-        return (x + s**2 * self.score(x, t)) / a
+        return (x + (self.scale * s) ** 2 * self.score(x, t)) / a
 
     def posterior_mean(self, y: torch.Tensor, noise: float) -> torch.Tensor:
         """E[x_0 | y] for y = x_0 + noise * z, z ~ N(0, I): Tweedie at the matching diffusion time.
 
-        y is x_t / alpha_t for the t with sigma_t / alpha_t = noise, so E[x_0 | y] is
-        ``denoise(alpha_t y, t)``. This is the prior step of EM's ``m_step="denoise"``.
+        y is x_t / alpha_t for the t with u sigma_t / alpha_t = noise (u: measurement units per
+        network unit), so E[x_0 | y] is ``denoise(alpha_t y, t)``. This is the prior step of EM's
+        ``Denoise`` M-step.
         """
-        t = self.sde.time_at_noise(noise)
+        t = self.sde.time_at_noise(noise / self.scale)
         return self.denoise(float(self.sde.alpha(t)) * y, t)
 
 

@@ -203,6 +203,34 @@ MUTATIONS = [
     ),
     # ---- the simulator --------------------------------------------------------------------------
     M(
+        "block-lse-no-rescale",
+        "mtd/estep.py",
+        "total = total * (top - new).exp()",
+        "total = total * 1",
+        f"{EXACT}::test_template_blocks_equal_brute_force",
+    ),
+    M(
+        "workers-merge-overwrites",
+        "mtd/estep.py",
+        "                m += t",
+        "                m.copy_(t)",
+        "tests/test_scale.py::test_workers_share_the_chunks_and_sum_to_the_serial_statistics",
+    ),
+    M(
+        "steerable-rotation-clockwise",
+        "mtd/steerable.py",
+        "out[:, cos_rows, sin_rows] = -sin[:, sin_rows]  # a' = a cos - b sin",
+        "out[:, cos_rows, sin_rows] = sin[:, sin_rows]  # a' = a cos - b sin",
+        "tests/test_steerable.py::test_rotation_of_coefficients_is_the_analytic_rotation_at_every_angle",
+    ),
+    M(
+        "posterior-mean-noise-in-measurement-units",
+        "priors/prior.py",
+        "t = self.sde.time_at_noise(noise / self.scale)",
+        "t = self.sde.time_at_noise(noise)",
+        f"{CLAIMS}::test_posterior_mean_in_measurement_units_is_the_gaussian_closed_form",
+    ),
+    M(
         "well-separation-gap",
         "mtd/measurement.py",
         'gap = 2 * L - 1 if separation == "well" else L',
@@ -212,16 +240,16 @@ MUTATIONS = [
     M(
         "mirror-after-rotation",
         "mtd/measurement.py",
-        "flipped = _copies(mirror(image), angles, K, rotation)",
-        "flipped = mirror(_copies(image, angles, K, rotation))",
+        "flipped = _copies(mirror(image), angles, K, rotation, basis=basis)",
+        "flipped = mirror(_copies(image, angles, K, rotation, basis=basis))",
         f"{SIM}::test_copies_are_planted_at_the_returned_positions_and_angles",
     ),
     # ---- the priors -----------------------------------------------------------------------------
     M(
         "tweedie-sigma-not-squared",
         "priors/prior.py",
-        "return (x + s**2 * self.score(x, t)) / a",
-        "return (x + s * self.score(x, t)) / a",
+        "return (x + (self.scale * s) ** 2 * self.score(x, t)) / a",
+        "return (x + self.scale * s * self.score(x, t)) / a",
         "tests/test_priors.py::test_tweedie_denoiser_of_the_gaussian_prior",
     ),
     M(

@@ -311,14 +311,7 @@ class ExactGaussianNet(torch.nn.Module):
     "units",
     [
         1.0,
-        pytest.param(
-            2.0,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ScorePrior.posterior_mean / denoise take the noise level and sigma_t in "
-                "network units while the score is in measurement units: off for units != 1",
-            ),
-        ),
+        2.0,
     ],
 )
 def test_posterior_mean_in_measurement_units_is_the_gaussian_closed_form(units):

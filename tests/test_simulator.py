@@ -117,11 +117,6 @@ def test_copies_are_planted_at_the_returned_positions_and_angles(K, rotation, re
     np.testing.assert_allclose(meas.data.numpy(), hand_planted(image, meas, copy), atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mtd.simulate computes discrete angles as int64 tensor * float, which torch makes "
-    "float32 (off 2 pi k / K by up to 4e-7 relative); Measurement documents float64",
-)
 def test_discrete_angles_are_float64_multiples_of_two_pi_over_k():
     meas = mtd.simulate(np.ones((5, 5)), 60, K=8, seed=0)
     assert meas.angles.dtype == torch.float64
