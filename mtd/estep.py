@@ -33,6 +33,10 @@ from mtd.threads import DEFAULT_THREADS, chunk_work, limit_threads, resolve_thre
 # Streamed E-steps read and transform patches a block of chunks at a time: at most this many bytes
 # of patch transforms in memory.
 _STREAM_BLOCK_BYTES = 64 << 20
+# Workers share the chunks only where each gets at least this many: measured on 2 cores
+# (tests/benchmarks/bench_threads.py), the L = 28, N = 308 case's 7 chunks ran no faster on two
+# workers than on one thread, while 29 (L = 11) and 62 (L = 5) ran 1.5-1.9x faster.
+_MIN_CHUNKS_PER_WORKER = 4
 # With template blocks, chunks hold at least this many patches, so that the correlations stay
 # matrix products rather than one patch's matrix-vector products.
 _MIN_BLOCKED_PATCHES = 8
@@ -652,11 +656,11 @@ class EStep:
         One worker where the chunks are big enough to be split (``mtd.threads.PARALLEL_WORK``),
         off the CPU, or when ``threads`` is set.
         """
-        if self.compute.threads != "auto" or self.device.type != "cpu" or chunks < 2:
+        if self.compute.threads != "auto" or self.device.type != "cpu":
             return 1
         if self.threads(D) > 1:  # chunks big enough for intra-op threads
             return 1
-        return max(1, min(DEFAULT_THREADS, chunks))
+        return max(1, min(DEFAULT_THREADS, chunks // _MIN_CHUNKS_PER_WORKER))
 
     def _spare_forms(self, n: int) -> list[Form]:
         """Forms for extra workers: the same tables, their own work buffers."""
