@@ -216,15 +216,16 @@ def main_cases(spinners: Spinners, repeats: int) -> None:
     print(
         f"ms per EM iteration (E-step + closed-form M-step), float64, median [min-max] of "
         f"{repeats} rounds; loaded: {len(spinners.procs)} spinning process(es). policy: "
-        f"mtd.threads on the engine's default chunks; big chunks: the policy on chunks of >= "
-        f"PARALLEL_WORK elements (where the case has >= 4 of them)"
+        f"threads='auto' (mtd.threads, EStep.workers) on the default chunks; big chunks: "
+        f"the policy on chunks of >= PARALLEL_WORK elements (where the case has >= 4 of them)"
     )
     for c in cases:
         big = bigs[c.label()]
         print(
             f"\n{c.label()}: {c.method}, D = {c.D}, {c.chunks} chunks of {c.chunk} patches x "
             f"{c.block} templates, work {c.work:,} elements per chunk -> policy "
-            f"{policy[c.label()]} thread(s)"
+            f"{policy[c.label()]} thread(s) x "
+            f"{c.em.estep.workers(c.D, c.chunks)} worker(s)"
             + (
                 f"; big chunks: {big.chunks} of {big.chunk} patches, work {big.work:,} -> "
                 f"{policy[c.label(), 'big']} thread(s)"
