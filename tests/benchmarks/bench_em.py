@@ -117,13 +117,14 @@ def bare(L: int, K: int, D: int, method: str, dtype, chunk: int, real=False, dev
     return one
 
 
-def run_case(L, N, K, dtype, naive_patches, repeats, rng, device="cpu"):
+def run_case(L, N, K, dtype, naive_patches, repeats, rng, device="cpu", threads="auto"):
     image = case_image(L, rng)
     meas = mtd.simulate(image, N, density=0.1, snr=1.0, K=K, seed=0)
     data = meas.data.numpy()
     F = image + 0.1 * rng.standard_normal((L, L))
     rho = np.full((2 * L, 2 * L), 1.0 / (4 * L * L))
-    em = mtd.ApproximateEM(mtd.Rotations(L, K), dtype=dtype, device=device)
+    compute = mtd.Compute(threads=threads)
+    em = mtd.ApproximateEM(mtd.Rotations(L, K), compute=compute, dtype=dtype, device=device)
     one, D = engine_iteration(em, data, F, rho, meas.sigma)
     fft = mtd.ApproximateEM(
         mtd.Rotations(L, K), compute=mtd.Compute(method="fft"), dtype=dtype, device=device
@@ -190,6 +191,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--methods", action="store_true", help="compare the FFT and GEMM forms by L")
     p.add_argument("--device", default="cpu", help="of the engine and the bare transforms")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="pin the engine (Compute(threads=n)) and the bare transforms to n intra-op threads "
+        "(default: the engine's own policy, the bare transforms at torch's default)",
+    )
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     where = args.device if args.device != "cpu" else f"{torch.get_num_threads()} CPU threads"
@@ -199,6 +207,9 @@ def main(argv=None):
         return
     rng = np.random.default_rng(0)
     kw = {"repeats": args.repeats, "rng": rng, "device": args.device}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        kw["threads"] = args.threads
     rows = [
         run_case(28, 308, 4, dtype, naive_patches=None, **kw),
         run_case(5, 1000, 8, dtype, naive_patches=500, **kw),
