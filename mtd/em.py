@@ -269,6 +269,11 @@ class ApproximateEM(torch.nn.Module):
         """
         self.m_step.check_prior(prior)
         shape = self.group.shape
+        if prior is not None and len(shape) != 2:
+            raise ValueError(
+                f"a prior acts on (L, L) images; this group's unknown has shape {shape} "
+                f"({type(self.group).__name__}), which no M-step maps to an image yet"
+            )
         inits = self._validate_image("init", init)
         if inits.ndim not in (len(shape), len(shape) + 1):
             raise ValueError(

@@ -124,7 +124,8 @@ class Posterior:
     Attributes:
         held: the form's transform of the chunk's patches (indexed by ``local``).
         local: the chunk's patches in ``held`` (a slice or an int64 tensor).
-        index: (B,) int64 positions of the chunk's patches among all patches.
+        index: the positions of the chunk's patches among all patches (a slice, or a (B,) int64
+            tensor).
         block: the templates of this item.
         w: (B, *layout) posteriors up to the per-patch factor ``scale``.
         scale: (B,) that factor.
@@ -395,8 +396,8 @@ class EStep:
         K, shifts = self.K, 4 * self.L * self.L
         budget = self.form.chunk_elements()
         chunk = self.compute.chunk_size
-        if K * shifts * (chunk or 1) <= budget or (chunk is None and K * shifts <= budget):
-            size = K  # every template in one block, as many patches as fit
+        if K * shifts <= budget:
+            size = K  # every template in one block (a user's chunk_size may exceed the budget)
         else:
             chunk = chunk or _MIN_BLOCKED_PATCHES
             pair = self.form.pair
@@ -427,19 +428,21 @@ class EStep:
             chunks = chunks[comm.rank :: comm.world_size]
         return chunks
 
-    def _held_chunks(self, data: Patches, chunks: list, form: Form) -> Iterator[tuple]:
+    def _held_chunks(
+        self, data: Patches, chunks: list, form: Form, block_bytes: int = _STREAM_BLOCK_BYTES
+    ) -> Iterator[tuple]:
         """Yield (held, local index, global index) chunk by chunk.
 
         In memory the transforms are there; streamed, a block of chunks is read and transformed
-        at a time (one read and one transform call per block, memory bounded by the block).
+        at a time (one read and one transform call per block, memory bounded by ``block_bytes``).
+        The indices are slices or int64 tensors on the engine's device.
         """
         if data.held is not None:
             for index in chunks:
                 index = index if isinstance(index, slice) else index.to(self.device)
-                glob = index if not isinstance(index, slice) else _as_index(index)
-                yield data.held, index, glob.to(self.device)
+                yield data.held, index, index
             return
-        block = max(1, _STREAM_BLOCK_BYTES // form.bytes_per_patch())
+        block = max(1, block_bytes // form.bytes_per_patch())
         i = 0
         while i < len(chunks):
             group, n = [], 0
@@ -545,12 +548,14 @@ class EStep:
             "sigma2": sigma2,
         }
 
-    def _stream(self, plan: dict, data: Patches, chunks: list, form: Form):
+    def _stream(
+        self, plan: dict, data: Patches, chunks: list, form: Form, block_bytes=_STREAM_BLOCK_BYTES
+    ):
         """The posteriors of ``chunks`` (see ``posteriors``), correlated with ``form``."""
         blocks, prepared, norm = plan["blocks"], plan["prepared"], plan["norm"]
         shift, clamp, floor, sigma2 = plan["shift"], plan["clamp"], plan["floor"], plan["sigma2"]
         single = len(blocks) == 1
-        for held, local, index in self._held_chunks(data, chunks, form):
+        for held, local, index in self._held_chunks(data, chunks, form, block_bytes):
             energy = data.energy[index]
             own = norm - energy / (2 * sigma2)  # the patch's own term and the normalisation
             if single:
@@ -578,7 +583,9 @@ class EStep:
             for p in prepared:
                 e = form.correlate(held, local, p)
                 e = e.view(e.shape[0], -1)
-                m = e.amax(1)
+                # A block may hold only -inf logits for a patch (zero prior weights): keep the
+                # max finite, so that -inf - max is -inf, not NaN.
+                m = e.amax(1).clamp_(min=torch.finfo(e.dtype).min)
                 if top is None:
                     top, total = m, e.sub_(m[:, None]).clamp_(min=floor).exp_().sum(1)
                     continue
@@ -620,6 +627,8 @@ class EStep:
         Returns:
             ``Statistics``.
         """
+        if subset is not None and len(subset) == 0:
+            raise ValueError("subset holds no patch: a stochastic E-step needs at least one")
         plan = self._plan(data, x, log_rho, sigma2)
         chunks = self._chunks(data, subset, comm)
         workers = self.workers(data.D, len(chunks))
@@ -630,15 +639,18 @@ class EStep:
         totals = [StatisticsSum(self, plan["blocks"]) for _ in parts]
         forms = [self.form, *self._spare_forms(workers - 1)]
 
+        block_bytes = _STREAM_BLOCK_BYTES // workers  # the streamed memory bound, shared
+
         def run(w: int) -> None:
-            for post, energy in self._stream(plan, data, parts[w], forms[w]):
+            for post, energy in self._stream(plan, data, parts[w], forms[w], block_bytes):
                 totals[w].add(post, energy)
 
         with limit_threads(1 if workers > 1 else self.threads(data.D)):
             if workers == 1:
                 run(0)
             else:  # each worker on one core, one intra-op thread: no barrier at every op
-                list(self._pool(workers).map(run, range(workers)))
+                with ThreadPoolExecutor(workers, thread_name_prefix="mtd-estep") as pool:
+                    list(pool.map(run, range(workers)))
         for other in totals[1:]:
             totals[0].merge(other)
         scale = 1.0 if subset is None else data.D / len(subset)
@@ -671,12 +683,6 @@ class EStep:
             spare.append(form)
         self._spares = spare
         return spare[:n]
-
-    def _pool(self, n: int) -> ThreadPoolExecutor:
-        pool = getattr(self, "_executor", None)
-        if pool is None or pool._max_workers != n:
-            pool = self._executor = ThreadPoolExecutor(n, thread_name_prefix="mtd-estep")
-        return pool
 
     def summaries(
         self, data: Patches, x: torch.Tensor, log_rho: torch.Tensor, sigma2: float, comm=None

@@ -66,6 +66,10 @@ class Measurement:
     def clean(self, basis=None) -> torch.Tensor:
         """(N, N) the measurement without noise, rebuilt from the truth (and the basis the
         simulation rotated the copies in, if any)."""
+        if self.coefficients is not None and basis is None:
+            raise ValueError(
+                "this measurement's copies were rotated in a steerable basis: call clean(basis)"
+            )
         out = torch.zeros_like(self.data)
         copies = _copies(self.image, self.angles, self.K, self.rotation, self.reflections, basis)
         _plant(out, copies, self.positions)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from mtd.rotations import Rotations
@@ -29,8 +27,11 @@ def _candidates(truth, estimate, K: int, max_shift: int, group):
     truth = torch.as_tensor(truth, dtype=torch.float64, device=device)
     estimate = torch.as_tensor(estimate, dtype=torch.float64, device=truth.device)
     image = group is None or len(group.shape) == 2
-    if truth.shape != estimate.shape or (
-        image and (truth.ndim != 2 or truth.shape[0] != truth.shape[1])
+    shape_ok = group is None or tuple(truth.shape) == tuple(group.shape)
+    if (
+        not shape_ok
+        or truth.shape != estimate.shape
+        or (image and (truth.ndim != 2 or truth.shape[0] != truth.shape[1]))
     ):
         raise ValueError(
             f"truth and estimate must be {'square images' if image else 'unknowns'} of one "
@@ -40,9 +41,13 @@ def _candidates(truth, estimate, K: int, max_shift: int, group):
         raise ValueError(
             f"max_shift must be >= 0 (0 for an unknown not an image), got {max_shift}"
         )
-    # A copy: moving the caller's group (an engine's, say) to float64 would change it in place.
-    group = Rotations(truth.shape[-1], K) if group is None else copy.deepcopy(group)
-    orbit = group.to(device=truth.device, dtype=torch.float64).orbit(estimate)
+    if group is None:
+        group = Rotations(truth.shape[-1], K).to(device=truth.device, dtype=torch.float64)
+    # The group as it is (an engine's may be float32 or on a GPU: its tables are already rounded
+    # to its dtype, so a float64 copy would gain nothing), the orbit back in float64.
+    dtype = next((b.dtype for b in group.buffers() if b.is_floating_point()), torch.float64)
+    orbit = group.orbit(estimate.to(device=group.device, dtype=dtype))
+    orbit = orbit.to(device=truth.device, dtype=torch.float64)
     if not image:
         return truth, orbit
     r = range(-max_shift, max_shift + 1)
@@ -70,7 +75,8 @@ def relative_error(truth, estimate, K: int = 4, max_shift: int = 0, group=None) 
         max_shift: largest translation (pixels, each axis) to minimise over; 0 is the paper's
             error.
         group: a ``TransformSet`` whose ``orbit`` is minimised over (e.g. ``mtd.Dihedral`` for
-            mirror images too); None is ``mtd.Rotations(L, K)``.
+            mirror images too; ``K`` is then unused); None is ``mtd.Rotations(L, K)``. truth and
+            estimate have its ``shape``.
 
     Returns:
         The relative error as a Python float.

@@ -154,6 +154,18 @@ class FBBasis:
         """Coefficients of the image rotated by phi (counter-clockwise): (..., n) -> (..., n)."""
         return coef @ self.rotation(phi)[0].to(coef).T
 
+    def rotations_of(self, coef: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """Coefficients (n,) rotated by every angle of phi (A,): (A, n), in O(A n)."""
+        nu = torch.from_numpy(self.nu).to(coef)
+        arg = phi.to(coef)[:, None] * nu
+        cos, sin = torch.cos(arg), torch.sin(arg)
+        out = coef * cos  # nu = 0: cos = 1
+        sin_rows = torch.from_numpy(np.flatnonzero(self.kind == 2)).to(coef.device)
+        a, b = coef[sin_rows - 1], coef[sin_rows]
+        out[:, sin_rows - 1] -= b * sin[:, sin_rows]  # a' = a cos - b sin
+        out[:, sin_rows] += a * sin[:, sin_rows]  # b' = a sin + b cos
+        return out
+
 
 class Steerable(TransformSet):
     """K exact rotations of a band-limited image, the unknown its n real FB coefficients.
@@ -177,7 +189,7 @@ class Steerable(TransformSet):
         # M_k = B R(phi_k): (K, L^2, n), the template of coefficients alpha is M_k alpha.
         self.register_buffer("maps", basis.matrix @ basis.rotation(angles))
         fine = torch.arange(orbit_angles, dtype=torch.float64) * (2 * math.pi / orbit_angles)
-        self.register_buffer("orbit_rotations", basis.rotation(fine))
+        self.register_buffer("orbit_angles", fine)
 
     def templates(self, x: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         M = self.maps[block or slice(None)]
@@ -192,4 +204,4 @@ class Steerable(TransformSet):
         return solve_normal(A, rhs, x)
 
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.orbit_rotations.transpose(1, 2)
+        return self.basis.rotations_of(x, self.orbit_angles)

@@ -399,3 +399,43 @@ def test_patch_summaries_equal_brute_force_and_sum_to_the_statistics(method, blo
     assert float(s.empty.sum()) == pytest.approx(
         float(stats.omega.sum(0)[empty_t].sum()), rel=1e-10
     )
+
+
+class _Weighted(mtd.Rotations):
+    """Rotations with a given prior weight per template (zeros allowed)."""
+
+    def __init__(self, L, K, weights):
+        super().__init__(L, K)
+        self.w = torch.tensor(weights, dtype=torch.float64)
+
+    def log_weights(self):
+        return self.w.log().to(self.device)
+
+
+@pytest.mark.parametrize("zeros_first", [True, False])
+def test_template_blocks_with_zero_prior_weights_equal_one_block(zeros_first, rng):
+    # A block whose templates all have prior weight 0 holds only -inf logits: the streamed
+    # log-sum-exp must skip it, not turn it into NaN.
+    L, K = 5, 4
+    data, F, rho, sigma = tiny_case(L, K, rng)
+    weights = [0, 0, 0.5, 0.5] if zeros_first else [0.5, 0.5, 0, 0]
+    stats = {}
+    for blocked in (False, True):
+        compute = mtd.Compute(method="gemm", chunk_size=8)
+        em = mtd.ApproximateEM(_Weighted(L, K, weights), compute=compute, dtype=torch.float64)
+        if blocked:
+            _blocked(em, budget=3 * 4 * L * L)  # below one patch's K x 4L^2: blocks of one
+            assert len(em.estep.chunking(9)[1]) == 4
+        stats[blocked] = em.e_step(
+            em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
+        )
+    assert math.isfinite(float(stats[True].loglik))
+    assert float(stats[True].loglik) == pytest.approx(float(stats[False].loglik), rel=1e-12)
+    torch.testing.assert_close(stats[True].omega, stats[False].omega, rtol=1e-9, atol=1e-12)
+
+
+def test_a_large_chunk_size_does_not_cut_the_templates():
+    # chunk_size sets patches per chunk; the templates are cut only when one patch's K x 4L^2
+    # exceed the budget.
+    em = engine(11, 4, "fft", chunk_size=1000)
+    assert em.estep.chunking(4096) == (1000, [slice(0, 4)])

@@ -215,3 +215,15 @@ def test_workers_share_the_chunks_and_sum_to_the_serial_statistics(method):
     for name in ("omega", "b", "c", "loglik", "energy"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         torch.testing.assert_close(getattr(a, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
+
+
+def test_an_engine_that_ran_two_workers_can_be_copied():
+    import copy
+
+    meas, _, mu = measurement(N=120)
+    em = engine(chunk_size=9)
+    em.estep.workers = lambda D, chunks: 2
+    log_rho = torch.full((10, 10), 0.01, dtype=torch.float64).log()
+    em.e_step(em.prepare(meas.data.double()), mu, log_rho, 2.0)
+    del em.estep.workers  # the method again
+    copy.deepcopy(em)  # no thread pool or queue left on it

@@ -165,3 +165,12 @@ def test_simulator_plants_band_limited_copies_rotated_exactly():
         mtd.simulate(image, 100, basis=basis, snr_of="clean")
     with pytest.raises(ValueError, match="basis is for 6 x 6 images"):
         mtd.simulate(image, 100, basis=mtd.FBBasis(6))
+
+
+def test_orbit_is_the_coefficients_rotated_by_each_grid_angle():
+    basis = mtd.FBBasis(11)
+    group = mtd.Steerable(basis, K=4, orbit_angles=12)
+    alpha = torch.randn(basis.n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    orbit = group.orbit(alpha)
+    for a, phi in enumerate(torch.arange(12, dtype=torch.float64) * (2 * math.pi / 12)):
+        torch.testing.assert_close(orbit[a], basis.rotate(alpha, float(phi)), rtol=0, atol=1e-12)
