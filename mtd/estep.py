@@ -52,8 +52,10 @@ class Compute:
         stream: hold the patch transforms in memory (False) or stream the patches from the
             measurement a block at a time in every E-step (True: memory bounded by the block,
             not by N); None streams measurements given as files and holds in-memory ones.
-        threads: intra-op threads of the E-step: "auto" (``mtd.threads.threads_for``: one thread
-            for chunks too small to gain from more, torch's default otherwise) or an integer.
+        threads: "auto": chunks too small to gain from intra-op threads run on one, shared out
+            among the cores where there are enough of them (``EStep.workers``), bigger chunks on
+            torch's default threads (``mtd.threads.threads_for``); or an integer: that many
+            intra-op threads and no workers.
     """
 
     method: str = "auto"
@@ -664,9 +666,11 @@ class EStep:
         core the thread that shares it stalls every op (``mtd.threads``). Instead the chunks are
         shared out, each worker running its own chunks on one thread: on a quiet machine the
         cores work side by side; under a competing load a worker slows down, none waits at
-        barriers. The split is fixed by the sizes, so a run's sums are the same every time.
-        One worker where the chunks are big enough to be split (``mtd.threads.PARALLEL_WORK``),
-        off the CPU, or when ``threads`` is set.
+        barriers. One worker per core, where each gets at least ``_MIN_CHUNKS_PER_WORKER``
+        chunks; one worker where the chunks are big enough to be split
+        (``mtd.threads.PARALLEL_WORK``), off the CPU, or when ``threads`` is set. The split is fixed
+        by the sizes and the core count (``mtd.threads.DEFAULT_THREADS``), so a run's sums are the
+        same every time on one machine; another core count rounds them differently.
         """
         if self.compute.threads != "auto" or self.device.type != "cpu":
             return 1
