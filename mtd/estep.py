@@ -668,9 +668,9 @@ class EStep:
         cores work side by side; under a competing load a worker slows down, none waits at
         barriers. One worker per core, where each gets at least ``_MIN_CHUNKS_PER_WORKER``
         chunks; one worker where the chunks are big enough to be split
-        (``mtd.threads.PARALLEL_WORK``), off the CPU, or when ``threads`` is set. The split is fixed
-        by the sizes and the core count (``mtd.threads.DEFAULT_THREADS``), so a run's sums are the
-        same every time on one machine; another core count rounds them differently.
+        (``mtd.threads.PARALLEL_WORK``), off the CPU, or when ``threads`` is set. The split is
+        fixed by the sizes and the core count (``mtd.threads.DEFAULT_THREADS``), so a run's sums
+        are the same every time on one machine; another core count rounds them differently.
         """
         if self.compute.threads != "auto" or self.device.type != "cpu":
             return 1
