@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 import mtd
 import mtd.outputs
 import reconstruct as rec
+import run_checks
 
 from .test_reconstruct import GAUSS, ROOT, compose_rec, write_gaussian_ckpt
 
@@ -346,10 +347,10 @@ def test_python_m_mtd_writes_the_truth(tmp_path):
 def test_user_errors_config_parses(tmp_path):
     # The helpers name the dotted key and the value whatever the type in the config.
     cfg = OmegaConf.create({"a": {"b": "7", "c": 2.5, "d": True}})
-    assert rec._integer(cfg, "a.b", 1) == 7
+    assert run_checks.integer(cfg, "a.b", 1) == 7
     for key in ("a.c", "a.d"):
         with pytest.raises(ValueError, match=f"{key} must be an integer"):
-            rec._integer(cfg, key)
+            run_checks.integer(cfg, key)
 
 
 @pytest.mark.parametrize(("fraction", "warned"), [(0.1, True), (0.45, True), (0.5, False)])
