@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent
 # ${project:PATH}: a file shipped with the project, wherever the command is run from.
 OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
 
-INITS = ("digits", "uniform", "prior_mean", "prior_samples", "file")
+INITS = ("digits", "uniform", "normal", "prior_mean", "prior_samples", "file")
 BASELINES = ("same", "closed_form")
 
 
@@ -145,10 +145,17 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
     raise ValueError(f"measurement.source must be simulate or file, got {m.source!r}")
 
 
-def initial_guess(cfg: DictConfig, L: int, prior: ScorePrior | None, truth) -> torch.Tensor:
-    """(R, L, L) float64 initial guesses, R = em.restarts."""
+def initial_guess(
+    cfg: DictConfig, L: int, prior: ScorePrior | None, truth, group: mtd.TransformSet
+) -> torch.Tensor:
+    """(R, *group.shape) float64 initial guesses of the unknown, R = em.restarts; images (R, L, L)
+    for an image group, the group's ``from_image`` of them otherwise (``normal``: N(0, 1) draws
+    of the unknown itself, the approximate-EM paper's random guesses)."""
     e = cfg.em
     R = integer(cfg, "em.restarts", 1)
+    if e.init == "normal":
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        return torch.randn((R, *group.shape), generator=g, dtype=torch.float64)
     if e.init == "uniform":  # the paper's Gaussian init, U[0, 1]
         g = torch.Generator().manual_seed(int(cfg.seed))
         x = torch.rand((R, L, L), generator=g, dtype=torch.float64)
@@ -176,7 +183,7 @@ def initial_guess(cfg: DictConfig, L: int, prior: ScorePrior | None, truth) -> t
         raise ValueError(
             f"em.init={e.init} gives {x.shape[-1]}-pixel images, the EM needs L = {L}"
         )
-    return x
+    return group.from_image(x)
 
 
 def build_em(cfg: DictConfig, group: mtd.TransformSet, m_step, sigma, device) -> mtd.ApproximateEM:
@@ -255,8 +262,10 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     ems = {v: build_em(cfg, group, m_steps[v], sigma, device) for v in variants}
     m_steps["prior"].check_prior(score)  # before the long pass over the data
     check_stochastic(cfg, patch_count(info))
-    init = initial_guess(cfg, L, prior, truth)
-    check_scale(init, data, f"em.init={cfg.em.init}")
+    init = initial_guess(cfg, L, prior, truth, group)
+    check_scale(group.to_image(init), data, f"em.init={cfg.em.init}")
+    image = tuple(group.shape) == (L, L)  # else: coefficients of a basis, say
+    truth_image, truth = truth, (None if truth is None else group.from_image(truth))
     metrics: dict = {}
     if truth is not None:  # (checks the truth's shape before the long work)
         metrics["error/init"] = min(mtd.relative_error(truth, x, group=group) for x in init)
@@ -271,18 +280,26 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     try:
         for v in variants:
             log = em_logger(run, v, len(init), int(cfg.image_every or 0)) if run else None
+            shown = log if log is None or image else ImageLog(log, group)
             res, seconds = run_em(
-                ems[v], v, patches, init, score if v == "prior" else None, truth, log, comm, rank
+                ems[v], v, patches, init, score if v == "prior" else None, truth, shown, comm, rank
             )
             if log is not None:  # the estimate EM returns, whatever image_every skipped
-                log.final({**res.history[-1], "estimate": res.estimate})
-            results[v] = res.estimate
+                log.final({**res.history[-1], "estimate": group.to_image(res.estimate)})
+            # Outputs are images; an unknown that is not one is written aligned to the truth (its
+            # group's orbit is not a set of images the figure could align over).
+            aligned = (
+                res.estimate
+                if truth is None or image
+                else mtd.align(truth, res.estimate, group=group)
+            )
+            results[v] = group.to_image(aligned)
             records[v] = run_record(res, seconds, ems[v], cfg.em.K)
             metrics[f"seconds/{v}"] = seconds
             metrics[f"iterations/{v}"] = len(res.history)
             if truth is not None:
                 metrics[f"error/{v}"] = mtd.relative_error(truth, res.estimate, group=group)
-                if cfg.max_shift:  # an empty-bordered image is identified up to a translation
+                if cfg.max_shift and image:  # an empty-bordered image: up to a translation
                     metrics[f"error_shift/{v}"] = mtd.relative_error(
                         truth, res.estimate, max_shift=int(cfg.max_shift), group=group
                     )
@@ -299,8 +316,8 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 results,
                 summary,
                 data,
-                group,
-                truth=truth,
+                group if image else mtd.Rotations(L, 1),  # (non-images: aligned above)
+                truth=truth_image,
                 measurement=meas,
                 errors={
                     v: (metrics.get(f"error/{v}"), metrics.get(f"error_shift/{v}"))
@@ -311,7 +328,8 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             )
         if run is not None:
             run.summary.update(metrics)
-            log_results(run, out, results, truth, crop_for_logging(data, meas, L, int(cfg.crop)))
+            crop = crop_for_logging(data, meas, L, int(cfg.crop))
+            log_results(run, out, results, truth_image, crop)
         exit_code = 0
     except KeyboardInterrupt:
         exit_code = 130  # Ctrl-C: the W&B run is marked failed, not uploaded as a finished one
@@ -322,6 +340,19 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 run.summary["interrupted" if exit_code == 130 else "crashed"] = True
             run.finish(exit_code=exit_code)
     return metrics
+
+
+class ImageLog:
+    """A W&B logger that gets the estimates of a non-image unknown as the images they stand for."""
+
+    def __init__(self, log, group):
+        self.log, self.group = log, group
+
+    def __call__(self, entry):
+        self.log({**entry, "estimate": self.group.to_image(entry["estimate"])})
+
+    def final(self, entry):
+        self.log.final(entry)
 
 
 def crop_for_logging(data, meas, L: int, crop: int):

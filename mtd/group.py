@@ -86,6 +86,14 @@ class TransformSet(torch.nn.Module):
         """x under every element of the symmetry the data cannot resolve, (n, *shape)."""
         raise NotImplementedError
 
+    def to_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The (..., L, L) image an unknown stands for (itself where the unknown is an image)."""
+        return x
+
+    def from_image(self, image: torch.Tensor) -> torch.Tensor:
+        """The unknown closest to (..., L, L) images (themselves where the unknown is an image)."""
+        return image
+
     def extra_repr(self) -> str:
         return f"L={self.L}, K={self.K}"
 

@@ -205,3 +205,16 @@ class Steerable(TransformSet):
 
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
         return self.basis.rotations_of(x, self.orbit_angles)
+
+    def to_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.basis.evaluate(x)
+
+    def from_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.basis.expand(image)
+
+
+def steerable(
+    L: int, K: int = 8, n: int | None = None, bandlimit: float | None = None
+) -> Steerable:
+    """``Steerable(FBBasis(L, n, bandlimit), K)``: the group of config ``em/group=steerable``."""
+    return Steerable(FBBasis(L, n=n, bandlimit=bandlimit), K)
