@@ -146,16 +146,18 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
 
 
 def initial_guess(
-    cfg: DictConfig, L: int, prior: ScorePrior | None, truth, group: mtd.TransformSet
+    cfg: DictConfig, L: int, prior: ScorePrior | None, truth, group: mtd.TransformSet | None = None
 ) -> torch.Tensor:
-    """(R, *group.shape) float64 initial guesses of the unknown, R = em.restarts; images (R, L, L)
-    for an image group, the group's ``from_image`` of them otherwise (``normal``: N(0, 1) draws
-    of the unknown itself, the approximate-EM paper's random guesses)."""
+    """(R, *group.shape) float64 initial guesses of the unknown, R = em.restarts: images (R, L, L)
+    for an image group (or none given), the group's ``from_image`` of them otherwise
+    (``normal``: N(0, 1) draws of the unknown itself, the approximate-EM paper's random
+    guesses)."""
     e = cfg.em
     R = integer(cfg, "em.restarts", 1)
+    shape = (L, L) if group is None else tuple(group.shape)
     if e.init == "normal":
         g = torch.Generator().manual_seed(int(cfg.seed))
-        return torch.randn((R, *group.shape), generator=g, dtype=torch.float64)
+        return torch.randn((R, *shape), generator=g, dtype=torch.float64)
     if e.init == "uniform":  # the paper's Gaussian init, U[0, 1]
         g = torch.Generator().manual_seed(int(cfg.seed))
         x = torch.rand((R, L, L), generator=g, dtype=torch.float64)
@@ -183,7 +185,7 @@ def initial_guess(
         raise ValueError(
             f"em.init={e.init} gives {x.shape[-1]}-pixel images, the EM needs L = {L}"
         )
-    return group.from_image(x)
+    return x if group is None else group.from_image(x)
 
 
 def build_em(cfg: DictConfig, group: mtd.TransformSet, m_step, sigma, device) -> mtd.ApproximateEM:
