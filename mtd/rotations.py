@@ -165,6 +165,15 @@ class GatherTransforms(TransformSet):
         return self.templates(x)
 
 
+def _sizes(L, K) -> tuple[int, int]:
+    """L and K as ints, or an error naming the one that is not a positive integer."""
+    if int(L) != L or L < 1:
+        raise ValueError(f"L must be a positive integer, got {L!r}")
+    if int(K) != K or K < 1:
+        raise ValueError(f"K must be an integer >= 1, got {K!r}")
+    return int(L), int(K)
+
+
 def _angles(K: int) -> torch.Tensor:
     return torch.arange(K, dtype=torch.float64, device="cpu") * (2 * math.pi / K)
 
@@ -181,11 +190,7 @@ class Rotations(GatherTransforms):
     """
 
     def __init__(self, L: int, K: int = 4):
-        if int(L) != L or L < 1:
-            raise ValueError(f"L must be a positive integer, got {L!r}")
-        if int(K) != K or K < 1:
-            raise ValueError(f"K must be an integer >= 1, got {K!r}")
-        L, K = int(L), int(K)
+        L, K = _sizes(L, K)
         super().__init__(L, *_bilinear_table(L, _angles(K)))
         self.rotations = K
 
@@ -202,11 +207,7 @@ class Dihedral(GatherTransforms):
     """
 
     def __init__(self, L: int, K: int = 4):
-        if int(L) != L or L < 1:
-            raise ValueError(f"L must be a positive integer, got {L!r}")
-        if int(K) != K or K < 1:
-            raise ValueError(f"K must be an integer >= 1, got {K!r}")
-        L, K = int(L), int(K)
+        L, K = _sizes(L, K)
         index, weight = _bilinear_table(L, _angles(K))
         col = index % L
         mirrored = index - col + (L - 1 - col)  # the same pixel of the mirror image
