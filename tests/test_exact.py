@@ -31,6 +31,16 @@ def engine(L, K, method, chunk_size=None, group=mtd.Rotations):
     return mtd.ApproximateEM(group(L, K), compute=compute, dtype=torch.float64)
 
 
+def assert_statistics_equal(stats, w, loglik, patch_list):
+    """The engine's statistics equal those of the brute-force posteriors w (D, K, 2L, 2L)."""
+    omega, b, c = ref.statistics(w, patch_list, w.shape[1])
+    np.testing.assert_allclose(stats.omega.numpy(), omega, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.b.numpy(), b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.c.numpy(), c, rtol=1e-9, atol=1e-12)
+    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+    return omega, b, c
+
+
 @pytest.mark.parametrize("method", ["fft", "gemm"])
 @pytest.mark.parametrize("L,K", CASES)
 def test_log_likelihoods_equal_direct_formula(L, K, method, rng):
@@ -49,11 +59,7 @@ def test_e_step_statistics_equal_brute_force(L, K, method, rng):
         em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
     )
     w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
-    omega, b, c = ref.statistics(w, ref.patches(data, L), K)
-    np.testing.assert_allclose(stats.omega.numpy(), omega, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats.b.numpy(), b, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats.c.numpy(), c, rtol=1e-9, atol=1e-12)
-    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+    assert_statistics_equal(stats, w, loglik, ref.patches(data, L))
 
 
 @pytest.mark.parametrize("method", ["fft", "gemm"])
@@ -284,11 +290,7 @@ def test_dihedral_e_step_and_m_step_equal_brute_force(L, K, method, rng):
     stats = em.e_step(em.prepare(data), Ft, torch.from_numpy(np.log(rho)), meas.sigma**2)
     patch_list = ref.patches(data, L)
     w, loglik = ref.e_step(patch_list, F, rho, meas.sigma, K, ref.dihedral)
-    omega, b, c = ref.statistics(w, patch_list, 2 * K)
-    np.testing.assert_allclose(stats.omega.numpy(), omega, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats.b.numpy(), b, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats.c.numpy(), c, rtol=1e-9, atol=1e-12)
-    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+    omega, b, c = assert_statistics_equal(stats, w, loglik, patch_list)
     # The closed-form M-step: argmax of Q summed term by term over the 2K templates.
     A, rhs = np.zeros((L * L, L * L)), np.zeros(L * L)
     eye = np.eye(L * L)
@@ -346,11 +348,7 @@ def test_template_blocks_equal_brute_force(L, K, method, rng):
         em.prepare(data), torch.from_numpy(F), torch.from_numpy(np.log(rho)), sigma**2
     )
     w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)
-    omega, b, c = ref.statistics(w, ref.patches(data, L), K)
-    np.testing.assert_allclose(stats.omega.numpy(), omega, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats.b.numpy(), b, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats.c.numpy(), c, rtol=1e-9, atol=1e-12)
-    assert float(stats.loglik) == pytest.approx(loglik, rel=1e-10)
+    assert_statistics_equal(stats, w, loglik, ref.patches(data, L))
     ll = em.log_likelihoods(data, torch.from_numpy(F), sigma).numpy()
     direct = ref.log_likelihoods(ref.patches(data, L), F, sigma, K)
     np.testing.assert_allclose(ll, direct, rtol=1e-9, atol=1e-9 * np.abs(direct).max())

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.benchmarks.bench_scale import write_noise
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # name: (L, N, K, dtype, streamed)
@@ -128,18 +130,6 @@ def measure(tree: str, case: str, repeats: int, npy: str | None, threads: int | 
     }
 
 
-def write_noise(path: Path, N: int) -> None:
-    """N x N standard normal float32 in a .npy (bench_scale's measurement, same seed)."""
-    import numpy as np
-
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N, N))
-    rng = np.random.default_rng(N)
-    for r in range(0, N, 1024):
-        out[r : r + 1024] = rng.standard_normal((min(1024, N - r), N), dtype=np.float32)
-    out.flush()
-    del out
-
-
 def run_child(tree: Path, case: str, repeats: int, npy: Path, threads: int | None) -> dict:
     spec = {"tree": str(tree), "case": case, "repeats": repeats, "npy": str(npy)}
     spec = json.dumps({**spec, "threads": threads})
@@ -205,7 +195,7 @@ def main(argv=None):
         )
         try:
             npy = Path(tmp) / "noise.npy"
-            write_noise(npy, CASES["c"][1])
+            write_noise(npy, CASES["c"][1])  # bench_scale's measurement, same seed
             trees = {"old": old_tree, "new": ROOT}
             for r in range(args.rounds):
                 order = ("old", "new") if r % 2 == 0 else ("new", "old")
