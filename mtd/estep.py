@@ -535,10 +535,9 @@ class EStep:
         L = self.L
         _, blocks = self.chunking(data.D)
         prepared, bounds = self._templates(data, x, log_rho, sigma2, blocks)
-        # Log-sum-exp without the passes it does not need (each is one pass over every chunk).
+        # Log-sum-exp without the passes it does not need (each is one pass over every chunk);
+        # across template blocks the running max and sum always shift and clamp (``_stream``).
         shift, clamp, floor = _log_sum_exp_passes(self.dtype, self.K * 4 * L * L, *bounds)
-        if len(blocks) > 1:  # the blocks' running max and sum: always shifted, clamped
-            shift, clamp = True, True
         norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)
         return {
             "blocks": blocks,
