@@ -23,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 
 import mtd
+from run_checks import is_none
 
 
 def run_group(cfg: dict, L: int) -> mtd.TransformSet:
@@ -58,7 +59,7 @@ def checkpoint_identity(cfg: dict, summary: dict) -> dict:
     if "checkpoint" in summary:  # recorded by reconstruct.py when the run started
         return summary["checkpoint"]
     ckpt = cfg.get("ckpt")
-    if ckpt is None or str(ckpt).lower() in ("none", "null", ""):
+    if is_none(ckpt):
         return {"path": None}
     path = Path(str(ckpt))
     return {"path": str(ckpt), "bytes": path.stat().st_size if path.is_file() else None}
@@ -72,7 +73,7 @@ def experiment_key(cfg: dict, summary: dict) -> str:
     kept["measurement"] = {
         k: v for k, v in cfg.get("measurement", {}).items() if k not in PER_RUN["measurement"]
     }
-    if kept.get("ckpt") is not None and str(kept["ckpt"]).lower() not in ("none", "null", ""):
+    if not is_none(kept.get("ckpt")):
         kept["measurement"].pop("reference_ckpt", None)  # only used with ckpt=none
     kept["ckpt"] = checkpoint_identity(cfg, summary)
     return json.dumps(kept, sort_keys=True, default=str)
