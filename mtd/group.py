@@ -86,6 +86,15 @@ class TransformSet(torch.nn.Module):
         """x under every element of the symmetry the data cannot resolve, (n, *shape)."""
         raise NotImplementedError
 
+    def nearest(self, truth: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The element of x's orbit closest to ``truth`` (both ``shape``), by the orbit's grid.
+
+        Implementations with a continuous group refine the grid's best element (``Steerable``).
+        """
+        orbit = self.orbit(x)
+        dist = (orbit - truth).reshape(len(orbit), -1).square().sum(1)
+        return orbit[int(dist.argmin())]
+
     def to_image(self, x: torch.Tensor) -> torch.Tensor:
         """The (..., L, L) image an unknown stands for (itself where the unknown is an image)."""
         return x

@@ -46,10 +46,11 @@ def _candidates(truth, estimate, K: int, max_shift: int, group):
     # The group as it is (an engine's may be float32 or on a GPU: its tables are already rounded
     # to its dtype, so a float64 copy would gain nothing), the orbit back in float64.
     dtype = next((b.dtype for b in group.buffers() if b.is_floating_point()), torch.float64)
-    orbit = group.orbit(estimate.to(device=group.device, dtype=dtype))
-    orbit = orbit.to(device=truth.device, dtype=torch.float64)
-    if not image:
-        return truth, orbit
+    estimate = estimate.to(device=group.device, dtype=dtype)
+    if not image:  # a continuous group's orbit is a grid: its own refinement (eq. 19)
+        nearest = group.nearest(truth.to(device=group.device, dtype=dtype), estimate)
+        return truth, nearest.to(device=truth.device, dtype=torch.float64)[None]
+    orbit = group.orbit(estimate).to(device=truth.device, dtype=torch.float64)
     r = range(-max_shift, max_shift + 1)
     return truth, torch.cat([_shift(orbit, dy, dx) for dy in r for dx in r])
 

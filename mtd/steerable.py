@@ -206,6 +206,39 @@ class Steerable(TransformSet):
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
         return self.basis.rotations_of(x, self.orbit_angles)
 
+    def nearest(self, truth: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x rotated by the angle closest to ``truth`` (eq. 19): the grid, then Newton in phi.
+
+        <R(phi) x, truth> = c_0 + sum_pairs A_nu cos(nu phi) + B_nu sin(nu phi) is a
+        trigonometric polynomial, so its maximum is found on ``orbit_angles`` (at least 8 per
+        period of the highest nu) and refined by Newton steps on its derivative, each kept only
+        where it raises the correlation: exact to rounding at any angle, not the grid's spacing.
+        """
+        nu = torch.from_numpy(self.basis.nu).to(x)
+        sin_rows = torch.from_numpy(np.flatnonzero(self.basis.kind == 2)).to(x.device)
+        a, b = x[sin_rows - 1], x[sin_rows]
+        ta, tb = truth[sin_rows - 1], truth[sin_rows]
+        A, B, w = a * ta + b * tb, a * tb - b * ta, nu[sin_rows]
+
+        def corr(phi):  # (A,) -> (A,) the phi-dependent part of <R(phi) x, truth>
+            arg = phi[:, None] * w
+            return (torch.cos(arg) * A + torch.sin(arg) * B).sum(1)
+
+        count = max(len(self.orbit_angles), 8 * int(w.max()) if len(w) else 1)
+        grid = torch.arange(count, dtype=x.dtype, device=x.device) * (2 * math.pi / count)
+        phi = grid[corr(grid).argmax()].reshape(1)
+        for _ in range(20):
+            arg = phi[:, None] * w
+            d1 = (w * (B * torch.cos(arg) - A * torch.sin(arg))).sum(1)
+            d2 = -(w * w * (A * torch.cos(arg) + B * torch.sin(arg))).sum(1)
+            if not bool(d2 < 0):
+                break
+            step = phi - d1 / d2
+            if not bool(corr(step) >= corr(phi)):
+                break
+            phi = step
+        return self.basis.rotations_of(x, phi)[0]
+
     def to_image(self, x: torch.Tensor) -> torch.Tensor:
         return self.basis.evaluate(x)
 
