@@ -69,6 +69,12 @@ def load_prior(cfg: DictConfig, device: torch.device) -> ScorePrior | None:
 def target_image(cfg: DictConfig, prior: ScorePrior | None) -> tuple[torch.Tensor, str]:
     """The simulated measurement's true image (L, L) float64 and a description of where from."""
     m = cfg.measurement
+    if m.target == "random":
+        if is_none(m.L):
+            raise ValueError("measurement.target=random needs measurement.L (the image side)")
+        L, seed = integer(cfg, "measurement.L", 1), int(m.target_seed) + int(m.index)
+        image = mtd.random_image(L, seed=seed, norm=number(cfg, "measurement.norm"))
+        return image, f"random[{seed}]"
     if m.target != "held_out":
         stack = mtd.read_images(m.target)
         if not 0 <= m.index < len(stack):
@@ -109,6 +115,9 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
                 "measurement.sigma_known=true; add measurement.sigma_known=false (EM estimates "
                 "sigma)"
             )
+        basis = None
+        if not is_none(m.fb_coefficients):  # the approximate-EM paper's forward model
+            basis = mtd.FBBasis(L, n=integer(cfg, "measurement.fb_coefficients", 1))
         meas = mtd.simulate(
             truth,
             N,
@@ -119,7 +128,10 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
             reflect=bool(m.reflect),
             separation=m.separation,
             seed=int(m.seed),
+            basis=basis,
+            snr_of=m.snr_of,
         )
+        truth = meas.image  # the band-limited image when the copies are its exact rotations
         if not len(meas.angles):
             raise ValueError(
                 f"measurement.density={m.density} plants no copy of a {L} x {L} image in "

@@ -6,6 +6,7 @@ from mtd.group import TransformSet
 from mtd.measurement import (
     Measurement,
     open_micrograph,
+    random_image,
     read_images,
     read_micrograph,
     simulate,
@@ -44,6 +45,7 @@ __all__ = [
     "extract_patches",
     "mirror",
     "open_micrograph",
+    "random_image",
     "read_images",
     "read_micrograph",
     "relative_error",

@@ -276,6 +276,23 @@ def simulate(
     )
 
 
+def random_image(L: int, seed: int = 0, norm: float = 10.0) -> torch.Tensor:
+    """The approximate-EM paper's random target: entries i.i.d. U[0, 1], scaled to ||F|| = norm.
+
+    (Section 3 of the paper: L = 5, norm 10; it then keeps the image's first 10 Fourier-Bessel
+    coefficients, which ``simulate(basis=mtd.FBBasis(L, n=10))`` does.)
+
+    Returns:
+        (L, L) float64.
+    """
+    if int(L) != L or L < 1:
+        raise ValueError(f"L must be an integer >= 1, got {L!r}")
+    if not (math.isfinite(norm) and norm > 0):
+        raise ValueError(f"norm must be a finite number > 0, got {norm!r}")
+    image = torch.from_numpy(np.random.default_rng(seed).uniform(0, 1, (int(L), int(L))))
+    return image * (norm / float(image.norm()))
+
+
 def read_micrograph(path) -> torch.Tensor:
     """Read a 2-D measurement from .npy or .mrc (.mrcs, .map).
 
