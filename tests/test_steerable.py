@@ -187,7 +187,8 @@ def test_eq19_error_is_minimised_over_every_angle_not_the_grid():
         rotated = basis.rotate(truth, -phi)
         assert mtd.relative_error(truth, rotated, group=group) < 1e-9
     # With noise the minimum equals a brute-force scan of 200,000 angles (to the scan's spacing).
-    noisy = basis.rotate(truth, -2.5) + 0.05 * torch.randn(basis.n, generator=g, dtype=torch.float64)
+    noise = torch.randn(basis.n, generator=g, dtype=torch.float64)
+    noisy = basis.rotate(truth, -2.5) + 0.05 * noise
     scan = basis.rotations_of(noisy, torch.linspace(0, 2 * math.pi, 200_001, dtype=torch.float64))
     brute = float(((scan - truth).norm(dim=1) / truth.norm()).min())
     ours = mtd.relative_error(truth, noisy, group=group)
