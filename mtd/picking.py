@@ -1,0 +1,1050 @@
+"""Particle picking from the EM posteriors (stochastic-EM paper, Section IV-B, Algorithm 2), the
+template-matching baseline, and the picking metrics of the field.
+
+**Where a copy lies in its patch.** The patch model (DESIGN section 4) is
+``M_m = C T_l Z T_k(x)``: patch pixel (i, j) holds ``(Z T_k x)[(i + l_x) mod 2L, (j + l_y) mod
+2L]``, the template sitting in the top-left L x L corner of the 2L x 2L padding. Template row a
+therefore lands on patch row (a - l_x) mod 2L, which is inside the patch (< L) only along one
+unwrapped placement: for l_x < L the template's top row sits at -l_x (above the patch, the copy
+cut by the patch's top border when l_x > 0), for l_x > L at 2L - l_x (inside, cut by the bottom
+border); l_x = L leaves the patch empty. The same for columns with l_y. So a copy whose top-left
+corner is at ``o`` (in (-L, L)^2) relative to its patch's has shift ``l = -o mod 2L``
+(``copy_offset`` / ``shift_of_offset``), and its centre is ``patch origin + o + (L - 1) / 2``
+(templates are rotated about ((L - 1) / 2, (L - 1) / 2), so rotation does not move the centre).
+
+**Algorithm 2.** For every patch the posterior of (l, k) (eq. 23 of the stochastic-EM paper) is
+summed over the templates to p(l | I_m, x), and the picked shift is its arg max over all
+l in {0..2L-1}^2, the empty shifts included: the patch is empty when an all-padding shift wins.
+``patch_posteriors`` streams the E-step's posteriors (``EStep.posteriors``) into per-patch
+summaries without storing any of them: the best non-empty shift l*, the mass and the largest
+single probability of the empty shifts, and the best template at l*. A pick's score is the log
+posterior ratio ``log p(l* | I) - log max_{l empty} p(l | I)`` (``empty_rule="argmax"``, the
+paper's rule: score > 0 exactly when the arg max over all shifts is non-empty) or ``log p(l* | I)
+- log sum_{l empty} p(l | I)`` (``empty_rule="mass"``: the summed all-padding mass must lose to
+the best shift, a stricter rule by up to log(4L - 1)). Probabilities are floored at the dtype's
+smallest normal number, so scores saturate at about +-708 (float64) or +-87 (float32).
+
+A copy cut by patch borders is seen by up to four patches, each of which gives the same centre
+at high SNR: ``merge`` keeps, among candidates within ``radius`` (default L / 2) of each other
+in one micrograph, the one with the highest score (non-maximum suppression).
+
+**Template matching** (``template_match``), the standard baseline: the normalised
+cross-correlation (NCC) of the micrograph with the K templates of a given image (the group's
+``templates``, so any object the engine estimates), its maximum over the templates per position,
+and greedy peak picking with a minimum distance.
+
+**Metrics.** The stochastic-EM paper's two (eq. 39: the F1 score of empty-patch detection, empty
+patches the positives, beside the always-empty classifier's; and the share of at least
+half-occupied patches whose shift is found within one pixel in each axis), and micrograph-level
+precision, recall and F1 by one-to-one (Hungarian) matching of picks to true centres within a
+radius, with the precision-recall curve over the score and its area (average precision), as
+Topaz computes them (Bepler et al., Nature Methods 16, 2019: ``topaz.algorithms.
+match_coordinates`` and ``topaz.metrics.average_precision``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtd.estep import Patches, empty_shifts
+from mtd.group import TransformSet
+from mtd.likelihood import template_energy
+from mtd.threads import limit_threads
+
+EMPTY_RULES = ("half", "argmax", "mass")
+STAR_COLUMNS = ("rlnCoordinateX", "rlnCoordinateY", "rlnAnglePsi", "rlnAutopickFigureOfMerit")
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry: shifts, offsets, patch origins
+# ------------------------------------------------------------------------------------------------
+def copy_offset(shift, L: int):
+    """Top-left corner of the copy relative to its patch's for shifts l (l != L), elementwise.
+
+    ``-l`` for l < L, ``2L - l`` for l > L (module doc): in (-L, L).
+    """
+    return np.where(np.asarray(shift) < L, -np.asarray(shift), 2 * L - np.asarray(shift))
+
+
+def shift_of_offset(offset, L: int):
+    """The shift l in {0..2L-1} that puts a copy's top-left corner at ``offset`` in (-L, L)."""
+    return np.mod(-np.asarray(offset), 2 * L)
+
+
+def patch_origins(source, index=None) -> tuple[np.ndarray, np.ndarray]:
+    """Micrograph and top-left pixel (row, column) of patches of a ``PatchSource``.
+
+    Patches are numbered micrograph after micrograph, each row-major over its (N0 // L, N1 // L)
+    grid (``mtd.patches``), so this is exact for streamed multi-file data too.
+
+    Args:
+        source: the ``PatchSource`` (``Patches.source``).
+        index: (n,) patch indices; None for all D.
+
+    Returns:
+        (micrograph (n,) int64, origin (n, 2) int64).
+    """
+    index = np.arange(source.D) if index is None else np.asarray(index, dtype=np.int64)
+    offsets = np.asarray(source.offsets, dtype=np.int64)
+    mic = np.searchsorted(offsets, index, side="right") - 1
+    local = index - offsets[mic]
+    cols = np.array([g[1] for g in source.grid], dtype=np.int64)[mic]
+    origin = np.stack([local // cols, local % cols], 1) * source.L
+    return mic.astype(np.int64), origin.astype(np.int64)
+
+
+def template_angles(group: TransformSet) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The in-plane angle (radians, counter-clockwise as ``mtd.simulate``) and mirror flag of each
+    template of ``group``, or (None, None) where the group has no such reading.
+
+    ``Rotations``: 2 pi k / K; ``Dihedral``: templates K + k are R_k of the mirror image;
+    ``Steerable``: 2 pi k / K. Another group may define ``template_angles()`` returning (K,)
+    angles (and optionally the mirror flags); otherwise picks carry the template index only.
+    """
+    from mtd.rotations import Dihedral, Rotations
+    from mtd.steerable import Steerable
+
+    K = group.K
+    k = np.arange(K)
+    if isinstance(group, (Rotations, Dihedral)):
+        r = int(group.rotations)
+        return 2 * math.pi * (k % r) / r, k >= r
+    if isinstance(group, Steerable):
+        return 2 * math.pi * k / K, np.zeros(K, dtype=bool)
+    own = getattr(group, "template_angles", None)
+    if callable(own):
+        out = own()
+        angles, mirrored = out if isinstance(out, tuple) else (out, None)
+        angles = np.asarray(torch.as_tensor(angles).cpu(), dtype=np.float64)
+        if mirrored is None:
+            mirrored = np.zeros(K, dtype=bool)
+        return angles, np.asarray(mirrored, dtype=bool)
+    return None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-patch posteriors (Algorithm 2)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PatchPosteriors:
+    """Per-patch summaries of p(l, k | I_m, x) for picking (float64 / int64 on the CPU).
+
+    "Blank" (l, k) pairs are those whose crop C T_l Z T_k(x) carries at most ``empty_energy`` of
+    the template's energy: the all-padding shifts (l_x = L or l_y = L), and for an image with an
+    empty border (an MNIST digit) also the shifts that show only that border, which explain a
+    patch exactly as well as an empty one does.
+
+    Attributes:
+        loglik: (D,) log p(I_m | x, rho, sigma).
+        empty: (D,) posterior mass of the all-padding shifts.
+        empty_max: (D,) the largest posterior probability of a single all-padding shift.
+        blank: (D,) posterior mass of the blank (l, k) pairs (``empty`` included).
+        occupied: (D,) the rest: the probability that the patch shows a copy.
+        shift: (D, 2) l*, the arg max over l of sum_k p(l, k | I_m, x) over non-blank pairs.
+        shift_prob: (D,) that sum at l*.
+        template: (D,) the most probable non-blank template at l*.
+        template_prob: (D,) its probability given l* (among non-blank pairs).
+    """
+
+    loglik: np.ndarray
+    empty: np.ndarray
+    empty_max: np.ndarray
+    blank: np.ndarray
+    occupied: np.ndarray
+    shift: np.ndarray
+    shift_prob: np.ndarray
+    template: np.ndarray
+    template_prob: np.ndarray
+
+    def score(self, empty_rule: str = "half", dtype=np.float64) -> np.ndarray:
+        """(D,) the log posterior ratio that decides ``empty_rule`` (> 0: not empty).
+
+        "half": log occupied - log blank (the patch shows a copy with probability > 1/2);
+        "argmax": log p(l*) - log max_{l all-padding} p(l) (Algorithm 2: the arg max of p(l | I)
+        over all shifts is not an all-padding one); "mass": log p(l*) - log(all-padding mass).
+        """
+        check_empty_rule(empty_rule)
+        tiny = np.finfo(dtype).tiny
+        top, bottom = {
+            "half": (self.occupied, self.blank),
+            "argmax": (self.shift_prob, self.empty_max),
+            "mass": (self.shift_prob, self.empty),
+        }[empty_rule]
+        return np.log(np.maximum(top, tiny)) - np.log(np.maximum(bottom, tiny))
+
+
+def check_empty_rule(empty_rule: str) -> None:
+    if empty_rule not in EMPTY_RULES:
+        raise ValueError(f"empty_rule must be one of {EMPTY_RULES}, got {empty_rule!r}")
+
+
+def blank_pairs(em, x: torch.Tensor, empty_energy: float) -> torch.Tensor:
+    """(K, 2L, 2L) bool: the (template, shift) pairs whose crop carries at most ``empty_energy``
+    of the template's energy (the all-padding shifts always)."""
+    if not (math.isfinite(empty_energy) and 0 <= empty_energy < 1):
+        raise ValueError(f"empty_energy must be in [0, 1), got {empty_energy!r}")
+    L = em.L
+    G = em.estep.padded(x)  # (K, 2L, 2L): the templates of the engine's own E-step
+    visible = template_energy(G, L)  # ||C T_l G_k||^2
+    total = G.square().sum((1, 2)).view(-1, 1, 1)
+    # A relative 1e-9 absorbs the FFT's rounding where the crop is exactly zero.
+    blank = visible <= total * max(empty_energy, 1e-9)
+    return blank | empty_shifts(L, G.device)
+
+
+class _PickingSummary:
+    """Consumer of ``EStep.posteriors``: per-patch ``PatchPosteriors``, (D,)-sized arrays only.
+
+    A chunk's template blocks arrive one after another (first .. last); the consumer keeps the
+    chunk's running marginals over the templates and, per shift, the best non-blank template.
+    """
+
+    def __init__(self, L: int, D: int, blank: torch.Tensor):
+        device = blank.device
+        self.L, self.P, self.blank = L, 2 * L, blank
+        self.empty_mask = empty_shifts(L, device)
+        names = ("loglik", "empty", "empty_max", "blank", "occupied", "shift_prob")
+        self.out = {n: torch.zeros(D, dtype=torch.float64, device=device) for n in names}
+        self.out["template_prob"] = torch.zeros(D, dtype=torch.float64, device=device)
+        self.out["shift"] = torch.zeros(D, 2, dtype=torch.int64, device=device)
+        self.out["template"] = torch.zeros(D, dtype=torch.int64, device=device)
+        self._run = None
+
+    def add(self, post, energy) -> None:
+        w = post.weights()  # (B, k, 2L, 2L), normalised over all templates and shifts
+        blank = self.blank[post.block]
+        seen = w.masked_fill(blank, 0)
+        best, best_k = w.masked_fill(blank, -1.0).max(1)
+        part = {
+            "all": w.sum(1),  # p(l | I) of the block
+            "seen": seen.sum(1),  # its non-blank part
+            "blank": (w.sum((1, 2, 3)) - seen.sum((1, 2, 3))).clamp(min=0),
+            "best": best,
+            "best_k": best_k + post.block.start,
+        }
+        if post.first:
+            self._run = part
+        else:
+            run = self._run
+            for name in ("all", "seen", "blank"):
+                run[name] = run[name] + part[name]
+            better = part["best"] > run["best"]
+            run["best"] = torch.where(better, part["best"], run["best"])
+            run["best_k"] = torch.where(better, part["best_k"], run["best_k"])
+        if post.last:
+            self._finish(post)
+
+    def _finish(self, post) -> None:
+        P, index, run = self.P, post.index, self._run
+        seen = run["seen"]
+        prob, flat = seen.reshape(len(seen), -1).max(1)  # l*: the best non-blank shift
+        rows = torch.arange(len(seen), device=seen.device)
+        lx, ly = flat // P, flat % P
+        tiny = torch.finfo(prob.dtype).tiny
+        o, f64 = self.out, torch.float64
+        o["loglik"][index] = post.loglik.to(f64)
+        o["empty"][index] = run["all"][:, self.empty_mask].sum(1).to(f64)
+        o["empty_max"][index] = run["all"][:, self.empty_mask].amax(1).to(f64)
+        o["blank"][index] = run["blank"].to(f64)
+        o["occupied"][index] = seen.sum((1, 2)).to(f64)
+        o["shift"][index] = torch.stack([lx, ly], 1)
+        o["shift_prob"][index] = prob.to(f64)
+        o["template"][index] = run["best_k"][rows, lx, ly]
+        joint = run["best"][rows, lx, ly].clamp(min=0)
+        o["template_prob"][index] = (joint / prob.clamp(min=tiny)).to(f64)
+
+    def result(self) -> PatchPosteriors:
+        return PatchPosteriors(**{k: v.cpu().numpy() for k, v in self.out.items()})
+
+
+def _inputs(em, data, x, log_rho, sigma2):
+    """The prepared patches and (x, log rho) on the engine's device and dtype, checked."""
+    shape = tuple(em.group.shape)
+    x = torch.as_tensor(x, device=em.device, dtype=em.dtype)
+    if tuple(x.shape) != shape:
+        raise ValueError(
+            f"estimate has shape {tuple(x.shape)}; the group {type(em.group).__name__} (L = "
+            f"{em.L}) needs {shape}"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError("estimate has non-finite values")
+    L = em.L
+    log_rho = torch.as_tensor(log_rho, device=em.device, dtype=em.dtype)
+    if tuple(log_rho.shape) != (2 * L, 2 * L):
+        raise ValueError(f"log_rho must be ({2 * L}, {2 * L}), got {tuple(log_rho.shape)}")
+    if not (math.isfinite(sigma2) and sigma2 > 0):
+        raise ValueError(f"sigma2 must be a finite number > 0, got {sigma2!r}")
+    data = data if isinstance(data, Patches) else em.prepare(data)
+    return data, x, log_rho
+
+
+def patch_posteriors(
+    em, data, x, log_rho, sigma2: float, empty_energy: float = 0.05
+) -> PatchPosteriors:
+    """Algorithm 2's per-patch quantities, streamed from the E-step (nothing stores all w).
+
+    Args:
+        em: an ``mtd.ApproximateEM`` (its group, device, dtype and compute options).
+        data: a measurement, path(s), or what ``em.prepare`` returned for them.
+        x: the estimate (the group's ``shape``).
+        log_rho: (2L, 2L) log of the shift distribution (``EMResult.rho.log()``).
+        sigma2: the noise variance.
+        empty_energy: (template, shift) pairs whose crop carries at most this share of the
+            template's energy count as blank (``PatchPosteriors``).
+
+    Returns:
+        ``PatchPosteriors``.
+    """
+    data, x, log_rho = _inputs(em, data, x, log_rho, sigma2)
+    summary = _PickingSummary(em.L, data.D, blank_pairs(em, x, empty_energy))
+    with limit_threads(em.estep.threads(data.D)):
+        for post, energy in em.estep.posteriors(data, x, log_rho, sigma2):
+            summary.add(post, energy)
+    return summary.result()
+
+
+def fit_rho_sigma(
+    em, data, x, sigma: float | None = None, rho: str = "estimate", iterations: int = 10
+) -> tuple[torch.Tensor, float]:
+    """rho (eq. 18 of the approximate-EM paper) and sigma^2 by EM with the estimate x held fixed.
+
+    For picking with an estimate made elsewhere: the E-step at (x, rho, sigma), then the M-step's
+    updates of rho and sigma^2 only (x stays), ``iterations`` times from a uniform rho and the
+    patches' mean power (an upper bound on sigma^2), as ``ApproximateEM`` starts.
+
+    Args:
+        sigma: the noise level if known (then only rho is updated).
+        rho: "estimate" or "uniform" (kept uniform).
+
+    Returns:
+        (log rho (2L, 2L), sigma^2).
+    """
+    if rho not in ("estimate", "uniform"):
+        raise ValueError(f"rho must be 'estimate' or 'uniform', got {rho!r}")
+    if int(iterations) != iterations or iterations < 0:
+        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    L = em.L
+    data, x, log_rho = _inputs(em, data, x, torch.zeros(2 * L, 2 * L), 1.0)
+    log_rho = torch.full_like(log_rho, -math.log(4 * L * L))
+    if sigma is not None:
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        sigma2 = float(sigma) ** 2
+    else:
+        sigma2 = max(float(data.energy.sum()) / (data.D * L * L), 1e-12)
+    for _ in range(int(iterations)):
+        stats = em.e_step(data, x, log_rho, sigma2)
+        if rho == "estimate":
+            log_rho = (stats.omega.sum(0) / stats.D).log()
+        if sigma is None:
+            sigma2 = max(float(em.residual(stats, x)) / (stats.D * L * L), 1e-12)
+    return log_rho, sigma2
+
+
+# ------------------------------------------------------------------------------------------------
+# Picks
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Picks:
+    """Candidate particles, best first within nothing in particular (see ``order``).
+
+    Attributes:
+        centres: (n, 2) float64 particle centres (row, column) in pixels of their micrograph.
+        scores: (n,) float64 the picker's score (higher: more confident).
+        selected: (n,) bool the picks at the picker's operating point (the rest are candidates
+            kept for the precision-recall curve).
+        micrograph: (n,) int64 index into ``names``.
+        names: the micrographs' names (paths for files).
+        angles: (n,) float64 in-plane angle in radians (NaN where the group has none).
+        mirrored: (n,) bool the mirror image was picked (``Dihedral``).
+        templates: (n,) int64 the template index.
+        patches: (n,) int64 the patch a posterior pick comes from (-1 for template matching).
+        L: the particle (template) side.
+        prob: (n,) float64 the tie-break of equal scores (higher first), or None.
+        info: how the picks were made.
+    """
+
+    centres: np.ndarray
+    scores: np.ndarray
+    selected: np.ndarray
+    micrograph: np.ndarray
+    names: list
+    angles: np.ndarray
+    mirrored: np.ndarray
+    templates: np.ndarray
+    patches: np.ndarray
+    L: int
+    prob: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def take(self, index) -> Picks:
+        """The picks at ``index`` (a bool mask or integer indices)."""
+        arrays = ("centres", "scores", "selected", "micrograph", "angles", "mirrored")
+        arrays += ("templates", "patches") + (() if self.prob is None else ("prob",))
+        return replace(self, **{a: getattr(self, a)[index] for a in arrays})
+
+    def picked(self) -> Picks:
+        """The selected picks only."""
+        return self.take(self.selected)
+
+    def order(self) -> Picks:
+        """Sorted by score, highest first, then by ``prob`` (stable)."""
+        if self.prob is None:
+            return self.take(np.argsort(-self.scores, kind="stable"))
+        return self.take(np.lexsort((-self.prob, -self.scores)))
+
+
+def merge(picks: Picks, radius: float) -> Picks:
+    """Non-maximum suppression per micrograph: a candidate within ``radius`` (Euclidean, <=) of
+    a higher-scored kept one is dropped; ties keep the earlier one. Returns the kept, best first.
+    """
+    from scipy.spatial import cKDTree
+
+    if not radius >= 0:
+        raise ValueError(f"radius must be >= 0, got {radius!r}")
+    picks = picks.order()
+    keep = np.zeros(len(picks), dtype=bool)
+    for s in np.unique(picks.micrograph):
+        idx = np.flatnonzero(picks.micrograph == s)
+        tree = cKDTree(picks.centres[idx])
+        gone = np.zeros(len(idx), dtype=bool)
+        for j in range(len(idx)):
+            if gone[j]:
+                continue
+            keep[idx[j]] = True
+            gone[tree.query_ball_point(picks.centres[idx[j]], r=radius)] = True
+    return picks.take(keep)
+
+
+def pick_posterior(
+    em,
+    data,
+    x,
+    log_rho,
+    sigma2: float,
+    empty_rule: str = "half",
+    radius: float | None = None,
+    threshold: float = 0.0,
+    empty_energy: float = 0.05,
+) -> tuple[Picks, PatchPosteriors]:
+    """Algorithm 2 of the stochastic-EM paper, with the patches mapped back to their micrographs.
+
+    Every patch gives one candidate: the centre of the copy at its best non-blank shift l*, the
+    best template's angle there, and the score ``PatchPosteriors.score(empty_rule)``; a
+    candidate is selected when its score exceeds ``threshold`` (0: the patch is not empty by the
+    rule). Candidates of one copy seen by several patches are merged (``merge``; equal scores,
+    e.g. saturated ones at high SNR, are ranked by p(l* | I), the sharpest localisation first).
+
+    Args:
+        em, data, x, log_rho, sigma2, empty_energy: as ``patch_posteriors``.
+        empty_rule: "half" (default: the blank pairs hold at least half the posterior mass),
+            "argmax" (Algorithm 2 as written: an all-padding shift is the arg max of p(l | I);
+            it declares almost no patch empty for an image with an empty border, whose
+            border-only shifts outnumber the all-padding ones) or "mass" (the all-padding mass
+            beats p(l* | I)). See ``PatchPosteriors.score``.
+        radius: of the merge, default L / 2.
+        threshold: on the score for the operating point.
+
+    Returns:
+        (the merged ``Picks``, best first; the per-patch ``PatchPosteriors``).
+    """
+    check_empty_rule(empty_rule)
+    L = em.L
+    radius = L / 2 if radius is None else float(radius)
+    data = data if isinstance(data, Patches) else em.prepare(data)
+    post = patch_posteriors(em, data, x, log_rho, sigma2, empty_energy)
+    mic, origin = patch_origins(data.source)
+    centres = origin + copy_offset(post.shift, L) + (L - 1) / 2
+    scores = post.score(empty_rule, _np_dtype(em.dtype))
+    angles, mirrored = template_angles(em.group)
+    k = post.template
+    picks = Picks(
+        centres=centres.astype(np.float64),
+        scores=scores,
+        selected=scores > threshold,
+        micrograph=mic,
+        names=list(data.source.names),
+        angles=np.full(len(k), np.nan) if angles is None else angles[k],
+        mirrored=np.zeros(len(k), dtype=bool) if mirrored is None else mirrored[k],
+        templates=k,
+        patches=np.arange(data.D),
+        L=L,
+        prob=post.shift_prob,
+        info={"method": "posterior", "empty_rule": empty_rule, "threshold": threshold},
+    )
+    return merge(picks, radius), post
+
+
+def _np_dtype(dtype: torch.dtype):
+    return np.float32 if dtype in (torch.float32, torch.float16, torch.bfloat16) else np.float64
+
+
+# ------------------------------------------------------------------------------------------------
+# Template matching (the baseline)
+# ------------------------------------------------------------------------------------------------
+def _as_micrographs(data) -> tuple[list, list[str]]:
+    """Micrographs (tensors or memory-mapped arrays) and their names, as ``PatchSource``."""
+    from mtd.measurement import open_micrograph
+
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    arrays, names = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            arrays.append(open_micrograph(item))
+            names.append(str(item))
+        else:
+            arrays.append(item)
+            names.append(f"micrograph {i}")
+    return arrays, names
+
+
+def normalised_cross_correlation(
+    micrograph: torch.Tensor, templates: torch.Tensor, block: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_k NCC(window at (u, v), T_k) over the K templates, for every full L x L window.
+
+    NCC = sum (W - mean W)(T - mean T) / (||W - mean W|| ||T - mean T||), the correlation by FFT
+    (circular on the micrograph's own size: no window that fits wraps), the window norms by
+    cumulative sums. Flat windows get 0.
+
+    Args:
+        micrograph: (N0, N1).
+        templates: (K, L, L), none of them constant.
+        block: templates per FFT batch (memory: block x N0 x N1 complex numbers).
+
+    Returns:
+        (score (N0 - L + 1, N1 - L + 1), best template (same shape, int64)); window (u, v) has
+        its top-left corner at (u, v).
+    """
+    N0, N1 = micrograph.shape
+    K, L, _ = templates.shape
+    t = templates - templates.mean((1, 2), keepdim=True)
+    norm = t.square().sum((1, 2)).sqrt()
+    if not bool((norm > 0).all()):
+        raise ValueError("a template is constant (zero variance): its NCC is undefined")
+    t = t / norm.view(-1, 1, 1)
+    spectrum = torch.fft.rfft2(micrograph)
+    # Window sums of M and M^2 from cumulative sums (float64 for the differences).
+    m64 = micrograph.to(torch.float64)
+    s1 = _box_sum(m64, L)
+    s2 = _box_sum(m64.square(), L)
+    var = (s2 - s1.square() / (L * L)).clamp(min=0)
+    denom = var.sqrt()
+    flat = denom <= 1e-12 * float(denom.max()) if denom.numel() else denom > 0
+    best = torch.full((N0 - L + 1, N1 - L + 1), -math.inf, dtype=micrograph.dtype,
+                      device=micrograph.device)  # fmt: skip
+    best_k = torch.zeros(best.shape, dtype=torch.int64, device=micrograph.device)
+    for s in range(0, K, block):
+        padded = torch.zeros(min(block, K - s), N0, N1, dtype=t.dtype, device=t.device)
+        padded[:, :L, :L] = t[s : s + block]
+        corr = torch.fft.irfft2(spectrum * torch.fft.rfft2(padded).conj(), s=(N0, N1))
+        corr = corr[:, : N0 - L + 1, : N1 - L + 1]
+        value, k = corr.max(0)
+        better = value > best
+        best = torch.where(better, value, best)
+        best_k = torch.where(better, k + s, best_k)
+    score = torch.where(flat, 0, best / torch.where(flat, 1, denom).to(best.dtype))
+    return score, best_k
+
+
+def _box_sum(a: torch.Tensor, L: int) -> torch.Tensor:
+    """Sums of a over every L x L window: (N0 - L + 1, N1 - L + 1)."""
+    c = torch.nn.functional.pad(a.cumsum(0).cumsum(1), (1, 0, 1, 0))
+    return c[L:, L:] - c[:-L, L:] - c[L:, :-L] + c[:-L, :-L]
+
+
+def noise_threshold(windows: int, K: int, L: int) -> float:
+    """The expected largest NCC of pure white noise over ``windows`` positions and K templates.
+
+    A window of white noise and a fixed zero-mean template have an NCC of mean 0 and variance
+    1 / (L^2 - 1); the largest of n independent such values is about sqrt(2 ln n) of their
+    standard deviation. Neighbouring windows are correlated, so this errs high: a peak above it is
+    one a micrograph of pure noise would not give on average.
+    """
+    n = max(2, windows * K)
+    return math.sqrt(2 * math.log(n) / max(L * L - 1, 1))
+
+
+def template_match(
+    data,
+    group: TransformSet,
+    x,
+    min_distance: float | None = None,
+    threshold: float | str = "auto",
+    n_picks: int | None = None,
+    device=None,
+    dtype=torch.float64,
+    max_candidates: int | None = None,
+) -> Picks:
+    """Pick particles by template matching with the templates ``group.templates(x)``.
+
+    Peaks: local maxima of the NCC map (max over templates), greedily kept best first at least
+    ``min_distance`` apart (Euclidean); every kept peak is a candidate, those with an NCC
+    >= ``threshold`` (and among the ``n_picks`` best, when given) are selected.
+
+    Args:
+        data: a micrograph ((N0, N1) tensor or array), a .npy / .mrc path, or a list of these.
+        group: the ``TransformSet`` whose templates are matched (rotations of an image, ...).
+        x: the unknown the templates are made from (the group's ``shape``: the true image for
+            the oracle, the EM estimate otherwise).
+        min_distance: between peaks in pixels; default L (one particle's width).
+        threshold: NCC threshold of the operating point, or "auto" (``noise_threshold``).
+        n_picks: select at most this many (the best); None: no limit.
+        device, dtype: of the computation (device None: the group's).
+        max_candidates: keep at most this many candidates per micrograph (None: all peaks).
+
+    Returns:
+        ``Picks``, best first (``patches`` is -1).
+    """
+    L, K = group.L, group.K
+    if n_picks is not None and (int(n_picks) != n_picks or n_picks < 0):
+        raise ValueError(f"n_picks must be an integer >= 0 or None, got {n_picks!r}")
+    if not (threshold == "auto" or isinstance(threshold, (int, float))):
+        raise ValueError(f"threshold must be a number or 'auto', got {threshold!r}")
+    min_distance = float(L if min_distance is None else min_distance)
+    if not min_distance >= 0:
+        raise ValueError(f"min_distance must be >= 0, got {min_distance!r}")
+    device = group.device if device is None else torch.device(device)
+    floats = [b.dtype for b in group.buffers() if b.dtype.is_floating_point]
+    gdtype = floats[0] if floats else torch.float64
+    xt = torch.as_tensor(x, dtype=gdtype, device=group.device)
+    if tuple(xt.shape) != tuple(group.shape):
+        raise ValueError(
+            f"estimate has shape {tuple(xt.shape)}; the group {type(group).__name__} (L = {L}) "
+            f"needs {tuple(group.shape)}"
+        )
+    if not torch.isfinite(xt).all():
+        raise ValueError("estimate has non-finite values")
+    templates = group.templates(xt).to(device=device, dtype=dtype)
+    arrays, names = _as_micrographs(data)
+    for a, name in zip(arrays, names, strict=True):
+        if a.ndim != 2 or min(a.shape) < L:
+            raise ValueError(
+                f"{name}: the micrograph {tuple(a.shape)} is not 2-D or is smaller than one "
+                f"particle (L = {L})"
+            )
+    angles, mirrored = template_angles(group)
+    parts = []
+    for s, a in enumerate(arrays):
+        m = a if torch.is_tensor(a) else torch.from_numpy(np.array(a))
+        m = m.to(device=device, dtype=dtype)
+        if not torch.isfinite(m).all():
+            raise ValueError(f"{names[s]}: the micrograph has non-finite values")
+        score, best_k = normalised_cross_correlation(m, templates)
+        r = max(1, int(min_distance))
+        pooled = torch.nn.functional.max_pool2d(score[None, None], 2 * r + 1, 1, r)[0, 0]
+        peak = torch.nonzero(score >= pooled)
+        val = score[peak[:, 0], peak[:, 1]]
+        order = torch.argsort(val, descending=True, stable=True)
+        peak, val = peak[order].cpu().numpy(), val[order].cpu().numpy().astype(np.float64)
+        k = best_k.cpu().numpy()[peak[:, 0], peak[:, 1]]
+        n = len(val)
+        parts.append(
+            Picks(
+                centres=peak.astype(np.float64) + (L - 1) / 2,
+                scores=val,
+                selected=np.zeros(n, dtype=bool),
+                micrograph=np.full(n, s, dtype=np.int64),
+                names=names,
+                angles=np.full(n, np.nan) if angles is None else angles[k],
+                mirrored=np.zeros(n, dtype=bool) if mirrored is None else mirrored[k],
+                templates=k.astype(np.int64),
+                patches=np.full(n, -1, dtype=np.int64),
+                L=L,
+            )
+        )
+    picks = concatenate(parts, names, L)
+    picks = merge(picks, min_distance)
+    if max_candidates is not None:
+        keep = np.zeros(len(picks), dtype=bool)
+        for s in np.unique(picks.micrograph):
+            keep[np.flatnonzero(picks.micrograph == s)[: int(max_candidates)]] = True
+        picks = picks.take(keep)
+    windows = sum((a.shape[0] - L + 1) * (a.shape[1] - L + 1) for a in arrays) // len(arrays)
+    level = noise_threshold(windows, K, L) if threshold == "auto" else float(threshold)
+    selected = picks.scores >= level
+    if n_picks is not None:
+        selected &= np.cumsum(selected) <= int(n_picks)
+    picks.selected = selected
+    picks.info = {"method": "template", "threshold": level, "min_distance": min_distance}
+    return picks
+
+
+def concatenate(parts: list[Picks], names: list, L: int) -> Picks:
+    """One ``Picks`` of several (the same micrograph names)."""
+    if not parts:
+        z = np.zeros(0)
+        return Picks(z.reshape(0, 2), z, z.astype(bool), z.astype(np.int64), names, z,
+                     z.astype(bool), z.astype(np.int64), z.astype(np.int64), L)  # fmt: skip
+    fields = ("centres", "scores", "selected", "micrograph", "angles", "mirrored")
+    fields += ("templates", "patches")
+    joined = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
+    return Picks(**joined, names=names, L=L)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+def match(picks: np.ndarray, truth: np.ndarray, radius: float) -> np.ndarray:
+    """One-to-one matching of picks to true centres within ``radius`` (Topaz's rule).
+
+    The assignment maximises sum (radius^2 - d^2) over the pairs closer than ``radius``
+    (``scipy.optimize.linear_sum_assignment`` on min(d^2 - radius^2, 0), as
+    ``topaz.algorithms.match_coordinates``); a pick is a true positive when it is assigned a
+    centre strictly within ``radius``.
+
+    Args:
+        picks: (n, 2) coordinates.
+        truth: (m, 2) coordinates.
+
+    Returns:
+        (n,) bool: matched.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    picks = np.asarray(picks, dtype=np.float64).reshape(-1, 2)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
+    labels = np.zeros(len(picks), dtype=bool)
+    if len(picks) == 0 or len(truth) == 0:
+        return labels
+    d2 = ((picks[:, None] - truth[None]) ** 2).sum(-1)
+    cost = np.minimum(d2 - radius * radius, 0)
+    rows, cols = linear_sum_assignment(cost)
+    labels[rows[cost[rows, cols] < 0]] = True
+    return labels
+
+
+def precision_recall_curve(
+    labels: np.ndarray, scores: np.ndarray, n_true: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Precision and recall at every score threshold, and the average precision.
+
+    Candidates with equal scores form one step (``topaz.metrics.average_precision``): AP =
+    sum over steps of precision(step) * (true positives the step adds) / n_true, so true
+    particles that no candidate matches keep it below 1.
+
+    Returns:
+        (precision, recall, thresholds, average precision); thresholds descending.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if n_true <= 0:
+        raise ValueError(f"n_true must be >= 1 (the true particles), got {n_true}")
+    if len(scores) == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0), 0.0
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the end of every run of equal scores
+    tp = np.cumsum(y)[last]
+    pp = np.flatnonzero(last) + 1
+    precision = tp / pp
+    recall = tp / n_true
+    gained = np.diff(np.r_[0, tp])
+    return precision, recall, s[last], float((precision * gained).sum() / n_true)
+
+
+def _by_micrograph(centres, micrograph):
+    micrograph = np.zeros(len(centres), np.int64) if micrograph is None else micrograph
+    return np.asarray(centres, dtype=np.float64).reshape(-1, 2), np.asarray(micrograph)
+
+
+def picking_metrics(
+    picks: Picks, truth: np.ndarray, truth_micrograph=None, radius: float | None = None
+) -> dict:
+    """Micrograph-level precision, recall, F1 (the selected picks) and the PR curve's area.
+
+    Args:
+        picks: ``Picks`` (candidates and the selection).
+        truth: (m, 2) true centres (row, column).
+        truth_micrograph: (m,) the micrograph of each (None: all in micrograph 0).
+        radius: of the matching, default L / 2.
+
+    Returns:
+        {precision, recall, f1 (operating point; Hungarian on the selected picks), ap (average
+        precision, the area under the PR curve over all candidates, labels from one Hungarian
+        matching of all of them as Topaz does), best_f1 (the best F1 along that curve), picks,
+        particles, candidates}.
+    """
+    radius = picks.L / 2 if radius is None else float(radius)
+    truth, tmic = _by_micrograph(truth, truth_micrograph)
+    n_true = len(truth)
+
+    def labels_of(p: Picks) -> np.ndarray:
+        out = np.zeros(len(p), dtype=bool)
+        for s in np.unique(np.r_[p.micrograph, tmic]):
+            mine = p.micrograph == s
+            out[mine] = match(p.centres[mine], truth[tmic == s], radius)
+        return out
+
+    chosen = picks.picked()
+    tp = int(labels_of(chosen).sum())
+    precision = tp / len(chosen) if len(chosen) else 1.0
+    recall = tp / n_true if n_true else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    out = {"precision": precision, "recall": recall, "f1": f1, "picks": len(chosen)}
+    out.update({"particles": n_true, "candidates": len(picks)})
+    if n_true:
+        p, r, _, ap = precision_recall_curve(labels_of(picks), picks.scores, n_true)
+        f = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0)
+        out.update({"ap": ap, "best_f1": float(f.max()) if len(f) else 0.0})
+    return out
+
+
+@dataclass
+class PatchTruth:
+    """The true content of every patch (from the copies' top-left corners).
+
+    Attributes:
+        empty: (D,) bool the patch shows no copy: no pixel of one falls in it, or (with the
+            clean micrograph) what falls in it carries at most ``empty_energy`` of a copy's
+            energy (the posterior's blank pairs, ``PatchPosteriors``).
+        shift: (D, 2) the true shift l of the copy that covers most of the patch (L, L if
+            none does).
+        half: (D,) bool at least half-occupied in the paper's sense: l_x < L/2 or l_x > 3L/2,
+            and the same for l_y (more than half the copy's rows and columns in the patch).
+    """
+
+    empty: np.ndarray
+    shift: np.ndarray
+    half: np.ndarray
+
+
+def patch_truth(
+    source, positions, micrograph=None, clean=None, energy=None, empty_energy: float = 0.05
+) -> PatchTruth:
+    """The true shift of every patch of ``source`` from the copies' top-left corners.
+
+    Under well separation at most one copy touches a patch; otherwise the one covering most
+    pixels is taken. The stochastic-EM paper calls a patch empty when it was generated with an
+    all-padding shift; for an image with an empty border some patches that a copy touches show
+    only that border, as empty as the others: give the clean micrograph(s) and the copies'
+    energy to count those as empty too.
+
+    Args:
+        source: the ``PatchSource`` (``Patches.source``) or anything with ``L``, ``grid``,
+            ``offsets``.
+        positions: (p, 2) top-left corners (row, column) of the copies (``Measurement.positions``).
+        micrograph: (p,) micrograph of each copy (None: micrograph 0).
+        clean: the clean micrograph ((N0, N1), ``Measurement.clean()``) or a list, one per
+            micrograph; None: the geometric rule.
+        energy: ||F||^2 of a copy (with ``clean``).
+        empty_energy: with ``clean``: a patch whose clean content carries at most this share of
+            ``energy`` is empty.
+    """
+    from mtd.patches import extract_patches
+
+    L = source.L
+    D = int(source.offsets[-1])
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+    micrograph = np.zeros(len(positions), np.int64) if micrograph is None else micrograph
+    shift = np.full((D, 2), L, dtype=np.int64)
+    area = np.zeros(D, dtype=np.int64)
+    for (r, c), s in zip(positions, np.asarray(micrograph), strict=True):
+        n0, n1 = source.grid[s]
+        for a in {r // L, (r + L - 1) // L}:
+            for b in {c // L, (c + L - 1) // L}:
+                if not (0 <= a < n0 and 0 <= b < n1):
+                    continue  # in the dropped remainder strip
+                rows = min(r + L, (a + 1) * L) - max(r, a * L)
+                cols = min(c + L, (b + 1) * L) - max(c, b * L)
+                m = int(source.offsets[s]) + a * n1 + b
+                if rows > 0 and cols > 0 and rows * cols > area[m]:
+                    area[m] = rows * cols
+                    shift[m] = shift_of_offset([r - a * L, c - b * L], L)
+    empty = area == 0
+    if clean is not None:
+        if energy is None or not energy > 0:
+            raise ValueError(f"patch_truth with clean needs the copies' energy > 0, got {energy}")
+        cleans = list(clean) if isinstance(clean, (list, tuple)) else [clean]
+        seen = torch.cat(
+            [extract_patches(torch.as_tensor(c), L).square().sum((1, 2)) for c in cleans]
+        ).numpy()
+        empty = empty | (seen <= empty_energy * float(energy))
+        shift[empty] = L
+    q = (shift < L / 2) | (shift > 3 * L / 2)
+    return PatchTruth(empty, shift, ~empty & q[:, 0] & q[:, 1])
+
+
+def patch_metrics(
+    pred_empty: np.ndarray, pred_shift: np.ndarray, truth: PatchTruth, L: int
+) -> dict:
+    """The stochastic-EM paper's two measures (Section IV-B).
+
+    Args:
+        pred_empty: (D,) bool the patch was declared empty.
+        pred_shift: (D, 2) the shift found where not declared empty.
+        truth: ``PatchTruth``.
+
+    Returns:
+        {empty_f1 (eq. 39, empty patches the positives), empty_f1_always (the classifier that
+        declares every patch empty: the paper's dashed line), shift_accuracy (the share of at
+        least half-occupied patches declared non-empty with the shift within one pixel in each
+        axis), empty_patches, half_occupied}.
+    """
+    pred_empty = np.asarray(pred_empty, dtype=bool)
+    true_empty = truth.empty
+    tp = int((pred_empty & true_empty).sum())
+    fp = int((pred_empty & ~true_empty).sum())
+    fn = int((~pred_empty & true_empty).sum())
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    e = float(true_empty.mean()) if len(true_empty) else 0.0
+    half = truth.half
+    ok = np.zeros(len(half), dtype=bool)
+    if half.any():
+        got = copy_offset(np.asarray(pred_shift)[half], L)
+        want = copy_offset(truth.shift[half], L)
+        ok[half] = (np.abs(got - want) <= 1).all(1) & ~pred_empty[half]
+    return {
+        "empty_f1": f1,
+        "empty_f1_always": 2 * e / (1 + e) if e > 0 else 0.0,
+        "shift_accuracy": float(ok[half].mean()) if half.any() else float("nan"),
+        "empty_patches": int(true_empty.sum()),
+        "half_occupied": int(half.sum()),
+    }
+
+
+def patch_predictions(
+    picks: Picks, source, templates=None, empty_energy: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch-level predictions of any picker: the patches a selected pick's L x L frame covers
+    are non-empty, with the shift that puts the frame there (the higher score wins).
+
+    Args:
+        picks: ``Picks`` with their template indices.
+        source: the ``PatchSource``.
+        templates: (K, L, L) the picker's templates: a patch counts only where the picked
+            template's part inside it carries more than ``empty_energy`` of its energy (as
+            ``PatchPosteriors`` and ``patch_truth`` with ``clean``); None: any overlap.
+
+    Returns:
+        (empty (D,) bool, shift (D, 2) int64).
+    """
+    L = source.L
+    D = int(source.offsets[-1])
+    empty = np.ones(D, dtype=bool)
+    shift = np.full((D, 2), L, dtype=np.int64)
+    best = np.full(D, -np.inf)
+    chosen = picks.picked()
+    corners = np.rint(chosen.centres - (L - 1) / 2).astype(np.int64)
+    sq = None
+    if templates is not None:
+        sq = torch.as_tensor(templates).detach().cpu().double().square().numpy()
+    for (r, c), s, score, k in zip(
+        corners, chosen.micrograph, chosen.scores, chosen.templates, strict=True
+    ):
+        n0, n1 = source.grid[s]
+        for a in {r // L, (r + L - 1) // L}:
+            for b in {c // L, (c + L - 1) // L}:
+                if not (0 <= a < n0 and 0 <= b < n1):
+                    continue
+                if sq is not None:  # the template's rows and columns inside patch (a, b)
+                    i0, i1 = max(a * L - r, 0), min((a + 1) * L - r, L)
+                    j0, j1 = max(b * L - c, 0), min((b + 1) * L - c, L)
+                    if sq[k, i0:i1, j0:j1].sum() <= empty_energy * sq[k].sum():
+                        continue
+                m = int(source.offsets[s]) + a * n1 + b
+                if score > best[m]:
+                    best[m], empty[m] = score, False
+                    shift[m] = shift_of_offset([r - a * L, c - b * L], L)
+    return empty, shift
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs: STAR, PNG
+# ------------------------------------------------------------------------------------------------
+def check_star_path(path) -> Path:
+    """A .star path whose folder exists (checked before any work)."""
+    path = Path(path)
+    if path.suffix.lower() != ".star":
+        raise ValueError(f"the picks file must end in .star, got {path}")
+    if not path.parent.is_dir():
+        raise ValueError(f"the folder of the picks file {path} does not exist: {path.parent}")
+    return path
+
+
+def write_star(path, picks: Picks, selected_only: bool = True) -> Path:
+    """Write picks as a RELION coordinate STAR file, whole or not at all.
+
+    Columns: ``rlnCoordinateX`` (the centre's column), ``rlnCoordinateY`` (its row), in pixels;
+    ``rlnAnglePsi`` (the picked in-plane angle in degrees, counter-clockwise with the row axis
+    down as ``mtd.simulate``; left out where the group has no angles);
+    ``rlnAutopickFigureOfMerit`` (the score); ``rlnClassNumber`` (template index + 1: where the
+    group has no angles, or mirror images); ``rlnMicrographName`` when the picks come from more
+    than one micrograph.
+    """
+    import pandas as pd
+    import starfile
+
+    from mtd.measurement import atomic_write
+
+    path = check_star_path(path)
+    p = picks.picked() if selected_only else picks
+    table = {"rlnCoordinateX": p.centres[:, 1], "rlnCoordinateY": p.centres[:, 0]}
+    has_angles = not np.isnan(p.angles).any() if len(p) else not np.isnan(picks.angles).any()
+    if has_angles:
+        table["rlnAnglePsi"] = np.degrees(p.angles)
+    table["rlnAutopickFigureOfMerit"] = p.scores
+    if not has_angles or p.mirrored.any():
+        table["rlnClassNumber"] = p.templates + 1
+    if len(picks.names) > 1:
+        table["rlnMicrographName"] = [picks.names[s] for s in p.micrograph]
+    df = pd.DataFrame(table)
+    atomic_write(path, lambda tmp: starfile.write(df, tmp, overwrite=True))
+    return path
+
+
+def read_star(path) -> dict:
+    """The columns of a coordinate STAR file as numpy arrays (``rlnCoordinateY`` the row)."""
+    import starfile
+
+    df = starfile.read(path, always_dict=False)
+    if isinstance(df, dict):  # several blocks: the first table with coordinates
+        df = next(v for v in df.values() if hasattr(v, "columns") and "rlnCoordinateX" in v)
+    return {c: df[c].to_numpy() for c in df.columns}
+
+
+def save_picks_figure(
+    path, micrograph, picks: Picks, truth=None, which: int = 0, title: str | None = None
+) -> Path:
+    """The micrograph with the selected picks (circles of radius L / 2) and the true centres
+    (crosses), as a PNG (matplotlib Agg), written whole or not at all.
+
+    Args:
+        micrograph: (N0, N1) the micrograph ``which`` (tensor or array).
+        picks: ``Picks``; those of micrograph ``which`` are drawn.
+        truth: (m, 2) true centres of that micrograph (row, column), or None.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+
+    from mtd.measurement import atomic_write
+
+    img = micrograph.detach().cpu().numpy() if torch.is_tensor(micrograph) else micrograph
+    img = np.asarray(img, dtype=np.float64)
+    p = picks.picked()
+    p = p.take(p.micrograph == which)
+    size = min(12.0, max(4.0, img.shape[1] / 60))
+    fig, ax = plt.subplots(figsize=(size, size * img.shape[0] / img.shape[1]))
+    ax.imshow(img, cmap="gray", interpolation="nearest")
+    for r, c in p.centres:
+        ax.add_patch(Circle((c, r), picks.L / 2, fill=False, color="tab:red", lw=1.0))
+    if truth is not None and len(truth):
+        t = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
+        ax.plot(t[:, 1], t[:, 0], "+", color="lime", ms=6, mew=1.2)
+    ax.set_title(title or f"{len(p)} picks (red), truth (green +)", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return Path(path)

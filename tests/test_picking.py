@@ -1,0 +1,234 @@
+"""Picking (mtd.picking): coordinates against planted copies, merging, matching, metrics, STAR."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mtd
+from mtd import picking
+from tests import reference as ref
+
+
+def planted(F: np.ndarray, N: int, corners, ks, sigma: float, seed: int) -> np.ndarray:
+    """An (N, N) micrograph with np.rot90(F, k) planted at each top-left corner, plus noise."""
+    L = F.shape[0]
+    rng = np.random.default_rng(seed)
+    M = sigma * rng.standard_normal((N, N))
+    for (r, c), k in zip(corners, ks, strict=True):
+        M[r : r + L, c : c + L] += np.rot90(F, k)
+    return M
+
+
+def engine(L, K=4, **kw):
+    return mtd.ApproximateEM(mtd.Rotations(L, K), dtype=torch.float64, **kw)
+
+
+def uniform_log_rho(L):
+    return torch.full((2 * L, 2 * L), -math.log(4 * L * L), dtype=torch.float64)
+
+
+def test_centre_exact_at_every_position_on_the_patch_grid():
+    """One copy at every top-left corner of a 3 x 3 patch grid (all L x L offsets relative to the
+    patches, the micrograph's borders included): one pick, at the planted centre and angle."""
+    L, N, sigma = 5, 15, 0.01
+    rng = np.random.default_rng(7)
+    F = 0.5 + rng.uniform(0, 1, (L, L))  # no symmetry, no blank pixel
+    em = engine(L)
+    for r in range(N - L + 1):
+        for c in range(N - L + 1):
+            k = (r + 2 * c) % 4
+            M = planted(F, N, [(r, c)], [k], sigma, seed=r * 100 + c)
+            picks, _ = picking.pick_posterior(em, M, F, uniform_log_rho(L), sigma**2)
+            got = picks.picked()
+            assert len(got) == 1, (r, c, got.centres)
+            np.testing.assert_array_equal(got.centres[0], [r + (L - 1) / 2, c + (L - 1) / 2])
+            assert got.angles[0] == pytest.approx(k * math.pi / 2)
+            assert got.templates[0] == k
+
+
+def test_centres_exact_in_streamed_multi_file_data(tmp_path):
+    """Two micrographs of other sizes (one with a remainder strip) read from files, streamed:
+    every pick names its micrograph and sits at the planted centre."""
+    L, sigma = 5, 0.01
+    rng = np.random.default_rng(3)
+    F = 0.5 + rng.uniform(0, 1, (L, L))
+    a = planted(F, 20, [(2, 3), (11, 13)], [1, 2], sigma, seed=1)
+    b = planted(F, 17, [(0, 9), (8, 1)], [3, 0], sigma, seed=2)  # 17 = 3 L + 2: strip dropped
+    paths = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    for p, m in zip(paths, (a, b), strict=True):
+        np.save(p, m)
+    em = engine(L, compute=mtd.Compute(chunk_size=3))
+    data = em.prepare([str(p) for p in paths])
+    assert data.held is None  # streamed
+    picks, _ = picking.pick_posterior(em, data, F, uniform_log_rho(L), sigma**2)
+    got = picks.picked()
+    found = sorted(
+        (int(s), *map(float, cen)) for s, cen in zip(got.micrograph, got.centres, strict=True)
+    )
+    want = sorted(
+        (s, r + 2.0, c + 2.0) for s, r, c in [(0, 2, 3), (0, 11, 13), (1, 0, 9), (1, 8, 1)]
+    )
+    assert found == want
+    assert got.names == [str(p) for p in paths]
+
+
+def test_patch_truth_shift_equals_brute_force_model():
+    """The true shift of every patch is the l at which the model's crop C T_l Z R_k F equals the
+    clean patch (tests/reference.crop_shift, np.roll): no derivation shared with the code."""
+    L, K = 4, 4
+    rng = np.random.default_rng(11)
+    F = 0.5 + rng.uniform(0, 1, (L, L))
+    meas = mtd.simulate(F, 6 * L, density=0.12, snr=math.inf, K=K, seed=5)
+    clean = meas.clean().numpy()
+    source = mtd.PatchSource(meas.data, L)
+    truth = picking.patch_truth(source, meas.positions.numpy())
+    RF = ref.rotations(F, K)
+    for m, patch in enumerate(ref.patches(clean, L)):
+        if truth.empty[m]:
+            assert np.abs(patch).max() == 0
+            continue
+        lx, ly = truth.shift[m]
+        assert min(np.abs(patch - ref.crop_shift(R, lx, ly)).max() for R in RF) < 1e-12
+
+
+def test_one_pick_per_copy_at_high_snr(digits):
+    """Copies cut by patch borders are seen by up to four patches: one pick per copy."""
+    F = digits[4]
+    L = F.shape[0]
+    meas = mtd.simulate(F, 8 * L, density=0.1, snr=20, K=4, seed=2)
+    em = engine(L)
+    data = em.prepare(meas.data)
+    log_rho, s2 = picking.fit_rho_sigma(em, data, F, sigma=meas.sigma, iterations=5)
+    picks, post = picking.pick_posterior(em, data, F, log_rho, s2)
+    got = picks.picked()
+    truth = meas.positions.numpy() + (L - 1) / 2
+    assert len(got) == len(truth)
+    assert sorted(map(tuple, got.centres)) == sorted(map(tuple, truth))
+    m = picking.picking_metrics(picks, truth)
+    assert m["f1"] == 1.0 and m["ap"] == 1.0
+    # The paper's patch measures, with the border-only patches counted empty.
+    pt = picking.patch_truth(
+        data.source, meas.positions.numpy(), clean=meas.clean(), energy=float(F.square().sum())
+    )
+    pm = picking.patch_metrics(post.score() <= 0, post.shift, pt, L)
+    assert pm["empty_f1"] == 1.0 and pm["shift_accuracy"] == 1.0
+    assert pm["empty_f1_always"] < 1
+
+
+def test_template_matching_with_the_true_image_finds_every_copy(digits):
+    F = digits[7]
+    L = F.shape[0]
+    meas = mtd.simulate(F, 10 * L, density=0.1, snr=5, K=4, seed=4)
+    picks = picking.template_match(meas.data, mtd.Rotations(L, 4), F)
+    truth = meas.positions.numpy() + (L - 1) / 2
+    m = picking.picking_metrics(picks, truth)
+    assert m["precision"] == 1.0 and m["recall"] == 1.0
+    got = picks.picked()
+    np.testing.assert_allclose(np.sort(got.centres, 0), np.sort(truth, 0))
+
+
+def test_ncc_equals_direct_formula():
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((13, 11))
+    T = rng.standard_normal((2, 4, 4))
+    score, k = picking.normalised_cross_correlation(torch.from_numpy(M), torch.from_numpy(T))
+    for u in range(10):
+        for v in range(8):
+            W = M[u : u + 4, v : v + 4]
+            W = W - W.mean()
+            nccs = [(W * (t - t.mean())).sum() / np.linalg.norm(W) / np.linalg.norm(t - t.mean())
+                    for t in T]  # fmt: skip
+            assert float(score[u, v]) == pytest.approx(max(nccs), abs=1e-10)
+            assert int(k[u, v]) == int(np.argmax(nccs))
+
+
+def test_hungarian_matching_beats_greedy_on_a_hand_made_case():
+    truth = np.array([[0.0, 0.0], [7.0, 0.0]])
+    picks = np.array([[3.0, 0.0], [-1.0, 0.0]])  # nearest-first would give p0 -> t0, p1 nothing
+    np.testing.assert_array_equal(picking.match(picks, truth, radius=5), [True, True])
+    # one centre, two picks within the radius: one match; a pick at the radius: none (strict)
+    np.testing.assert_array_equal(
+        picking.match(np.array([[1.0, 0], [0, 2.0], [5.0, 0]]), np.array([[0.0, 0]]), 5),
+        [True, False, False],
+    )
+    assert not picking.match(np.zeros((0, 2)), truth, 5).size
+
+
+def test_precision_recall_curve_and_average_precision_by_hand():
+    # perfect ranking: AP 1, whatever the scores
+    p, r, t, ap = picking.precision_recall_curve([1, 1, 0, 0], [0.9, 0.8, 0.3, 0.1], 2)
+    assert ap == 1.0
+    # ranking: hit, miss, hit; 3 true particles: AP = (1 * 1 + 2/3 * 1) / 3
+    p, r, t, ap = picking.precision_recall_curve([1, 0, 1], [3.0, 2.0, 1.0], 3)
+    assert ap == pytest.approx((1 + 2 / 3) / 3)
+    np.testing.assert_allclose(p, [1, 0.5, 2 / 3])
+    np.testing.assert_allclose(r, [1 / 3, 1 / 3, 2 / 3])
+    # tied scores form one step: precision 1/2 over both
+    p, r, t, ap = picking.precision_recall_curve([0, 1], [1.0, 1.0], 1)
+    assert ap == 0.5 and len(p) == 1
+
+
+def test_patch_metrics_by_hand():
+    L = 4
+    truth = picking.PatchTruth(
+        empty=np.array([True, True, True, False]),
+        shift=np.array([[L, L], [L, L], [L, L], [1, 7]]),
+        half=np.array([False, False, False, True]),
+    )
+    pred_empty = np.array([True, True, False, False])
+    pred_shift = np.array([[L, L], [L, L], [0, 0], [0, 6]])  # offsets (0, 2) vs (-1, 1): ok
+    m = picking.patch_metrics(pred_empty, pred_shift, truth, L)
+    assert m["empty_f1"] == pytest.approx(2 * 2 / (2 * 2 + 0 + 1))
+    assert m["empty_f1_always"] == pytest.approx(2 * 0.75 / 1.75)
+    assert m["shift_accuracy"] == 1.0
+    pred_shift[3] = [3, 6]  # offset (-3, 2): two rows off
+    assert picking.patch_metrics(pred_empty, pred_shift, truth, L)["shift_accuracy"] == 0.0
+
+
+def test_star_round_trip(tmp_path):
+    starfile = pytest.importorskip("starfile")
+    picks = picking.Picks(
+        centres=np.array([[10.5, 20.5], [3.0, 4.0], [7.0, 8.0]]),
+        scores=np.array([5.0, -1.0, 2.0]),
+        selected=np.array([True, False, True]),
+        micrograph=np.array([0, 0, 1]),
+        names=["a.mrc", "b.mrc"],
+        angles=np.array([0.0, math.pi, math.pi / 2]),
+        mirrored=np.zeros(3, dtype=bool),
+        templates=np.array([0, 2, 1]),
+        patches=np.array([-1, -1, -1]),
+        L=28,
+    )
+    path = picking.write_star(tmp_path / "picks.star", picks)
+    df = starfile.read(path)
+    assert list(df.columns) == [*picking.STAR_COLUMNS, "rlnMicrographName"]
+    np.testing.assert_allclose(df["rlnCoordinateX"], [20.5, 8.0])  # the column
+    np.testing.assert_allclose(df["rlnCoordinateY"], [10.5, 7.0])  # the row
+    np.testing.assert_allclose(df["rlnAnglePsi"], [0.0, 90.0])
+    np.testing.assert_allclose(df["rlnAutopickFigureOfMerit"], [5.0, 2.0])
+    assert list(df["rlnMicrographName"]) == ["a.mrc", "b.mrc"]
+    back = picking.read_star(path)
+    np.testing.assert_allclose(back["rlnCoordinateX"], [20.5, 8.0])
+    with pytest.raises(ValueError, match="does not exist"):
+        picking.write_star(tmp_path / "missing" / "picks.star", picks)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_bad_input_is_refused_before_work():
+    L = 5
+    em = engine(L)
+    M = np.zeros((15, 15))
+    with pytest.raises(ValueError, match="estimate has shape"):
+        picking.pick_posterior(em, M, np.ones((4, 4)), uniform_log_rho(L), 1.0)
+    with pytest.raises(ValueError, match="smaller than"):
+        picking.pick_posterior(em, np.zeros((3, 3)), np.ones((L, L)), uniform_log_rho(L), 1.0)
+    with pytest.raises(ValueError, match="smaller than one particle"):
+        picking.template_match(np.zeros((3, 3)), mtd.Rotations(L, 4), np.ones((L, L)) + np.eye(L))
+    with pytest.raises(ValueError, match="empty_rule"):
+        picking.pick_posterior(em, M, np.ones((L, L)), uniform_log_rho(L), 1.0, empty_rule="x")
+    with pytest.raises(ValueError, match="constant"):
+        picking.template_match(M, mtd.Rotations(L, 4), np.ones((L, L)))
