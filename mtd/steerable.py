@@ -81,7 +81,7 @@ class FBBasis:
             if int(n) != n or not 1 <= n <= len(entries):
                 raise ValueError(
                     f"n must be an integer in 1..{len(entries)} (the functions with lambda <= "
-                    f"{limit:g} that an {L} x {L} grid resolves), got {n!r}"
+                    f"{limit:g} that a {L} x {L} grid resolves), got {n!r}"
                 )
             n = int(n)
             if entries[n - 1][2] == 1:

@@ -364,3 +364,35 @@ def test_stochastic_em_on_too_few_patches_per_iteration_is_warned_of(
     assert ("patches per iteration; below 60 (stochastic_min_patches)" in err) == warned, err
     if fraction == 0.1:
         assert "draws 12 of the measurement's 121 patches" in err and "em.stochastic >= 0.5" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# em=steerable (issue 12): a basis the grid cannot hold, no rotations, a wrong-sized image
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            ["em.group.n=30"],
+            r"n must be an integer in 1\.\.12 \(the functions .* a 5 x 5 grid resolves\), got 30",
+        ),
+        (["em.group.n=11"], "n = 11 splits the cos/sin pair"),
+        (["em.group.bandlimit=1.0"], "bandlimit 1 leaves no Fourier-Bessel function"),
+        (["em.K=0"], "K must be an integer >= 1, got 0"),
+        (["measurement.fb_coefficients=40"], r"n must be an integer in 1\.\.\d+"),
+    ],
+)
+def test_a_steerable_run_with_an_impossible_basis_is_refused(tmp_path, no_em, overrides, match):
+    _refused(tmp_path, match, "experiment=steerable_paper", "measurement.N=100", *overrides)
+
+
+def test_a_steerable_run_refuses_an_initial_image_of_another_size(tmp_path, no_em):
+    np.save(tmp_path / "init.npy", np.ones((6, 6)))
+    _refused(
+        tmp_path,
+        "em.init=file gives 6-pixel images, the EM needs L = 5",
+        "experiment=steerable_paper",
+        "measurement.N=100",
+        "em.init=file",
+        f"em.init_file={tmp_path / 'init.npy'}",
+    )
