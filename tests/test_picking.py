@@ -232,3 +232,70 @@ def test_bad_input_is_refused_before_work():
         picking.pick_posterior(em, M, np.ones((L, L)), uniform_log_rho(L), 1.0, empty_rule="x")
     with pytest.raises(ValueError, match="constant"):
         picking.template_match(M, mtd.Rotations(L, 4), np.ones((L, L)))
+
+
+def compose_pick(tmp_path, *overrides):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
+        return compose("pick", overrides=[f"paths.output_dir={tmp_path / 'out'}", *overrides])
+
+
+@pytest.fixture
+def small_case(tmp_path):
+    """A micrograph file of a 5 x 5 image's rot90 copies, the image, and a STAR of the truth."""
+    L, sigma = 5, 0.05
+    rng = np.random.default_rng(5)
+    F = 0.5 + rng.uniform(0, 1, (L, L))
+    corners = [(1, 2), (1, 13), (12, 4), (13, 16)]  # well separated
+    M = planted(F, 25, corners, [0, 1, 2, 3], sigma, seed=9)
+    np.save(tmp_path / "M.npy", M)
+    np.save(tmp_path / "F.npy", F)
+    c = np.array(corners) + (L - 1) / 2
+    pd = pytest.importorskip("pandas")
+    import starfile
+
+    table = pd.DataFrame({"rlnCoordinateX": c[:, 1], "rlnCoordinateY": c[:, 0]})
+    starfile.write(table, tmp_path / "truth.star", overwrite=True)
+    return tmp_path, c
+
+
+@pytest.mark.parametrize("method", ["posterior", "template"])
+def test_pick_py_writes_the_star_of_the_planted_centres(small_case, method):
+    import pick as entry
+
+    d, centres = small_case
+    cfg = compose_pick(
+        d, f"micrograph={d / 'M.npy'}", f"estimate={d / 'F.npy'}", f"method={method}",
+        f"truth={d / 'truth.star'}", "min_distance=3",
+    )  # fmt: skip
+    metrics = entry.pick(cfg)
+    assert metrics["f1"] == 1.0 and metrics["ap"] == 1.0
+    table = picking.read_star(d / "out" / "picks.star")
+    got = np.stack([table["rlnCoordinateY"], table["rlnCoordinateX"]], 1)
+    np.testing.assert_allclose(np.sort(got, 0), np.sort(centres, 0))
+    assert (d / "out" / "picks.png").stat().st_size > 0
+    assert (d / "out" / "summary.json").exists()
+
+
+def test_pick_py_bad_input_fails_before_writing(small_case):
+    import pick as entry
+
+    d, _ = small_case
+    np.save(d / "F4.npy", np.ones((4, 4)))
+    np.save(d / "tiny.npy", np.zeros((3, 3)))
+    base = [f"micrograph={d / 'M.npy'}", f"estimate={d / 'F.npy'}"]
+    cases = [
+        (["L=6"], "estimate .* is 5 x 5; L = 6"),
+        ([f"micrograph={d / 'tiny.npy'}"], "smaller than one patch"),
+        (["star=nowhere/picks.star"], "does not exist"),
+        (["method=magic"], "method must be one of"),
+    ]
+    for extra, message in cases:
+        cfg = compose_pick(d, *base, *extra)
+        with pytest.raises(ValueError, match=message):
+            entry.pick(cfg)
+        assert not list((d / "out").glob("*.star")) and not (d / "out" / "summary.json").exists()
