@@ -209,13 +209,16 @@ class ApproximateEM(torch.nn.Module):
         return -self.residual(stats, x) / (2 * sigma2)
 
     def log_prior(self, prior: Prior, x: torch.Tensor, nodes: int = 8) -> float:
-        """log p(x) - log p(0) by integrating the score along the segment from 0 to x.
+        """log p(I(x)) - log p(0) by integrating the score along the segment from 0 to I(x).
 
-        A score prior gives no log-density; ranking restarts only needs differences, and the line
+        The prior is a pixel-space model: I(x) = ``group.to_image(x)`` is the image the unknown
+        stands for (x itself for an image unknown; B alpha for a basis, which maps 0 to 0). A
+        score prior gives no log-density; ranking restarts only needs differences, and the line
         integral of the score (Gauss-Legendre, ``nodes`` points) is that difference for a
         conservative score. The score is taken at the M-step's ``prior_t``.
         """
         t = self.m_step.prior_t
+        x = self.group.to_image(x)
         u, wq = np.polynomial.legendre.leggauss(nodes)
         total = 0.0
         for ui, wi in zip((u + 1) / 2, wq / 2, strict=True):
@@ -253,7 +256,8 @@ class ApproximateEM(torch.nn.Module):
                 restarts.
             prior: callable ``score(x: (B, 1, L, L), t: float) -> (B, 1, L, L)`` in measurement
                 units; needs a ``Gradient`` M-step, or ``Denoise`` with a
-                ``posterior_mean(y, noise)`` method as ``priors.ScorePrior`` has.
+                ``posterior_mean(y, noise)`` method as ``priors.ScorePrior`` has. It acts on the
+                image ``group.to_image(x)`` of an unknown that is not one (``mtd.msteps``).
             truth: the true unknown, to record the error along the iterations.
             callback: called after every iteration with that iteration's history dict: ``restart``,
                 ``iteration``, ``loglik`` (at the E-step's estimate), ``delta`` (||x_new - x||),
@@ -269,11 +273,14 @@ class ApproximateEM(torch.nn.Module):
         """
         self.m_step.check_prior(prior)
         shape = self.group.shape
-        if prior is not None and len(shape) != 2:
-            raise ValueError(
-                f"a prior acts on (L, L) images; this group's unknown has shape {shape} "
-                f"({type(self.group).__name__}), which no M-step maps to an image yet"
-            )
+        if prior is not None:  # the prior acts on the image the unknown stands for
+            probe = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            image_shape = tuple(self.group.to_image(probe).shape)
+            if image_shape != (self.L, self.L):
+                raise ValueError(
+                    f"a prior acts on ({self.L}, {self.L}) images; this group's unknown "
+                    f"{shape} ({type(self.group).__name__}) maps to {image_shape} by to_image"
+                )
         inits = self._validate_image("init", init)
         if inits.ndim not in (len(shape), len(shape) + 1):
             raise ValueError(

@@ -10,6 +10,21 @@ the ``TransformSet``'s adjoint and normal equations only, so it serves every kin
 
 Schedules give the prior weight gamma^(tau) of eq. (18): ``LinearGamma`` (the paper's
 ``linspace(0, 1, T)``) and ``ConstantGamma``.
+
+The prior is a pixel-space model of (L, L) images; the unknown x need not be one (the coefficients
+alpha of ``mtd.Steerable``). Through the seam, the image is I(x) = ``group.to_image(x)`` and the
+unknown nearest an image y is P(y) = ``group.from_image(y)`` (the least-squares projection onto the
+basis, P(I(x)) = x):
+
+- ``Gradient`` ascends Q(x) + gamma log p(I(x)), whose gradient is grad Q + gamma J_I^T s(I(x))
+  (the chain rule through ``to_image``: B^T s(B alpha) for a basis B; eq. 18 in the unknown);
+- ``Denoise`` solves the likelihood part in the unknown (eq. 16, in the coefficients), denoises its
+  image I(x_ml) in pixels and projects: x <- (1 - g) x_ml + g P(E[image | I(x_ml)]).
+  For a Gaussian prior this is argmax_alpha -||B alpha - B alpha_ml||^2 / (2 v^2) + log p(B alpha),
+  the MAP step with Q's curvature taken as B^T B / v^2, which is Q's own when the coverage is
+  uniform and B^T B commutes with the K rotations (tests/test_prior_steerable.py).
+
+For an image unknown I and P are the identity, and both steps are what they were.
 """
 
 from __future__ import annotations
@@ -82,6 +97,20 @@ def _image_prior(fn, x: torch.Tensor, *args) -> torch.Tensor:
     return y.reshape(x.shape).to(x)
 
 
+def prior_gradient(group, prior, x: torch.Tensor, t: float) -> torch.Tensor:
+    """grad_x log p(I(x)) = J_I(x)^T s(I(x), t), I = ``group.to_image`` (the shape of x).
+
+    The chain rule through the image map: for a basis, B^T s(B alpha, t). For an image unknown
+    (``to_image`` returns x itself) it is the score itself, with no arithmetic added.
+    """
+    image = group.to_image(x)
+    score = _image_prior(prior, image, t)
+    if image is x:
+        return score
+    _, pullback = torch.func.vjp(group.to_image, x)  # J^T s for any differentiable to_image
+    return pullback(score)[0]
+
+
 class MStep:
     """The M-step interface: ``step(group, stats, x, sigma2, tau, T, prior) -> (x_new, info)``.
 
@@ -148,8 +177,8 @@ class Gradient(MStep):
         x_new = x
         for _ in range(self.steps):  # from the E-step's x
             direction = grad_q(group, stats, x_new, sigma2)
-            if prior is not None:
-                direction = direction + gamma * _image_prior(prior, x_new, self.prior_t)
+            if prior is not None:  # + gamma J^T s(I(x)): eq. (18) in the unknown
+                direction = direction + gamma * prior_gradient(group, prior, x_new, self.prior_t)
             x_new = x_new + self.lr * direction
         return x_new, {
             "gamma": gamma if prior is not None else 0.0,
@@ -172,6 +201,15 @@ class Denoise(MStep):
     MMSE denoiser at that noise (Tweedie's formula for a score prior, ``prior.posterior_mean``).
     For a Gaussian prior and uniform coverage this is exactly the MAP M-step,
     argmax_x Q(x) + log p(x).
+
+    For an unknown that is not an image (``mtd.Steerable``'s coefficients), x_ml is the closed
+    form in the unknown, the denoiser acts on its image ``group.to_image(x_ml)`` and its output is
+    projected back with ``group.from_image`` (module docstring). The noise level is the same rule:
+    with an orthonormal basis and uniform coverage c per template pixel, the coefficients of
+    x_ml have noise variance sigma^2 / (K c) = sigma^2 / (mean coverage) each, and so has its
+    image in every direction of the basis's span (none outside it). The sampled Fourier-Bessel
+    basis is only near-orthonormal (the eigenvalues of B^T B lie in 0.52..1.48 at L = 28 with
+    the Nyquist count), so this level is an approximation there; ``noise_scale`` corrects it.
 
     Args:
         gamma: the weight g's schedule.
@@ -237,11 +275,14 @@ class Denoise(MStep):
     def step(self, group, stats, x, sigma2, tau, T, prior):
         noise = self.noise(stats, sigma2, tau)
         gamma = self.gamma(tau, T)
-        x_ml = closed_form(group, stats, x)
+        x_ml = closed_form(group, stats, x)  # eq. (16) in the unknown (the coefficients)
         info = {"gamma": gamma if prior is not None else 0.0, "lr": math.nan, "noise": noise}
         if prior is None or gamma == 0:
             return x_ml, info
-        denoised = _image_prior(prior.posterior_mean, x_ml, noise)
+        image = group.to_image(x_ml)  # the prior is a pixel-space model
+        denoised = _image_prior(prior.posterior_mean, image, noise)
+        if image is not x_ml:  # an unknown that is not an image: project back onto it
+            denoised = group.from_image(denoised)
         return (1 - gamma) * x_ml + gamma * denoised, info
 
     def __repr__(self) -> str:
