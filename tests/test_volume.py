@@ -18,7 +18,9 @@ from scipy import optimize
 import mtd
 from mtd import projection as pj
 from mtd import so3
-from tests import reference as ref  # noqa: F401 (the E-step tests below)
+from mtd import volume as mv
+from tests import reference as ref
+from tests.test_exact import assert_statistics_equal
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,3 +244,214 @@ def test_bandlimited_subspace_is_nested_in_the_ball_and_marches():
     r = p.norm(dim=1)
     f = (p[:, 0] * p[:, 1] * p[:, 2] * torch.cos(math.pi * r / L)).reshape(L, L, L) * g.mask
     assert float((small.T @ f.reshape(-1)).abs().max()) < 1e-10 * float(f.norm())
+
+
+# ------------------------------------------------------------------------------------------------
+# The E-step and the M-step over projection templates
+# ------------------------------------------------------------------------------------------------
+def _tiny_volume_case(L=5, K=6, n=3, snr=2.0, seed=0, bandlimit=None):
+    """A float64 micrograph of n x n whole patches of projections, a group of K random rotations,
+    a random estimate and shift distribution."""
+    rng = np.random.default_rng(seed)
+    R = so3.random_rotations(K, seed=seed)
+    group = pj.Projections(L, R, bandlimit=bandlimit)
+    truth = group.restrict(torch.from_numpy(rng.uniform(0, 1, (L, L, L))))
+    meas = mv.simulate_volume(truth, n * L + 1, density=0.2, snr=snr, seed=seed)
+    data = meas.data.numpy()[: n * L, : n * L]
+    x = truth + 0.3 * group.restrict(torch.from_numpy(rng.standard_normal((L, L, L))))
+    rho = rng.uniform(0.5, 1.5, (2 * L, 2 * L))
+    return group, data, x, rho / rho.sum(), meas.sigma
+
+
+def _explicit(group, x):
+    """The templates as a list of arrays, for tests/reference.py's loops."""
+    T = pj.project(group.restrict(x), group.rotations).numpy()
+    return lambda F, K: list(T)
+
+
+@pytest.mark.parametrize("method", ["fft", "gemm"])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_e_step_over_projections_equals_brute_force(method, blocks):
+    group, data, x, rho, sigma = _tiny_volume_case(bandlimit=None if blocks else 2)
+    em = mtd.ApproximateEM(
+        group, compute=mtd.Compute(method=method, chunk_size=2), dtype=torch.float64
+    )
+    if blocks:  # a budget below K x 4L^2: the log-sum-exp streams across template blocks
+        em.estep.form.cpu_chunk_elements = 2 * 2 * 4 * group.L**2
+        assert len(em.estep.chunking(9)[1]) == 3
+    patches = em.prepare(data)
+    stats = em.e_step(patches, x, torch.from_numpy(np.log(rho)), sigma**2)
+    patch_list = ref.patches(data, group.L)
+    w, loglik = ref.e_step(
+        patch_list, x.numpy(), rho, sigma, group.K, templates=_explicit(group, x)
+    )
+    assert_statistics_equal(stats, w, loglik, patch_list)
+
+
+def _q_direct(group, x, w, patch_list, sigma):
+    """Q(x) of eq. (25), the x-dependent part, summed over patches, shifts and rotations directly
+    (torch, differentiable): sum w_m(l, k) (-||M_m - C T_l Z P_k x||^2 / 2 sigma^2)."""
+    L = group.L
+    T = group.templates(x)  # (K, L, L)
+    G = torch.zeros(group.K, 2 * L, 2 * L, dtype=x.dtype)
+    G[:, :L, :L] = T
+    w = torch.from_numpy(w)
+    total = 0
+    for lx in range(2 * L):
+        for ly in range(2 * L):
+            crop = torch.roll(G, (-lx, -ly), (1, 2))[:, :L, :L]  # (K, L, L)
+            for m, M in enumerate(patch_list):
+                r = torch.from_numpy(M)[None] - crop
+                total = total - (w[m, :, lx, ly] * r.square().sum((1, 2))).sum() / (2 * sigma**2)
+    return total
+
+
+@pytest.mark.parametrize("bandlimit", [None, 2])
+def test_normal_equations_are_the_gradient_of_q_and_cg_solves_them(bandlimit):
+    group, data, x, rho, sigma = _tiny_volume_case(K=4, n=2, bandlimit=bandlimit)
+    em = mtd.ApproximateEM(group, dtype=torch.float64)
+    patch_list = ref.patches(data, group.L)
+    w, _ = ref.e_step(patch_list, x.numpy(), rho, sigma, group.K, templates=_explicit(group, x))
+    stats = em.e_step(em.prepare(data), x, torch.from_numpy(np.log(rho)), sigma**2)
+    g = em.group
+    rhs = g.adjoint(stats.b)
+    # grad Q = (sum_k P_k^T b_k - sum_k P_k^T diag(c_k) P_k x) / sigma^2, by autograd of eq. (25).
+    y = x + 0.1 * g.restrict(torch.randn(x.shape, dtype=torch.float64))
+    y.requires_grad_(True)
+    (auto,) = torch.autograd.grad(_q_direct(g, y, w, patch_list, sigma), y)
+    y = y.detach()
+    normal = (rhs - g.normal_apply(stats.c, y)) / sigma**2
+    assert torch.allclose(normal, auto, rtol=1e-9, atol=1e-9 * float(auto.abs().max()))
+    assert torch.allclose(
+        em.grad_q(stats, y, sigma**2), auto, rtol=1e-9, atol=1e-9 * float(auto.abs().max())
+    )
+    # CG: the solution satisfies the system, is the dense least-squares solution on U, and Q's
+    # gradient vanishes there.
+    g.cg_tol, g.cg_iterations = 1e-12, 500
+    sol = em.closed_form(stats, x)
+    assert float((g.normal_apply(stats.c, sol) - rhs).norm()) < 1e-9 * float(rhs.norm())
+    B = (
+        g.basis
+        if bandlimit is not None
+        else torch.eye(group.L**3, dtype=torch.float64)[:, g.mask.reshape(-1)]
+    )
+    cols = torch.stack([g.normal_apply(stats.c, b.reshape(x.shape)).reshape(-1) for b in B.T], 1)
+    A = B.T @ cols  # the normal matrix in U's coordinates
+    dense = B @ torch.linalg.lstsq(A, B.T @ rhs.reshape(-1)).solution
+    assert torch.allclose(sol.reshape(-1), dense, atol=1e-8 * float(dense.abs().max()))
+    sol.requires_grad_(True)
+    (grad,) = torch.autograd.grad(_q_direct(g, sol, w, patch_list, sigma), sol)
+    assert float(grad.abs().max()) < 1e-7 * float(auto.abs().max())
+
+
+def test_cg_keeps_what_the_coverage_does_not_reach():
+    L = 5
+    R = so3.random_rotations(3, seed=1)
+    g = pj.Projections(L, R, cg_tol=1e-12, cg_iterations=300)
+    x = g.restrict(torch.randn(L, L, L, dtype=torch.float64))
+    c = torch.zeros(3, L, L, dtype=torch.float64)
+    assert torch.equal(g.normal_solve(c, torch.zeros_like(x), x), x)  # no coverage: x itself
+    # Coverage from the first rotation only: the solution moves only in the range of P_0^T, so
+    # its part orthogonal to that range (what the data cannot see) is x's.
+    c[0] = 1.0
+    V = g.restrict(torch.randn(L, L, L, dtype=torch.float64))
+    rhs = g.normal_apply(c, V)
+    sol = g.normal_solve(c, rhs, x)
+    assert torch.allclose(pj.project(sol, R[:1]), pj.project(V, R[:1]), atol=1e-8)
+    # The change lies in range(P_0^T): its projection onto the orthogonal complement is zero.
+    Bt = torch.stack(
+        [
+            g.restrict(pj.back_project(e.reshape(1, L, L), R[:1])).reshape(-1)
+            for e in torch.eye(L * L, dtype=torch.float64)
+        ],
+        1,
+    )
+    Qr, _ = torch.linalg.qr(Bt)
+    change = (sol - x).reshape(-1)
+    assert float((change - Qr @ (Qr.T @ change)).norm()) < 1e-8 * float(change.norm())
+
+
+# ------------------------------------------------------------------------------------------------
+# Phantom, simulator, EM
+# ------------------------------------------------------------------------------------------------
+def test_shepp_logan_is_its_ellipsoid_table_inside_the_ball():
+    V = mv.shepp_logan(11)
+    assert V.shape == (11, 11, 11) and V.dtype == torch.float64
+    assert float(V[~pj.ball_mask(11)].abs().max()) == 0
+    # The centre lies in ellipsoids 1 and 2 only: 1 - 0.8; the original intensities: 1 - 0.98.
+    assert float(V[5, 5, 5]) == pytest.approx(0.2)
+    assert float(mv.shepp_logan(11, modified=False)[5, 5, 5]) == pytest.approx(0.02)
+    # One ellipsoid of the table, by its definition at a fine grid: its volume 4/3 pi a b c.
+    L = 41
+    one = mv.ellipsoids(L, [[1.0, 0.5, 0.3, 0.2, 0.1, -0.1, 0.0, 30.0, 20.0, 10.0]])
+    voxel = (2 / (L - 1)) ** 3
+    assert float(one.sum()) * voxel == pytest.approx(4 / 3 * math.pi * 0.5 * 0.3 * 0.2, rel=0.03)
+    # Axes: the table's x is our axis 2 (columns), y axis 1 (rows), z axis 0.
+    blob = mv.ellipsoids(L, [[1.0, 0.1, 0.1, 0.1, 0.5, 0.0, 0.0, 0, 0, 0]])
+    where = torch.nonzero(blob).double().mean(0) - (L - 1) / 2
+    assert torch.allclose(where, torch.tensor([0.0, 0.0, 0.5 * (L - 1) / 2], dtype=torch.float64))
+
+
+def test_simulate_volume_plants_projections_at_the_truth():
+    V = mv.shepp_logan(7)
+    m = mv.simulate_volume(V, 140, density=0.15, snr=2.0, seed=4)
+    T = round(0.15 * 140 * 140 / 49)
+    assert m.positions.shape == (T, 2) and m.rotations.shape == (T, 3, 3)
+    # The clean micrograph holds each projection at its corner; separation: no patch meets two.
+    clean = m.clean()
+    for (r, c), R in zip(m.positions[:5], m.rotations[:5], strict=True):
+        image = pj.project(V, R[None])[0]
+        assert torch.allclose(clean[r : r + 7, c : c + 7], image, atol=1e-12)
+    d = (m.positions[:, None] - m.positions[None]).abs().amax(-1) + 10**6 * torch.eye(
+        T, dtype=torch.int64
+    )
+    assert int(d.min()) >= 2 * 7 - 1
+    # Eq. (4): sigma from the planted projections' mean power; the noise is that white noise.
+    power = float(pj.project(V, m.rotations).square().sum((1, 2)).mean())
+    assert m.sigma == pytest.approx(math.sqrt(power / (2.0 * 49)))
+    assert float((m.data - clean).std()) == pytest.approx(m.sigma, rel=0.02)
+    assert torch.equal(m.data, mv.simulate_volume(V, 140, density=0.15, snr=2.0, seed=4).data)
+    arb = mv.simulate_volume(V, 140, density=0.3, snr=2.0, separation="arbitrary", seed=4)
+    d = (arb.positions[:, None] - arb.positions[None]).abs().amax(-1)
+    d = d + 10**6 * torch.eye(len(d), dtype=torch.int64)
+    assert int(d.min()) >= 7 and int(d.min()) < 2 * 7 - 1  # touching allowed, overlap not
+    # The Euler angles are RELION's of the rotations.
+    assert torch.allclose(so3.euler_to_matrix(m.angles), m.rotations, atol=1e-12)
+
+
+def test_simulate_volume_rejects_bad_input():
+    V = mv.shepp_logan(5)
+    with pytest.raises(ValueError, match="cubic"):
+        mv.simulate_volume(torch.zeros(5, 5, 4), 50)
+    with pytest.raises(ValueError, match="non-finite"):
+        mv.simulate_volume(V * math.nan, 50)
+    with pytest.raises(ValueError, match="at most"):
+        mv.simulate_volume(V, 50, density=0.9)
+    with pytest.raises(ValueError, match="separation"):
+        mv.simulate_volume(V, 50, separation="near")
+    with pytest.raises(ValueError, match="T = 0"):
+        mv.simulate_volume(V, 6, density=0.01)
+
+
+def test_em_on_a_high_snr_volume_lowers_the_error_with_frequency_marching():
+    # The model exactly: a band-limited volume, projections at rotations of the grid searched.
+    L = 5
+    R, w = so3.hopf_grid(0)
+    group = pj.Projections(L, R, w, bandlimit=3)
+    rng = np.random.default_rng(0)
+    truth = group.restrict(torch.from_numpy(rng.standard_normal((L, L, L))))
+    truth = truth + 0.5 * group.restrict(torch.ones(L, L, L, dtype=torch.float64))
+    meas = mv.simulate_volume(truth, 30 * L, density=0.12, snr=20.0, seed=1, grid=R)
+    noise = group.restrict(torch.from_numpy(rng.standard_normal((L, L, L))))
+    start = truth + 0.6 * float(truth.norm()) / L**1.5 * noise
+    group = pj.Projections(L, R, w, schedule=[(0, 2), (2, 3)])
+    em = mtd.ApproximateEM(group, sigma=meas.sigma, iterations=6, tol=0, dtype=torch.float64)
+    bands = []
+    res = mv.fit_marching(
+        em, meas.data, start, truth=truth, callback=lambda e: bands.append(em.group.bandlimit)
+    )
+    err0 = float((start - truth).norm() / truth.norm())
+    errors = [h["error"] for h in res.history]
+    assert bands == [2, 3, 3, 3, 3, 3]  # the band of the iteration after each
+    assert errors[-1] < 0.3 * err0 and errors[-1] < 0.5 * errors[1]
+    assert em.group.cg_history and max(em.group.cg_history) <= em.group.cg_iterations
