@@ -278,6 +278,93 @@ def model(
     return scale * A1.mean(0), scale * A2.mean(0), scale * A3.mean(0)
 
 
+def moment_map(basis, angles=None, tensor_limit: int = 1 << 23, device=None):
+    """``moments``: alpha -> [m1 (1,), m2 (S,), m3 (P,)], the model of ``model`` at gamma = 1,
+    and ``moments_vjp``: alpha -> (the moments, r -> sum_k J_k^T r_k), their Jacobian's adjoint.
+
+    The moments are polynomials of degree 1, 2, 3 in alpha: when P n^3 <= ``tensor_limit`` their
+    coefficients T1 (n,), T2 (S, n, n), T3 (P, n, n, n) are computed once from the rotated basis
+    images (a few matrix products) and a step costs three small matrix-vector products; above it
+    every step correlates the Q rotated images (``image_autocorrelations``).
+    """
+    L = basis.L
+    device = torch.device("cpu") if device is None else torch.device(device)
+    f64 = dict(dtype=torch.float64, device=device)
+    phi = rotation_angles(basis, angles).to(device)
+    R = basis.rotation(phi).to(**f64)  # (Q, n, n)
+    B = basis.matrix.to(**f64)  # (L^2, n)
+    H, pairs = _layout(L)
+    H, pairs = H.to(device), pairs.to(device)
+    Q, n, S, P = len(phi), basis.n, len(H), len(pairs)
+    scale = 1.0 / (L * L * Q)  # gamma / L^2 times the mean over the angles, at gamma = 1
+    if P * n**3 > tensor_limit:
+
+        def moments(alpha):
+            images = (B @ (R @ alpha).T).T.reshape(Q, L, L)
+            A = image_autocorrelations(images, H, pairs)
+            return [scale * A[0].sum(0).reshape(1), scale * A[1].sum(0), scale * A[2].sum(0)]
+
+        def moments_vjp(alpha):
+            with torch.enable_grad():
+                x = alpha.detach().requires_grad_(True)
+                m = moments(x)
+
+            def vjp(r):  # sum_k J_k^T r_k by autograd
+                total = sum((mk * rk).sum() for mk, rk in zip(m, r, strict=True))
+                return torch.autograd.grad(total, x, retain_graph=True)[0]
+
+            return [mk.detach() for mk in m], vjp
+
+        return moments, moments_vjp
+    # G[q, i]: basis function i rotated by phi_q as an image; X[q, i, h, x] = G[q, i](x + H[h]).
+    G = (B @ R).permute(0, 2, 1)  # (Q, n, L^2)
+    padded = torch.nn.functional.pad(G.reshape(Q * n, L, L), (L - 1, L - 1, 0, L - 1))
+    i, j = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    index = (i.reshape(1, -1).to(device) + H[:, :1]) * (3 * L - 2) + (
+        j.reshape(1, -1).to(device) + (L - 1) + H[:, 1:]
+    )
+    X = padded.reshape(Q * n, -1)[:, index].reshape(Q, n, S, L * L)
+    T1 = scale * G.sum((0, 2))
+    T2 = scale * torch.einsum("qix,qjsx->sij", G, X)
+    T3 = torch.zeros(P, n, n, n, **f64)
+    a, b = pairs[:, 0], pairs[:, 1]
+    for q in range(Q):  # per angle: (n, L^2) @ (L^2, P n n), bounded memory
+        U = X[q][:, a][:, None] * X[q][:, b][None]  # (j, k, P, x): G_j(x + l1) G_k(x + l2)
+        U = U.permute(2, 0, 1, 3).reshape(P * n * n, L * L)  # (P, j, k, x)
+        T3 += (U @ G[q].T).reshape(P, n, n, n).permute(0, 3, 1, 2)  # (P, i, j, k)
+    # Symmetric in the coefficient indices (the same forms), so the gradients are 2 T2(alpha, .)
+    # and 3 T3(alpha, alpha, .): no second pass over T3.
+    T2 = (T2 + T2.transpose(1, 2)) / 2
+    T3 = (
+        scale
+        / 6
+        * (
+            T3
+            + T3.permute(0, 1, 3, 2)
+            + T3.permute(0, 2, 1, 3)
+            + T3.permute(0, 2, 3, 1)
+            + T3.permute(0, 3, 1, 2)
+            + T3.permute(0, 3, 2, 1)
+        )
+    )
+    T3 = T3.reshape(P * n * n, n)
+
+    def moments_vjp(alpha):
+        V2 = T2 @ alpha  # (S, n)
+        V3 = ((T3 @ alpha).reshape(P * n, n) @ alpha).reshape(P, n)  # T3(., alpha, alpha)
+        m = [(T1 @ alpha).reshape(1), V2 @ alpha, V3 @ alpha]
+
+        def vjp(r):
+            return r[0] * T1 + 2 * (r[1] @ V2) + 3 * (r[2] @ V3)
+
+        return m, vjp
+
+    def moments(alpha):
+        return moments_vjp(alpha)[0]
+
+    return moments, moments_vjp
+
+
 @dataclass
 class FitResult:
     """An autocorrelation-analysis estimate.
@@ -334,6 +421,7 @@ def fit(
     init_gamma: float = 0.03,
     history_size: int = 50,
     tolerance: float = 1e-12,
+    tensor_limit: int = 1 << 23,
     device=None,
 ) -> FitResult:
     """Autocorrelation analysis: the coefficients and density that best match the measured first
@@ -359,6 +447,8 @@ def fit(
             fallback when the data give no positive density).
         history_size: L-BFGS memory.
         tolerance: L-BFGS tolerance on the gradient and on the change of the relative misfit.
+        tensor_limit: largest P n^3 for which the model is a precomputed cubic form in the
+            coefficients (``moment_map``), else the rotated images are correlated every step.
         device: where the fit runs (None: the autocorrelations' device).
 
     Returns:
@@ -380,6 +470,8 @@ def fit(
         raise ValueError(f"init_gamma must be a finite number > 0, got {init_gamma!r}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if int(tensor_limit) != tensor_limit or tensor_limit < 0:
+        raise ValueError(f"tensor_limit must be an integer >= 0, got {tensor_limit!r}")
     _weights(weights, [1, 1, 1], 1.0)  # checked before the pass over the data
     rotation_angles(basis, angles)
     if isinstance(micrographs, Autocorrelations):
@@ -398,28 +490,30 @@ def fit(
     w = _weights(weights, [len(x) for x in a], max(power, 1e-300)).to(**f64)
     norm = sum(float(wk * (x * x).sum()) for wk, x in zip(w, a, strict=True)) or 1.0
     w = w / norm  # misfit relative to the data's weighted size: tolerances are dimensionless
-    phi = rotation_angles(basis, angles).to(device)
-    R = basis.rotation(phi).to(**f64)
-    B = basis.matrix.to(**f64)
-    H, pairs = _layout(basis.L)
-    H = H.to(device)
-    scale = 1.0 / basis.L**2
-
-    def moments(alpha):  # the rotation-averaged sums / L^2: (1,), (S,), (P,)
-        images = (B @ (R @ alpha).T).T.reshape(len(phi), basis.L, basis.L)
-        A = image_autocorrelations(images, H, pairs)
-        return [scale * A[0].mean(0).reshape(1), scale * A[1].mean(0), scale * A[2].mean(0)]
-
-    def misfit(alpha, log_gamma, log_s2):
-        m = moments(alpha)
-        g = log_gamma.exp()
-        out = 0.0
-        for k in range(3):
-            model_k = g * m[k] + (log_s2.exp() * b[k] if log_s2 is not None else 0.0)
-            out = out + w[k] * (model_k - a[k]).square().sum()
-        return out
-
+    moments, moments_vjp = moment_map(basis, angles, tensor_limit, device)
     fit_sigma = sigma is None
+    n = basis.n
+
+    def fun(x):
+        """The misfit sum_k w_k ||g m_k(alpha) (+ s2 b_k) - a_k||^2 at x = (alpha, log g
+        [, log s2]) and its gradient (the chain rule through the moments' adjoint)."""
+        x = torch.as_tensor(x, **f64)
+        alpha, g = x[:n], x[n].exp()
+        s2 = x[n + 1].exp() if fit_sigma else None
+        m, vjp = moments_vjp(alpha)
+        r = [
+            g * mk + (s2 * bk if fit_sigma else 0.0) - ak
+            for mk, ak, bk in zip(m, a, b, strict=True)
+        ]
+        value = float(sum(wk * rk.square().sum() for wk, rk in zip(w, r, strict=True)))
+        if not math.isfinite(value):  # a step too far: L-BFGS-B backtracks
+            return math.inf, np.zeros(len(x))
+        wr = [2 * wk * rk for wk, rk in zip(w, r, strict=True)]
+        grad = [g * vjp(wr), g * sum((mk * q).sum() for mk, q in zip(m, wr, strict=True))[None]]
+        if fit_sigma:
+            grad.append(s2 * sum((bk * q).sum() for bk, q in zip(b, wr, strict=True))[None])
+        return value, torch.cat(grad).cpu().numpy()
+
     rng = np.random.default_rng(seed)
     grid = torch.logspace(-3, 3, 241, **f64)
     best, results = None, []
@@ -431,16 +525,6 @@ def fit(
             g0, s0, s2_0 = _scale_start(m0, a, b, w, grid, fit_sigma, init_gamma)
         # x = (alpha, log gamma [, log sigma^2]): positive density and noise without bounds.
         x0 = [*(alpha0 * s0).tolist(), math.log(g0)] + ([math.log(s2_0)] if fit_sigma else [])
-
-        def fun(x, n=basis.n):
-            xt = torch.tensor(x, **f64, requires_grad=True)
-            loss = misfit(xt[:n], xt[n], xt[n + 1] if fit_sigma else None)
-            (grad,) = torch.autograd.grad(loss, xt)
-            value = float(loss.detach())
-            if not math.isfinite(value):  # a step too far: L-BFGS-B backtracks
-                return math.inf, np.zeros(len(x))
-            return value, grad.cpu().numpy()
-
         res = optimize.minimize(
             fun,
             np.array(x0),
@@ -457,7 +541,6 @@ def fit(
         results.append(value)
         if best is None or value < best[0]:
             x = torch.tensor(res.x, **f64)
-            n = basis.n
             s = math.sqrt(math.exp(float(x[n + 1]))) if fit_sigma else float(sigma)
             best = (value, x[:n].clone(), math.exp(float(x[n])), s)
     value, alpha, gamma, s = best

@@ -171,6 +171,26 @@ def test_rotation_average_with_3_nu_max_plus_1_angles_is_exact():
     assert float((coarse[2] - fine[2]).abs().max()) > 1e-6 * float(fine[2].abs().max())
 
 
+@pytest.mark.parametrize("tensor_limit", [0, 1 << 23])
+def test_moment_map_of_the_fit_is_the_model(tensor_limit):
+    # The fit's model (the precomputed cubic form, or the rotated images every step) is
+    # ``model`` at gamma = 1, values and gradients.
+    basis = mtd.FBBasis(5, n=10)
+    alpha = torch.randn(10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    alpha.requires_grad_(True)
+    moments, moments_vjp = ac.moment_map(basis, tensor_limit=tensor_limit)
+    want = ac.model(alpha, 1.0, basis)
+    got, vjp = moments_vjp(alpha.detach())
+    r = [torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape) for y in want]
+    (grad,) = torch.autograd.grad(
+        sum((y * rk).sum() for y, rk in zip(want, r, strict=True)), alpha
+    )
+    torch.testing.assert_close(vjp([rk.reshape(-1) for rk in r]), grad, rtol=1e-10, atol=1e-12)
+    for x, x2, y in zip(got, moments(alpha.detach()), want, strict=True):
+        torch.testing.assert_close(x.reshape(y.shape), y.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(x2, x, rtol=0, atol=0)
+
+
 def _grid_measurement(basis, alpha, N, repeats, seed=0):
     """A noiseless well-separated measurement whose copies' angles are the exact-average grid,
     each used ``repeats`` times, corners on a lattice of step 2L - 1 that reaches both borders."""
