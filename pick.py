@@ -121,8 +121,9 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
         )
         threshold = 0.0 if _none(cfg.threshold) else float(cfg.threshold)
         picks, post = picking.pick_posterior(
-            em, patches, unknown, log_rho, sigma2, cfg.empty_rule, radius, threshold,
-            float(cfg.empty_energy),
+            em, patches, unknown, log_rho, sigma2, cfg.empty_rule,
+            None if _none(cfg.merge_radius) else float(cfg.merge_radius), threshold,
+            float(cfg.empty_energy), float(cfg.detect_energy),
         )  # fmt: skip
         info = {
             "sigma": math.sqrt(sigma2),

@@ -187,7 +187,7 @@ def blank_pairs(em, x: torch.Tensor, empty_energy: float) -> torch.Tensor:
     """(K, 2L, 2L) bool: the (template, shift) pairs whose crop carries at most ``empty_energy``
     of the template's energy (the all-padding shifts always)."""
     if not (math.isfinite(empty_energy) and 0 <= empty_energy < 1):
-        raise ValueError(f"empty_energy must be in [0, 1), got {empty_energy!r}")
+        raise ValueError(f"the energy share must be in [0, 1), got {empty_energy!r}")
     L = em.L
     G = em.estep.padded(x)  # (K, 2L, 2L): the templates of the engine's own E-step
     visible = template_energy(G, L)  # ||C T_l G_k||^2
@@ -434,23 +434,35 @@ def pick_posterior(
     radius: float | None = None,
     threshold: float = 0.0,
     empty_energy: float = 0.05,
+    detect_energy: float = 0.2,
 ) -> tuple[Picks, PatchPosteriors]:
     """Algorithm 2 of the stochastic-EM paper, with the patches mapped back to their micrographs.
 
-    Every patch gives one candidate: the centre of the copy at its best non-blank shift l*, the
-    best template's angle there, and the score ``PatchPosteriors.score(empty_rule)``; a
-    candidate is selected when its score exceeds ``threshold`` (0: the patch is not empty by the
-    rule). Candidates of one copy seen by several patches are merged (``merge``; equal scores,
-    e.g. saturated ones at high SNR, are ranked by p(l* | I), the sharpest localisation first).
+    Every patch gives one candidate: the centre of the copy at its best shift l* among the
+    (template, shift) pairs that show more than ``detect_energy`` of the template's energy, the
+    best template's angle there, and the score ``PatchPosteriors.score(empty_rule)`` at that
+    level; a candidate is selected when its score exceeds ``threshold`` (0: by the rule, the
+    patch shows more than ``detect_energy`` of a copy). Every copy shows at least a quarter of
+    its energy in one of the (at most four) patches it touches, so the default 0.2 loses no
+    copy, while the many faint slivers (a few per cent of a copy, which rho cannot tell from
+    empty shifts at low SNR and which made noise patches look occupied: measured) no longer
+    count as detections. Candidates of one copy seen by several patches are merged (``merge``;
+    equal scores, e.g. saturated ones at high SNR, are ranked by p(l* | I), the sharpest
+    localisation first). The ``PatchPosteriors`` returned are those at ``empty_energy``, for
+    the paper's patch-level measures (empty when the blank pairs hold at least half the mass).
 
     Args:
         em, data, x, log_rho, sigma2, empty_energy: as ``patch_posteriors``.
+        detect_energy: the share of a copy's energy a patch must show to count as a detection.
         empty_rule: "half" (default: the blank pairs hold at least half the posterior mass),
             "argmax" (Algorithm 2 as written: an all-padding shift is the arg max of p(l | I);
             it declares almost no patch empty for an image with an empty border, whose
             border-only shifts outnumber the all-padding ones) or "mass" (the all-padding mass
             beats p(l* | I)). See ``PatchPosteriors.score``.
-        radius: of the merge, default L / 2.
+        radius: of the merge, default L - 1: copies that do not overlap have centres at least L
+            apart, so no two copies merge, while the detections of a copy's slivers, whose
+            shift along the cut is poorly determined at low SNR, do (L / 2 left such
+            duplicates: measured in tests/benchmarks/bench_picking.py).
         threshold: on the score for the operating point.
 
     Returns:
@@ -458,14 +470,17 @@ def pick_posterior(
     """
     check_empty_rule(empty_rule)
     L = em.L
-    radius = L / 2 if radius is None else float(radius)
+    radius = L - 1 if radius is None else float(radius)
     data = data if isinstance(data, Patches) else em.prepare(data)
     post = patch_posteriors(em, data, x, log_rho, sigma2, empty_energy)
+    seen = post
+    if detect_energy != empty_energy:
+        seen = patch_posteriors(em, data, x, log_rho, sigma2, detect_energy)
     mic, origin = patch_origins(data.source)
-    centres = origin + copy_offset(post.shift, L) + (L - 1) / 2
-    scores = post.score(empty_rule, _np_dtype(em.dtype))
+    centres = origin + copy_offset(seen.shift, L) + (L - 1) / 2
+    scores = seen.score(empty_rule, _np_dtype(em.dtype))
     angles, mirrored = template_angles(em.group)
-    k = post.template
+    k = seen.template
     picks = Picks(
         centres=centres.astype(np.float64),
         scores=scores,
@@ -477,7 +492,7 @@ def pick_posterior(
         templates=k,
         patches=np.arange(data.D),
         L=L,
-        prob=post.shift_prob,
+        prob=seen.shift_prob,
         info={"method": "posterior", "empty_rule": empty_rule, "threshold": threshold},
     )
     return merge(picks, radius), post
