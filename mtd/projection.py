@@ -341,7 +341,7 @@ class Projections(TransformSet):
         out = []
         for b in self._sub_blocks(block):
             index, weight = self._tables(b)
-            out.append((v[index] * weight.to(v.dtype)).sum(-1).reshape(-1, L, L))
+            out.append((torch.take(v, index) * weight.to(v.dtype)).sum(-1).reshape(-1, L, L))
         return torch.cat(out) if out else v.new_zeros(0, L, L)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,7 +356,7 @@ class Projections(TransformSet):
             index, weight = self._tables(b)
             k = b.stop - b.start
             contrib = images[offset : offset + k].reshape(k, L * L, 1) * weight.to(images.dtype)
-            out.index_add_(0, index.reshape(-1), contrib.reshape(-1))
+            out.scatter_add_(0, index.reshape(-1), contrib.reshape(-1))
             offset += k
         return self.restrict(out.reshape(L, L, L))
 
