@@ -175,9 +175,10 @@ def autocorrelations(
         for r0 in range(0, N0, band):
             r1 = min(N0, r0 + band)
             ext = min(N0, r1 + L - 1)  # the band and the L - 1 rows its shifts read below it
-            block = torch.as_tensor(
-                np.asarray(m[r0:ext]) if not isinstance(m, torch.Tensor) else m[r0:ext]
-            ).to(**f64)
+            if isinstance(m, torch.Tensor):
+                block = m[r0:ext].to(**f64)
+            else:  # a copy of the band: a memory map is read-only and read only here
+                block = torch.from_numpy(np.array(m[r0:ext], dtype=np.float64)).to(device)
             if not torch.isfinite(block).all():
                 raise ValueError(f"micrograph has non-finite values in rows {r0}..{ext - 1}")
             padded = torch.nn.functional.pad(block, (L - 1, L - 1, 0, (r1 + L - 1) - ext))

@@ -57,15 +57,17 @@ def test_layout_keeps_every_triple_of_pixels_once():
     assert got == canon and len(pairs) == len(canon)
 
 
-def test_autocorrelations_equal_a_direct_loop_over_a_list_of_micrographs():
+def test_autocorrelations_equal_a_direct_loop_over_a_list_of_micrographs(tmp_path):
     gen = torch.Generator().manual_seed(0)
     Ms = [
         torch.randn(12, 12, generator=gen, dtype=torch.float64) + 0.5,
         torch.randn(9, 11, generator=gen, dtype=torch.float64).numpy(),
     ]
     a1, a2, a3 = _direct(Ms, 3)
+    np.save(tmp_path / "m.npy", Ms[1])
+    mapped = [Ms[0], mtd.open_micrograph(tmp_path / "m.npy")]  # a read-only memory map
     for rows in (None, 1, 5):  # bands of every size give the same sums
-        got = ac.autocorrelations(Ms, 3, rows=rows)
+        got = ac.autocorrelations(mapped if rows == 5 else Ms, 3, rows=rows)
         assert got.pixels == 12 * 12 + 9 * 11
         np.testing.assert_allclose(float(got.a1), a1, rtol=0, atol=1e-13)
         np.testing.assert_allclose(got.a2.numpy(), a2, rtol=0, atol=1e-13)
