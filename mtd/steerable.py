@@ -1,10 +1,11 @@
 """Rotations done exactly: a steerable Fourier-Bessel basis on the disk (approximate-EM paper,
 eqs. 2-3).
 
-The basis functions are the Dirichlet-Laplacian eigenfunctions of the disk of radius L/2 about the
-image centre ((L-1)/2, (L-1)/2),
+The basis functions are the Dirichlet-Laplacian eigenfunctions of the disk of radius R (L / 2 by
+default; the approximate-EM paper's code uses L // 2 + 1) about the image centre
+((L-1)/2, (L-1)/2),
 
-    psi_{nu,q}(r, theta) = J_nu(lambda_{nu,q} r) e^{i nu theta},   r in [0, 1] (radius L/2),
+    psi_{nu,q}(r, theta) = J_nu(lambda_{nu,q} r) e^{i nu theta},   r in [0, 1] (radius R),
 
 with lambda_{nu,q} the q-th positive zero of J_nu, zero outside the disk. Real images are kept
 real: nu = 0 gives J_0(lambda r), nu > 0 the pair J_nu(lambda r) cos(nu theta), J_nu(lambda r)
@@ -37,6 +38,38 @@ def _zeros(nu: int, count: int) -> np.ndarray:
     return special.jn_zeros(nu, count)
 
 
+def _entries(nu: int, roots) -> list:
+    """(lambda, nu, kind) of the functions of order nu at these roots: one each, or a pair."""
+    return [
+        e for lam in roots for e in ([(lam, nu, 0)] if nu == 0 else [(lam, nu, 1), (lam, nu, 2)])
+    ]
+
+
+def _lambda_table(limit: float) -> list:
+    """Every function with lambda <= limit."""
+    entries, nu = [], 0
+    while True:
+        z = _zeros(nu, max(1, int(limit / math.pi) + 2))
+        z = z[z <= limit]
+        if len(z) == 0:
+            return entries
+        entries += _entries(nu, z)
+        nu += 1
+
+
+def _paper_table(L: int) -> list:
+    """The approximate-EM paper's code's table: Q = #{roots of J_0 <= pi (L // 2)}, the orders nu
+    whose first root is below the Q-th root of J_0, and q = 1..Q for each."""
+    limit = math.pi * (L // 2)
+    Q = max(1, int(np.sum(_zeros(0, int(limit / math.pi) + 2) <= limit + 1e-10)))
+    top = _zeros(0, Q)[-1]
+    entries, nu = _entries(0, _zeros(0, Q)), 1
+    while _zeros(nu, 1)[0] < top:
+        entries += _entries(nu, _zeros(nu, Q))
+        nu += 1
+    return entries
+
+
 class FBBasis:
     """The real Fourier-Bessel basis of L x L images, ordered by lambda (then cos before sin).
 
@@ -44,33 +77,45 @@ class FBBasis:
         L: image side.
         n: number of real basis functions (the first n by lambda; a cos/sin pair is not split),
             or None for all with lambda <= ``bandlimit``.
-        bandlimit: largest lambda kept; None is the Nyquist rule lambda <= pi L / 2 for the disk of
-            radius L / 2 (as ASPIRE-Python's FBBasis2D), used also to bound n.
+        bandlimit: largest lambda kept; None is the Nyquist rule lambda <= pi R for the disk of
+            radius R pixels (pi L / 2 for R = L / 2, as ASPIRE-Python's FBBasis2D), used also to
+            bound n.
+        radius: R, the disk's radius in pixels about the image centre; None is L / 2 (the disk
+            inscribed in the square). The approximate-EM paper's code uses L // 2 + 1, a disk that
+            holds the whole square (its corners too).
+        selection: "lambda" (the functions by lambda, as above) or "paper_code": the table the
+            approximate-EM paper's code expands in (its ``expand_fb``): the Q roots of J_0 below
+            pi (L // 2), every order nu whose first root is below the Q-th root of J_0, q <= Q for
+            each, sorted by root, the first n (for L = 5, n = 10: nu = 0, 1, 2 and q = 1, 2).
 
     Attributes:
         nu: (n,) int64 angular frequency of every function.
         kind: (n,) int64: 0 for nu = 0, 1 for the cos, 2 for the sin of a pair.
         lam: (n,) float64 lambda_{nu,q}.
+        radius: R in pixels.
         matrix: (L*L, n) float64 the functions sampled on the pixel grid (unit norm on the disk).
     """
 
-    def __init__(self, L: int, n: int | None = None, bandlimit: float | None = None):
+    def __init__(
+        self,
+        L: int,
+        n: int | None = None,
+        bandlimit: float | None = None,
+        radius: float | None = None,
+        selection: str = "lambda",
+    ):
         if int(L) != L or L < 2:
             raise ValueError(f"L must be an integer >= 2, got {L!r}")
         L = int(L)
-        limit = math.pi * L / 2 if bandlimit is None else float(bandlimit)
+        R = L / 2 if radius is None else float(radius)
+        if not (math.isfinite(R) and R > 0):
+            raise ValueError(f"radius must be a number of pixels > 0, got {radius!r}")
+        if selection not in ("lambda", "paper_code"):
+            raise ValueError(f"selection must be 'lambda' or 'paper_code', got {selection!r}")
+        limit = math.pi * R if bandlimit is None else float(bandlimit)
         if not limit > 0:
             raise ValueError(f"bandlimit must be > 0, got {bandlimit!r}")
-        entries = []  # (lambda, nu, kind)
-        nu = 0
-        while True:
-            z = _zeros(nu, max(1, int(limit / math.pi) + 2))
-            z = z[z <= limit]
-            if len(z) == 0:
-                break
-            for lam in z:
-                entries += [(lam, nu, 0)] if nu == 0 else [(lam, nu, 1), (lam, nu, 2)]
-            nu += 1
+        entries = _paper_table(L) if selection == "paper_code" else _lambda_table(limit)
         if not entries:
             raise ValueError(
                 f"bandlimit {limit:g} leaves no Fourier-Bessel function (the smallest lambda is "
@@ -78,10 +123,12 @@ class FBBasis:
             )
         entries.sort(key=lambda e: (e[0], e[2]))
         if n is not None:
+            resolved = f"the functions with lambda <= {limit:g} that a {L} x {L} grid resolves"
+            if selection == "paper_code":
+                resolved = f"the paper code's table for L = {L}"
             if int(n) != n or not 1 <= n <= len(entries):
                 raise ValueError(
-                    f"n must be an integer in 1..{len(entries)} (the functions with lambda <= "
-                    f"{limit:g} that a {L} x {L} grid resolves), got {n!r}"
+                    f"n must be an integer in 1..{len(entries)} ({resolved}), got {n!r}"
                 )
             n = int(n)
             if entries[n - 1][2] == 1:
@@ -90,7 +137,7 @@ class FBBasis:
                     f"{n + 1}"
                 )
             entries = entries[:n]
-        self.L, self.n = L, len(entries)
+        self.L, self.n, self.radius = L, len(entries), R
         self.lam = np.array([e[0] for e in entries])
         self.nu = np.array([e[1] for e in entries], dtype=np.int64)
         self.kind = np.array([e[2] for e in entries], dtype=np.int64)
@@ -103,7 +150,7 @@ class FBBasis:
         This is the analytic rotation of the basis; ``sample(0)`` is the basis matrix.
         """
         L = self.L
-        c, R = (L - 1) / 2, L / 2
+        c, R = (L - 1) / 2, self.radius
         i, j = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
         y, x = (i - c).ravel(), (j - c).ravel()
         r = np.hypot(x, y) / R
@@ -247,7 +294,17 @@ class Steerable(TransformSet):
 
 
 def steerable(
-    L: int, K: int = 8, n: int | None = None, bandlimit: float | None = None
+    L: int,
+    K: int = 8,
+    n: int | None = None,
+    bandlimit: float | None = None,
+    radius: float | None = None,
+    selection: str = "lambda",
 ) -> Steerable:
-    """``Steerable(FBBasis(L, n, bandlimit), K)``: the group of config ``em/group=steerable``."""
-    return Steerable(FBBasis(L, n=n, bandlimit=bandlimit), K)
+    """``Steerable(FBBasis(L, n, bandlimit, radius, selection), K)``: the group of config
+    ``em/group=steerable``; ``radius="square"`` is L // 2 + 1, the disk that holds the whole
+    square (the approximate-EM paper's code)."""
+    if radius == "square":
+        radius = L // 2 + 1
+    basis = FBBasis(L, n=n, bandlimit=bandlimit, radius=radius, selection=selection)
+    return Steerable(basis, K)

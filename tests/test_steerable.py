@@ -193,3 +193,40 @@ def test_eq19_error_is_minimised_over_every_angle_not_the_grid():
     brute = float(((scan - truth).norm(dim=1) / truth.norm()).min())
     ours = mtd.relative_error(truth, noisy, group=group)
     assert ours <= brute + 1e-12 and ours > brute - 1e-6
+
+
+def test_the_paper_codes_basis_is_its_table_on_the_disk_that_holds_the_square():
+    # The approximate-EM paper's code expands its L = 5 images in J_nu(lambda r / 3) cos/sin(nu
+    # theta) for nu = 0, 1, 2 and the first two roots of each, on the disk of radius L // 2 + 1 = 3
+    # (all 25 pixels inside). Our basis with radius=3, selection="paper_code" must span exactly
+    # those functions, or EM on its data starts from an error floor (0.29 measured with radius
+    # 2.5 and the functions ordered by lambda).
+    basis = mtd.FBBasis(5, n=10, radius=3, selection="paper_code")
+    roots = [2.404826, 3.831706, 3.831706, 5.135622, 5.135622, 5.520078, 7.015587, 7.015587]
+    np.testing.assert_allclose(basis.lam, roots + [8.417244, 8.417244], atol=1e-6)
+    np.testing.assert_array_equal(basis.nu, [0, 1, 1, 2, 2, 0, 1, 1, 2, 2])
+    i, j = np.meshgrid(np.arange(5) - 2.0, np.arange(5) - 2.0, indexing="ij")
+    r, theta = np.hypot(i, j) / 3, np.arctan2(i, j)  # any angle sign: the span is the same
+    cols = []
+    for nu in (0, 1, 2):
+        for lam in special.jn_zeros(nu, 2):
+            cols.append(special.jv(nu, lam * r) * np.cos(nu * theta))
+            if nu:
+                cols.append(special.jv(nu, lam * r) * np.sin(nu * theta))
+    theirs = torch.from_numpy(np.stack([c.ravel() for c in cols], 1))
+    ours = basis.matrix
+    residual = theirs - ours @ torch.linalg.lstsq(ours, theirs).solution
+    assert float(residual.norm() / theirs.norm()) < 1e-12
+    # The default basis (radius 2.5, by lambda) does not span them: the floor the option removes.
+    default = mtd.FBBasis(5, n=10).matrix
+    floor = theirs - default @ torch.linalg.lstsq(default, theirs).solution
+    assert float(floor.norm() / theirs.norm()) > 0.1
+
+
+def test_bad_radius_and_selection_are_refused():
+    with pytest.raises(ValueError, match="radius must be a number of pixels > 0, got 0"):
+        mtd.FBBasis(5, radius=0)
+    with pytest.raises(ValueError, match="selection must be 'lambda' or 'paper_code', got 'x'"):
+        mtd.FBBasis(5, selection="x")
+    with pytest.raises(ValueError, match=r"n must be an integer in 1\.\.10 \(the paper code"):
+        mtd.FBBasis(5, n=12, selection="paper_code")
