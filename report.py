@@ -8,6 +8,14 @@ Markdown table with the number of distinct targets and of runs, and writes into 
 ``errors.png`` (mean error against SNR, as Figs. 3 and 4 of the score-prior paper) and
 ``estimates_<preset>_snr<S>.png`` (truth / without / with prior for every target at one SNR, as
 Fig. 5).
+
+Runs of the steerable basis (``em=steerable``, the approximate-EM paper's experiments) also get
+that paper's figures, one per quantity a sweep varies with the rest held: against the SNR
+(Fig. 2, ``experiment=steerable_snr``, with the paper's stored values beside ours), against the
+measurement size N^2 (Fig. 3, ``experiment=steerable_size``, with the fitted log-log slopes of
+error and time, the paper's -1/2 and 1) and against K, the rotations EM searches (Fig. 4,
+``experiment=steerable_K``): tables of the mean error and time of EM (and of the autocorrelation
+baseline where the runs recorded ``error/autocorrelation``) and ``steerable_<snr|N|K>.png``.
 """
 
 from __future__ import annotations
@@ -114,6 +122,9 @@ def load_runs(folders: list[Path]) -> tuple[list[dict], dict]:
                     "errors": errors,
                     "shifted": shifted,
                     "seconds": sum(v for k, v in m.items() if k.startswith("seconds/")),
+                    "times": {k[8:]: v for k, v in m.items() if k.startswith("seconds/")},
+                    "iterations": {k[11:]: v for k, v in m.items() if k.startswith("iterations/")},
+                    "N": s["measurement"].get("N"),
                     "folder": path.parent,
                     "config": cfg,
                 }
@@ -155,6 +166,12 @@ def experiment_names(runs: list[dict]) -> dict[str, str]:
     return names
 
 
+def variant_label(variant: str) -> str:
+    """The table's prior column: with / without for EM's variants, the method's name for the
+    rest (e.g. the autocorrelation baseline)."""
+    return {"prior": "with", "no_prior": "without"}.get(variant, variant)
+
+
 def table(runs: list[dict], key: str = "errors") -> tuple[str, dict]:
     """Markdown table of mean errors +- their standard deviation over runs, one row per
     experiment and variant, and the means {(experiment name, variant): {snr: mean}}.
@@ -192,7 +209,7 @@ def table(runs: list[dict], key: str = "errors") -> tuple[str, dict]:
         n_targets = sorted({len(t) for t in targets[(name, variant)].values()})
         n_runs = sorted({len(v) for v in by.values()})
         lines.append(
-            f"| {name} | {'with' if variant == 'prior' else 'without'} | "
+            f"| {name} | {variant_label(variant)} | "
             + " | ".join(row)
             + f" | {'/'.join(map(str, n_targets))} | {'/'.join(map(str, n_runs))} |"
         )
@@ -208,7 +225,9 @@ def plot_errors(means: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for (preset, variant), by in sorted(means.items()):
         snrs = sorted(by)
-        label = f"{preset}, {'with' if variant == 'prior' else 'without'} prior"
+        label = f"{preset}, " + (
+            f"{variant_label(variant)} prior" if variant in ("prior", "no_prior") else variant
+        )
         ax.plot(snrs, [by[s] for s in snrs], "o-" if variant == "prior" else "s--", label=label)
     ax.set_xlabel("SNR")
     ax.set_ylabel("mean relative error")
@@ -246,7 +265,9 @@ def plot_estimates(runs: list[dict], snr: float, name: str, path: Path) -> None:
             if not file.is_file():
                 continue
             img = torch.from_numpy(np.load(file)).double()
-            if name != "truth":
+            # A non-image unknown (basis coefficients) is written already aligned to the truth
+            # (reconstruct.py); images are aligned here.
+            if name != "truth" and tuple(group.shape) == tuple(truth.shape):
                 img = mtd.align(truth, img, group=group)
             ax.imshow(img.numpy(), cmap="gray")
             if j == 0:
@@ -255,6 +276,259 @@ def plot_estimates(runs: list[dict], snr: float, name: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# The approximate-EM paper's Figures 2-4 (runs of the steerable basis, em=steerable)
+# ------------------------------------------------------------------------------------------------
+# Its Fig. 2 as stored with the paper: mean error of 40 trials at these SNRs (L = 5, 10
+# Fourier-Bessel coefficients, density 0.04, continuous angles, K = 8, N = 2500, EM started from
+# the autocorrelation estimate).
+PAPER_FIG2_SNR = (1.0, 1.4, 2.0, 2.9, 4.1, 5.8, 8.3, 17.0)
+PAPER_FIG2 = {
+    "EM": (0.220, 0.145, 0.083, 0.031, 0.021, 0.019, 0.020, 0.023),
+    "autocorrelation": (0.253, 0.189, 0.137, 0.077, 0.058, 0.056, 0.038, 0.025),
+}
+# The quantities the paper's figures sweep: the SNR (Fig. 2), the measurement side N (Fig. 3,
+# plotted against N^2) and K, the rotations EM searches (Fig. 4).
+AXES = ("snr", "N", "K")
+AXIS_TITLE = {"snr": "SNR", "N": "N^2", "K": "K"}
+# Where each axis lives in a run's config (em.group.K is em.K's interpolation).
+AXIS_KEYS = {"N": (("measurement", "N"),), "K": (("em", "K"), ("em", "group", "K"))}
+
+
+def is_steerable(cfg: dict) -> bool:
+    """Whether a run searched the steerable basis's exact rotations (em=steerable)."""
+    group = cfg.get("em", {}).get("group", {})
+    return isinstance(group, dict) and "steerable" in str(group.get("_target_", ""))
+
+
+def axis_values(run: dict) -> dict:
+    """{"snr", "N", "K"} of one run: its SNR, measurement side and the rotations EM searched."""
+    return {"snr": run["snr"], "N": int(run["N"]), "K": int(run["config"]["em"]["K"])}
+
+
+def base_key(run: dict) -> str:
+    """The run's experiment key without the swept sizes (measurement.N, em.K) and the W&B group
+    (the sweep's name): runs that differ only in the axes of Figs. 2-4 share it, whichever sweep
+    ran them."""
+    kept = json.loads(run["experiment"])
+    kept.pop("group", None)
+    for keys in AXIS_KEYS.values():
+        for path in keys:
+            node = kept
+            for k in path[:-1]:
+                node = node.get(k, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(path[-1], None)
+    return json.dumps(kept, sort_keys=True)
+
+
+def loglog_slope(x, y) -> float:
+    """Least-squares slope b of log y = a + b log x (the paper's -1/2 for the error against N^2,
+    1 for the time)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or np.any(x <= 0) or np.any(y <= 0):
+        raise ValueError(f"a log-log slope needs >= 2 positive points, got x={x}, y={y}")
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def method_label(variant: str) -> str:
+    return {"no_prior": "EM", "prior": "EM + prior"}.get(variant, variant)
+
+
+def steerable_sweeps(runs: list[dict]) -> list[dict]:
+    """The sweeps of Figs. 2-4 among ``runs``: for each axis (snr, N, K) and each set of values of
+    the other two, the steerable runs there when they take >= 2 values of the axis.
+
+    Returns:
+        One dict per sweep: axis, held {other axis: value}, columns [(experiment name, variant)],
+        cells {axis value: {column: [run, ...]}}.
+    """
+    chosen = [r for r in runs if is_steerable(r["config"])]
+    if not chosen:
+        return []
+    # Experiments told apart by what is left when the axes are taken out (e.g. em.init).
+    names = experiment_names([{**r, "experiment": base_key(r)} for r in chosen])
+    sweeps = []
+    for axis in AXES:
+        held = defaultdict(list)
+        for r in chosen:
+            v = axis_values(r)
+            held[tuple((a, v[a]) for a in AXES if a != axis)].append(r)
+        for key, group in sorted(held.items()):
+            if len({axis_values(r)[axis] for r in group}) < 2:
+                continue
+            cells = defaultdict(lambda: defaultdict(list))
+            for r in group:
+                for variant in r["errors"]:
+                    column = (names[base_key(r)], variant)
+                    cells[axis_values(r)[axis]][column].append(r)
+            # EM's variants first, then the baselines (autocorrelation).
+            order = {"no_prior": 0, "prior": 1}
+            columns = sorted(
+                {c for by in cells.values() for c in by},
+                key=lambda c: (c[0], order.get(c[1], 2), c[1]),
+            )
+            sweeps.append(
+                {"axis": axis, "held": dict(key), "columns": columns, "cells": dict(cells)}
+            )
+    return sweeps
+
+
+def _column_title(column, columns) -> str:
+    name, variant = column
+    several = len({c[0] for c in columns}) > 1
+    return f"{name}: {method_label(variant)}" if several else method_label(variant)
+
+
+def _mean_sd(values) -> str:
+    if not values:
+        return "-"
+    sd = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.3f}{sd}"
+
+
+def sweep_means(sweep: dict) -> dict:
+    """{column: {"x": axis values, "error": means, "seconds": means}} over the runs of each cell
+    (x is N^2 for the N axis)."""
+    out = {}
+    for column in sweep["columns"]:
+        xs = sorted(v for v, by in sweep["cells"].items() if by.get(column))
+        rs = [sweep["cells"][v][column] for v in xs]
+        out[column] = {
+            "x": [v * v if sweep["axis"] == "N" else v for v in xs],
+            "error": [float(np.mean([r["errors"][column[1]] for r in c])) for c in rs],
+            "seconds": [
+                float(np.mean([r["times"].get(column[1], np.nan) for r in c])) for c in rs
+            ],
+        }
+    return out
+
+
+def sweep_table(sweep: dict) -> str:
+    """Markdown table of one sweep: per axis value the mean error ± its standard deviation over
+    the runs of every method (and for the N and K axes its mean wall time and, for EM, seconds
+    per iteration), the runs per cell, and for the SNR axis the paper's stored Fig. 2 values;
+    under it, for the N axis, the log-log slopes of error and time against N^2 (the paper: -1/2
+    and 1) and, for the K axis, of time against K (the paper: 1)."""
+    axis, columns = sweep["axis"], sweep["columns"]
+    timed = axis in ("N", "K")
+    paper = axis == "snr" and sweep["held"].get("K") == 8  # Fig. 2's K (its N was 2500)
+    head = [AXIS_TITLE[axis] if axis != "N" else "N (N^2)"]
+    for c in columns:
+        title = _column_title(c, columns)
+        head.append(f"{title} error")
+        if timed:
+            head.append(f"{title} seconds" + (" (s/it)" if c[1] in ("no_prior", "prior") else ""))
+    if paper:
+        head += ["paper EM", "paper autocorrelation"]
+    head.append("runs")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in sorted(sweep["cells"]):
+        by = sweep["cells"][v]
+        row = [f"{v} ({v * v:.3g})" if axis == "N" else f"{v:g}"]
+        for c in columns:
+            rs = by.get(c, [])
+            row.append(_mean_sd([r["errors"][c[1]] for r in rs]))
+            if timed:
+                secs = [r["times"][c[1]] for r in rs if c[1] in r["times"]]
+                cell = f"{np.mean(secs):.1f}" if secs else "-"
+                its = [r["iterations"].get(c[1]) for r in rs if c[1] in r["times"]]
+                if secs and c[1] in ("no_prior", "prior") and all(its):
+                    cell += f" ({np.mean([s / i for s, i in zip(secs, its, strict=True)]):.3f})"
+                row.append(cell)
+        if paper:
+            hit = [i for i, s in enumerate(PAPER_FIG2_SNR) if abs(s - v) < 1e-9]
+            for method in ("EM", "autocorrelation"):
+                row.append(f"{PAPER_FIG2[method][hit[0]]:.3f}" if hit else "-")
+        row.append("/".join(str(len(by.get(c, []))) for c in columns))
+        lines.append("| " + " | ".join(row) + " |")
+    held = ", ".join(f"{'SNR' if a == 'snr' else a} = {x:g}" for a, x in sweep["held"].items())
+    text = [f"Against {AXIS_TITLE[axis]} ({held})", "", *lines]
+    means = sweep_means(sweep)
+    if axis in ("N", "K"):
+        slopes = []
+        for c in columns:
+            m = means[c]
+            if len(m["x"]) < 2:
+                continue
+            parts = []
+            if axis == "N":
+                parts.append(f"error {loglog_slope(m['x'], m['error']):+.2f} (paper: -1/2)")
+            # (The autocorrelation analysis takes every angle: its time has no K to follow.)
+            no_k = axis == "K" and c[1] == "autocorrelation"
+            if all(np.isfinite(m["seconds"])) and min(m["seconds"]) > 0 and not no_k:
+                parts.append(f"time {loglog_slope(m['x'], m['seconds']):+.2f} (paper: 1)")
+            if parts:
+                slopes.append(f"{_column_title(c, columns)}: " + ", ".join(parts))
+        if slopes:
+            text += ["", f"log-log slopes against {AXIS_TITLE[axis]}: " + "; ".join(slopes)]
+    return "\n".join(text)
+
+
+def plot_sweep(sweep: dict, path: Path) -> None:
+    """The paper's figure of one sweep: error against the SNR with its stored Fig. 2 values
+    (Fig. 2); error and time against N^2 with slopes -1/2 and 1 drawn dashed (Fig. 3); error and
+    time against K, the autocorrelation baseline as horizontal lines (Fig. 4). Log-log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axis, columns, means = sweep["axis"], sweep["columns"], sweep_means(sweep)
+    panels = ("error",) if axis == "snr" else ("error", "seconds")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, quantity in zip(axes[0], panels, strict=True):
+        for c in columns:
+            m = means[c]
+            label = _column_title(c, columns) + " (ours)"
+            if axis == "K" and c[1] == "autocorrelation":  # takes all angles: no K
+                ax.axhline(np.nanmean(m[quantity]), color="r", ls="--", label=label)
+                continue
+            ax.plot(m["x"], m[quantity], "o-", label=label)
+        if axis == "snr" and sweep["held"].get("K") == 8:
+            for method, style in (("EM", "k^--"), ("autocorrelation", "rv--")):
+                ax.plot(PAPER_FIG2_SNR, PAPER_FIG2[method], style, label=f"paper {method}")
+        if axis == "N":  # the paper's reference slopes through the first method's middle point
+            m = means[columns[0]]
+            x, y = np.asarray(m["x"], float), np.asarray(m[quantity], float)
+            if len(x) and np.all(np.isfinite(y)):
+                slope = -0.5 if quantity == "error" else 1.0
+                x0, y0 = np.exp(np.mean(np.log(x))), np.exp(np.mean(np.log(y)))
+                ax.plot(x, y0 * (x / x0) ** slope, "k--", lw=1, label=f"slope {slope:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(AXIS_TITLE[axis])
+        ax.set_ylabel("mean relative error (eq. 19)" if quantity == "error" else "seconds")
+        ax.legend(fontsize=7)
+    held = ", ".join(f"{'SNR' if a == 'snr' else a} = {x:g}" for a, x in sweep["held"].items())
+    fig.suptitle(f"against {AXIS_TITLE[axis]} ({held})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def steerable_report(runs: list[dict], out: Path) -> list[Path]:
+    """Print the tables of the paper's Figs. 2-4 for the steerable sweeps among ``runs`` and
+    write their figures ``steerable_<axis>.png`` (numbered where one axis has several) into
+    ``out``.
+
+    Returns:
+        The figures written.
+    """
+    sweeps = steerable_sweeps(runs)
+    written = []
+    for axis in AXES:
+        mine = [s for s in sweeps if s["axis"] == axis]
+        for j, sweep in enumerate(mine):
+            print("\n" + sweep_table(sweep))
+            path = out / (
+                f"steerable_{axis}.png" if len(mine) == 1 else f"steerable_{axis}_{j}.png"
+            )
+            plot_sweep(sweep, path)
+            written.append(path)
+    return written
 
 
 def main(argv=None) -> int:
@@ -304,6 +578,9 @@ def main(argv=None) -> int:
             if len(chosen) > 1:
                 print(f"{path.name}: {name}")
     print(f"figures: {out / 'errors.png'}, {out}/estimates_*_snr{snr:g}.png")
+    figures = steerable_report(runs, out)
+    if figures:
+        print("the approximate-EM paper's figures: " + ", ".join(str(f) for f in figures))
     return 0
 
 

@@ -1,0 +1,138 @@
+"""report.py on the approximate-EM paper's sweeps (experiment=steerable_snr|size|K): tiny real runs
+through reconstruct.py, the tables' means, the paper's stored Fig. 2 values and the log-log slopes
+of Fig. 3 against closed forms."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import reconstruct as rec
+import report
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("logger=none", "measurement.N=100", "em.iterations=3", "em.tol=0")
+
+
+def run(out: Path, experiment: str, *overrides: str) -> dict:
+    """One reconstruction of ``experiment`` into ``out``; its metrics."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose(
+            "reconstruct",
+            overrides=[f"experiment={experiment}", f"paths.output_dir={out}", *TINY, *overrides],
+        )
+    return rec.reconstruct(cfg)
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    """Three tiny sweeps, as ``reconstruct.py -m experiment=...`` lays them out: {name: (folder,
+    {(axis value, trial): metrics})}."""
+    root = tmp_path_factory.mktemp("sweeps")
+    plan = {
+        "size": ("steerable_size", "measurement.N", [(100, 0), (100, 1), (150, 0)]),
+        "snr": ("steerable_snr", "measurement.snr", [(1, 0), (2, 0)]),
+        "K": ("steerable_K", "em.K", [(4, 0), (8, 0)]),
+    }
+    out = {}
+    for name, (experiment, key, points) in plan.items():
+        metrics = {}
+        for j, (value, trial) in enumerate(points):
+            metrics[(value, trial)] = run(
+                root / name / str(j), experiment, f"{key}={value}", f"measurement.index={trial}"
+            )
+        out[name] = (root / name, metrics)
+    return out
+
+
+def row(text: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is ``first``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{text}")
+
+
+def test_size_sweep_means_and_the_slope_of_error_and_time_against_n_squared(sweeps, capsys):
+    folder, metrics = sweeps["size"]
+    assert report.main([str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "Against N^2 (SNR = 5, K = 16)" in text
+    e100 = np.mean([metrics[(100, i)]["error/no_prior"] for i in (0, 1)])
+    sd100 = np.std([metrics[(100, i)]["error/no_prior"] for i in (0, 1)], ddof=1)
+    e150 = metrics[(150, 0)]["error/no_prior"]
+    cells = row(text, "100 (1e+04)")
+    assert cells[1] == f"{e100:.3f} ± {sd100:.3f}" and cells[-1] == "2"
+    assert row(text, "150 (2.25e+04)")[1] == f"{e150:.3f}"
+    # Two sizes: the least-squares slope is the two-point slope log(e2 / e1) / log(N2^2 / N1^2).
+    slope = math.log(e150 / e100) / math.log(150**2 / 100**2)
+    t100 = np.mean([metrics[(100, i)]["seconds/no_prior"] for i in (0, 1)])
+    t150 = metrics[(150, 0)]["seconds/no_prior"]
+    t_slope = math.log(t150 / t100) / math.log(150**2 / 100**2)
+    assert f"EM: error {slope:+.2f} (paper: -1/2), time {t_slope:+.2f} (paper: 1)" in text
+    assert (folder / "steerable_N.png").stat().st_size > 0
+    assert not (folder / "steerable_snr.png").exists()  # one SNR: no Fig. 2
+
+
+def test_snr_sweep_puts_the_papers_fig2_values_beside_ours(sweeps, capsys):
+    folder, metrics = sweeps["snr"]
+    assert report.main([str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "Against SNR (N = 100, K = 8)" in text
+    # SNR 1 and 2: the paper's stored EM / autocorrelation errors 0.220 / 0.253, 0.083 / 0.137.
+    for snr, paper in ((1, ("0.220", "0.253")), (2, ("0.083", "0.137"))):
+        cells = row(text, f"{snr:g}")
+        assert cells[1] == f"{metrics[(snr, 0)]['error/no_prior']:.3f}"
+        assert tuple(cells[2:4]) == paper
+    assert (folder / "steerable_snr.png").stat().st_size > 0
+
+
+def test_k_sweep_tabulates_time_and_an_autocorrelation_column_when_recorded(sweeps, capsys):
+    folder, metrics = sweeps["K"]
+    # The autocorrelation baseline's metrics as reconstruct.py records them (error/ and seconds/
+    # autocorrelation), added to one copy of the real runs.
+    copy = shutil.copytree(folder, folder.parent / "K_ac")
+    for path in sorted(copy.rglob("summary.json")):
+        s = json.loads(path.read_text())
+        s["metrics"].update({"error/autocorrelation": 0.5, "seconds/autocorrelation": 2.0})
+        path.write_text(json.dumps(s))
+    assert report.main([str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "Against K (SNR = 5, N = 100)" in text
+    for K in (4, 8):
+        cells = row(text, str(K))
+        m = metrics[(K, 0)]
+        per_it = m["seconds/no_prior"] / m["iterations/no_prior"]
+        assert cells[1:3] == [
+            f"{m['error/no_prior']:.3f}",
+            f"{m['seconds/no_prior']:.1f} ({per_it:.3f})",
+        ]
+    assert "autocorrelation" not in text
+    assert report.main([str(copy)]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "| K | EM error | EM seconds (s/it) | autocorrelation error | autocorrelation seconds"
+        in text
+    )
+    assert row(text, "4")[3:5] == ["0.500", "2.0"]
+    assert "log-log slopes against K: EM: time" in text and "autocorrelation: time" not in text
+    assert (copy / "steerable_K.png").stat().st_size > 0
+
+
+def test_loglog_slope_of_an_exact_power_law():
+    # e = c / N: -1/2 against N^2 (the paper's law-of-large-numbers line), whatever c and the N.
+    N = np.array([250.0, 500, 1000, 2000])
+    assert report.loglog_slope(N**2, 0.7 / N) == pytest.approx(-0.5, abs=1e-12)
+    assert report.loglog_slope(N**2, 3e-3 * N**2) == pytest.approx(1.0, abs=1e-12)
+    # Least squares: residuals orthogonal to (1, log x) (x geometric, signs + - - +) leave it.
+    y = 0.7 / N * np.exp(np.array([0.1, -0.1, -0.1, 0.1]))
+    assert report.loglog_slope(N**2, y) == pytest.approx(-0.5, abs=1e-12)
+    with pytest.raises(ValueError, match="needs >= 2 positive points"):
+        report.loglog_slope([1.0], [1.0])
