@@ -340,6 +340,7 @@ class ApproximateEM(torch.nn.Module):
         empty = empty_shifts(L, self.device)  # the shifted copy misses the patch
         history, logliks, converged = [], [], False
         for tau in range(self.total_iterations):
+            self.group.start_iteration(tau)  # (frequency marching: the band of iteration tau)
             # Stochastic EM draws its patches for the first `iterations`, then polishes on all.
             subset = self._subset(data, generator) if tau < self.iterations else None
             stats = self.e_step(data, x, rho.log(), sigma2, subset, comm)
@@ -375,6 +376,7 @@ class ApproximateEM(torch.nn.Module):
             if delta < self.tol:
                 converged = True
                 break
+        self.group.start_iteration(len(history) - 1)  # the band the estimate lies in
         logliks.append(float(self.e_step(data, x, rho.log(), sigma2, comm=comm).loglik))
         return EMResult(
             estimate=x,

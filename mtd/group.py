@@ -86,6 +86,11 @@ class TransformSet(torch.nn.Module):
         """x under every element of the symmetry the data cannot resolve, (n, *shape)."""
         raise NotImplementedError
 
+    def start_iteration(self, tau: int) -> None:
+        """Called by the EM loop before iteration tau's E-step, and with the last iteration's tau
+        before the final log-likelihood: a group whose subspace changes along the run (frequency
+        marching of a volume, the stochastic-EM paper's Section III-D) sets it here. No-op."""
+
     def nearest(self, truth: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The element of x's orbit closest to ``truth`` (both ``shape``), by the orbit's grid.
 
