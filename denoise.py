@@ -1,0 +1,244 @@
+"""Denoise a micrograph: ``python denoise.py micrograph=PATH sigma=S [estimate=PATH guidance=L]``.
+
+Hydra composes ``configs/denoise.yaml``; ``denoise(cfg)`` does the work and can be called from
+tests. The denoised micrograph is Tweedie's posterior mean under the tile prior of ``ckpt``, over
+overlapping blended tiles, optionally guided by a target estimate (``priors.denoise``). Writes
+``<stem>_denoised.mrc``, ``.png`` and ``.json`` (settings, seconds, and PSNR / relative error
+against ``clean=`` when given) beside the micrograph, each whole or not at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import mtd
+from mtd.measurement import atomic_write
+from priors.denoise import (
+    MicrographDenoiser,
+    ReferenceDensity,
+    expected_empty,
+    psnr,
+    relative_error,
+)
+from priors.prior import ScorePrior
+
+ROOT = Path(__file__).resolve().parent
+OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
+
+
+def _none(v) -> bool:
+    return v is None or (isinstance(v, str) and v.lower() in ("none", "null", ""))
+
+
+def _number(cfg, key: str, low: float, high: float, closed_high: bool = True) -> float:
+    value = cfg[key]
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value <= high if closed_high else value < high)
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{key} must be a number in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+# The guidance weight of ``denoise_micrograph`` when an estimate is given (the README's sweep).
+GUIDED_LAMBDA = 0.5
+DEFAULT_CKPT = ROOT / "priors" / "pretrained" / "mnist_micrograph.ckpt"
+
+
+@functools.lru_cache(maxsize=4)
+def _prior(ckpt: str, device: str, dtype: torch.dtype) -> ScorePrior:
+    return ScorePrior.from_checkpoint(ckpt, device=device, dtype=dtype)
+
+
+def denoise_micrograph(
+    micrograph,
+    sigma: float,
+    estimate=None,
+    guidance: float | None = None,
+    ckpt=DEFAULT_CKPT,
+    K: int = 16,
+    density: float = 0.1,
+    stride: int | None = None,
+    batch_size: int = 64,
+    device="cpu",
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """The denoised micrograph in one call (what ``denoise.py`` runs, without the files).
+
+    Args:
+        micrograph: (N0, N1) tensor or array.
+        sigma: its noise standard deviation.
+        estimate: (L, L) target estimate for guidance, or None (unguided).
+        guidance: lambda; None: ``GUIDED_LAMBDA`` with an estimate, 0 without.
+        ckpt: the tile prior's checkpoint.
+        K, density: the reference density's rotations and copy density.
+        stride, batch_size, device, dtype: as ``MicrographDenoiser``.
+
+    Returns:
+        (N0, N1) float64 on the CPU.
+    """
+    prior = _prior(str(ckpt), str(device), dtype)
+    if guidance is None:
+        guidance = 0.0 if estimate is None else GUIDED_LAMBDA
+    reference = None
+    if estimate is not None:
+        estimate = torch.as_tensor(estimate).to(device=device, dtype=dtype)
+        empty = expected_empty(density, prior.image_size, estimate.shape[-1])
+        reference = ReferenceDensity(estimate, prior.image_size, K, empty)
+    den = MicrographDenoiser(
+        prior, float(sigma), reference, guidance, stride, batch_size, device, dtype
+    )
+    return den(micrograph)
+
+
+def figure(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
+    """The panels side by side on one grey scale (that of the last: the clean one when given),
+    as a PNG, written whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = np.percentile(panels[-1][1], [0.5, 99.5])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
+    for ax, (title, image) in zip(axes[0], panels, strict=True):
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def denoise(cfg: DictConfig) -> dict:
+    """Run the configured denoising; write its outputs. Returns the summary."""
+    # Everything that can be wrong is checked before the work starts.
+    source = Path(str(cfg.micrograph))
+    micrograph = mtd.open_micrograph(source)  # memory-mapped: read tile by tile
+    if _none(cfg.sigma):
+        raise ValueError("sigma is required: the micrograph's noise standard deviation")
+    sigma = cfg.sigma
+    if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    guidance = _number(cfg, "guidance", 0.0, 1.0)
+    estimate = None
+    if not _none(cfg.estimate):
+        estimate = mtd.read_images(cfg.estimate)[0]
+        if not _none(cfg.L) and estimate.shape[-1] != int(cfg.L):
+            raise ValueError(
+                f"estimate {cfg.estimate} is {estimate.shape[-1]} x {estimate.shape[-1]}; "
+                f"L = {cfg.L}"
+            )
+    elif guidance > 0:
+        raise ValueError(f"guidance={guidance} needs estimate=PATH (the target estimate)")
+    clean = None
+    if not _none(cfg.clean):
+        clean = mtd.read_micrograph(cfg.clean)
+        if tuple(clean.shape) != tuple(micrograph.shape):
+            raise ValueError(
+                f"clean {cfg.clean} has shape {tuple(clean.shape)}, the micrograph "
+                f"{tuple(micrograph.shape)}"
+            )
+    out = source.parent if _none(cfg.out_dir) else Path(str(cfg.out_dir))
+    if not out.is_dir():
+        raise ValueError(f"out_dir {out} is not an existing folder")
+    stem = source.stem + str(cfg.suffix)
+    paths = {k: out / f"{stem}.{k}" for k in ("mrc", "png", "json")}
+    if source.resolve() == paths["mrc"].resolve():
+        raise ValueError(f"the output {paths['mrc']} would overwrite the micrograph")
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    dtype = getattr(torch, str(cfg.dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a torch floating dtype name, got {cfg.dtype!r}")
+    prior = ScorePrior.from_checkpoint(cfg.ckpt, device=device, dtype=dtype)
+    T = prior.image_size
+    reference = None
+    if estimate is not None:
+        if _none(cfg.empty):
+            empty = expected_empty(_number(cfg, "density", 0.0, 1.0), T, estimate.shape[-1])
+        else:
+            empty = _number(cfg, "empty", 0.0, 1.0, closed_high=False)
+        if isinstance(cfg.K, bool) or int(cfg.K) != cfg.K or cfg.K < 1:
+            raise ValueError(f"K must be an integer >= 1, got {cfg.K!r}")
+        reference = ReferenceDensity(estimate.to(device=device, dtype=dtype), T, int(cfg.K), empty)
+    denoiser = MicrographDenoiser(
+        prior,
+        float(sigma),
+        reference,
+        guidance,
+        None if _none(cfg.stride) else cfg.stride,
+        cfg.batch_size,
+        device,
+        dtype,
+    )
+
+    start = time.perf_counter()
+    result = denoiser(micrograph)
+    seconds = time.perf_counter() - start
+    summary = {
+        "micrograph": str(source),
+        "shape": list(micrograph.shape),
+        "sigma": float(sigma),
+        "guidance": guidance,
+        "diffusion_time": denoiser.t,
+        "tile": T,
+        "seconds": seconds,
+        "outputs": {k: str(p) for k, p in paths.items()},
+    }
+    panels = [("raw", np.asarray(micrograph, dtype=np.float64))]
+    if clean is not None:
+        raw = torch.from_numpy(panels[0][1])
+        summary["metrics"] = {
+            "psnr_raw": psnr(clean, raw),
+            "psnr": psnr(clean, result),
+            "relative_error_raw": relative_error(clean, raw),
+            "relative_error": relative_error(clean, result),
+        }
+    panels.append((f"denoised (lambda = {guidance:g})", result.numpy()))
+    if clean is not None:
+        panels.append(("clean", clean.double().numpy()))
+    # The run's settings (the paths group needs Hydra's runtime, which a composed config lacks).
+    summary["config"] = {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k not in ("paths", "hydra")
+    }
+    mtd.write_micrograph(paths["mrc"], result)
+    if cfg.figure:
+        figure(paths["png"], panels)
+    else:
+        summary["outputs"].pop("png")
+    text = json.dumps(summary, indent=2, default=str)
+    atomic_write(paths["json"], lambda p: p.write_text(text))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="denoise")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = denoise(cfg)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # one line, exit status 2, as reconstruct.py and pick.py
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    shown = {k: round(v, 4) for k, v in summary.get("metrics", {}).items()}
+    print(f"denoised: {summary['outputs']['mrc']} ({summary['seconds']:.1f} s) {shown}")
+
+
+if __name__ == "__main__":
+    main()
