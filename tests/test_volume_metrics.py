@@ -177,6 +177,19 @@ def test_fsc_of_a_volume_with_itself_is_one():
         assert curve.resolution(0.5) is None and curve.resolution(0.143) is None
     assert len(curve.fsc) == L // 2 + 1
     assert curve.frequency[-1] == pytest.approx((L // 2) / (L * 1.7))
+    assert np.allclose(fsc(V, -3 * V).fsc, -1.0)  # the sign survives, the scale does not
+    W = torch.randn(L, L, L, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    assert np.allclose(fsc(V, W).fsc, fsc(W, V).fsc)
+
+
+def test_soft_mask_profile():
+    """1 inside radius - edge, 0 outside radius, 1/2 half-way along the cosine edge."""
+    m = ball_mask(L, radius=5.0, edge=2.0)
+    r = torch.linalg.vector_norm(torch.from_numpy(coords()), dim=-1)
+    assert torch.all(m[r <= 3.0] == 1) and torch.all(m[r >= 5.0] == 0)
+    band = (r > 3.0) & (r < 5.0)
+    assert torch.allclose(m[band], 0.5 * (1 + torch.cos(math.pi * (r[band] - 3.0) / 2.0)))
+    assert torch.equal(ball_mask(L), (r <= L / 2).double())
 
 
 @pytest.mark.parametrize("n, cut", [(11, 3), (10, 2)])
