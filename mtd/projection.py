@@ -415,3 +415,40 @@ class Projections(TransformSet):
 
     def extra_repr(self) -> str:
         return f"L={self.L}, K={self.K}, bandlimit={self.bandlimit}, n={self.n}"
+
+
+def projections(
+    L: int,
+    resolution: int = 1,
+    bandlimit: int | None = None,
+    schedule=None,
+    radial: float | None = None,
+    cg_tol: float = 1e-4,
+    cg_iterations: int = 30,
+) -> Projections:
+    """``Projections`` over the Hopf grid of 72 * 8^resolution rotations (``mtd.so3.hopf_grid``)
+    with its quadrature weights: the group of a volume experiment's config.
+
+    Warm-started CG lowers the quadratic -Q monotonically from its start, so a loose ``cg_tol``
+    still makes every M-step increase Q (a generalised EM step); the defaults here are the
+    Shepp-Logan run's (tests/benchmarks/bench_volume.py).
+
+    Args:
+        L: volume side.
+        resolution: r >= 0 (K = 72, 576, 4608, ...).
+        bandlimit, schedule, radial, cg_tol, cg_iterations: as ``Projections`` (a schedule of
+            lists, a config's [[0, 6], [8, 8], [14, 10]], is read as (iteration, lmax) pairs).
+    """
+    from mtd.so3 import hopf_grid
+
+    R, w = hopf_grid(resolution)
+    return Projections(
+        L,
+        R,
+        w,
+        bandlimit=bandlimit,
+        radial=radial,
+        schedule=schedule,
+        cg_tol=cg_tol,
+        cg_iterations=cg_iterations,
+    )

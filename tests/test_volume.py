@@ -455,3 +455,20 @@ def test_em_on_a_high_snr_volume_lowers_the_error_with_frequency_marching():
     assert bands == [2, 3, 3, 3, 3, 3]  # the band of the iteration after each
     assert errors[-1] < 0.3 * err0 and errors[-1] < 0.5 * errors[1]
     assert em.group.cg_history and max(em.group.cg_history) <= em.group.cg_iterations
+
+
+def test_volume_em_refuses_bad_input_before_work():
+    L = 5
+    group = pj.projections(L, resolution=0, bandlimit=2)
+    em = mtd.ApproximateEM(group, sigma=1.0, iterations=1, dtype=torch.float64)
+    data = torch.randn(4 * L, 4 * L, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\(5, 5, 5\)"):
+        em.fit(data, torch.zeros(7, 7, 7, dtype=torch.float64))  # L of the volume != the data's
+    with pytest.raises(ValueError, match="non-finite"):
+        em.fit(data * math.nan, torch.zeros(L, L, L, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cubic"):
+        mv.simulate_volume(torch.zeros(5, 5, 6), 50)
+    with pytest.raises(ValueError, match="volume"):
+        group.from_image(torch.zeros(L, L))
+    with pytest.raises(ValueError, match="K = 0"):
+        pj.Projections(L, torch.zeros(0, 3, 3))
