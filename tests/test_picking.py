@@ -299,3 +299,26 @@ def test_pick_py_bad_input_fails_before_writing(small_case):
         with pytest.raises(ValueError, match=message):
             entry.pick(cfg)
         assert not list((d / "out").glob("*.star")) and not (d / "out" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_posterior_picking_of_volume_projections():
+    """Through the TransformSet seam only: the projections of a volume (mtd.projection), one pick
+    per planted projection at high SNR, template indices in the STAR where there is no angle."""
+    from mtd.projection import projections
+    from mtd.so3 import hopf_grid
+    from mtd.volume import shepp_logan, simulate_volume
+
+    L = 11
+    V = shepp_logan(L)
+    group = projections(L, resolution=0)
+    R, _ = hopf_grid(0)
+    meas = simulate_volume(V, 11 * L, density=0.1, snr=20, seed=0, grid=R)
+    em = mtd.ApproximateEM(group, dtype=torch.float64)
+    x = group.from_image(V)
+    log_rho, s2 = picking.fit_rho_sigma(em, meas.data, x, sigma=meas.sigma, iterations=3)
+    picks, _ = picking.pick_posterior(em, meas.data, x, log_rho, s2)
+    truth = meas.positions.numpy() + (L - 1) / 2
+    m = picking.picking_metrics(picks, truth)
+    assert m["f1"] == 1.0
+    assert np.isnan(picks.angles).all()
