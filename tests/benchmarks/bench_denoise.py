@@ -5,15 +5,17 @@
 
 For each SNR and held-out digit (``priors/pretrained/mnist.ckpt``'s targets, never seen by either
 prior) one micrograph is simulated (N = 22 L, density 0.1, K = 4 rot90 rotations, seeded, as
-``bench_picking.py``) and the EM estimate is made as ``python reconstruct.py`` makes it (its
-default preset ``em=mnist``, sigma known). The micrograph is then denoised with
-``priors/pretrained/mnist_micrograph.ckpt`` (``priors.denoise.MicrographDenoiser``):
+``bench_picking.py``; ``--rotation continuous`` for angles U[0, 2 pi), which the EM's K = 4
+rotations and the reference's K do not hold exactly) and the EM estimate is made as
+``python reconstruct.py`` makes it (its default preset ``em=mnist``, sigma known). The
+micrograph is then denoised with ``priors/pretrained/mnist_micrograph.ckpt``
+(``priors.denoise.MicrographDenoiser``):
 
 - ``raw``: the noisy micrograph itself;
 - ``lambda = 0``: the learned score alone (Tweedie's posterior mean over blended tiles);
 - ``lambda = w``: guided by the EM estimate's reference density, eq. (G1) of priors/denoise.py,
   x_hat = (1 - w) E_theta[x | y] + w E_ref[x | y] (computed once each: the blend is linear);
-- ``oracle``: guided by the true digit instead of the estimate (an upper bound, not a method).
+- ``oracle=w``: guided by the true digit instead of the estimate (an upper bound, not a method).
 
 Scores against the clean micrograph: PSNR (peak = the clean maximum) and relative error; and
 template matching (NCC with the true digit's rotations, ``mtd.picking.template_match``) on each
@@ -84,6 +86,9 @@ def main(argv=None):
     p.add_argument("--targets", type=int, nargs="+", default=[0, 1])
     p.add_argument("--N", type=int, default=None, help="micrograph side (default 22 L)")
     p.add_argument("--density", type=float, default=0.1)
+    p.add_argument(
+        "--rotation", default="discrete", choices=["discrete", "continuous"], help="of the copies"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--ckpt", default=str(ROOT / "priors/pretrained/mnist_micrograph.ckpt"))
@@ -111,7 +116,9 @@ def main(argv=None):
             L = truth_img.shape[-1]
             N = args.N or 22 * L
             seed = args.seed + 1000 * target + int(round(100 * math.log10(snr) + 500))
-            meas = mtd.simulate(truth_img, N, density=args.density, snr=snr, K=4, seed=seed)
+            meas = mtd.simulate(
+                truth_img, N, density=args.density, snr=snr, K=4, rotation=args.rotation, seed=seed
+            )
             clean = meas.clean()
             row = {"snr": snr, "target": where, "sigma": meas.sigma, "N": N}
             row["copies"] = len(meas.angles)
@@ -179,7 +186,8 @@ def table(rows, args, minutes) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines.append(
         f"\n{len(args.targets)} held-out digits x {len(args.snr)} SNRs, {rows[0]['copies']} "
-        f"copies each (N = {rows[0]['N']}, density {args.density}, K = 4), reference K = "
+        f"copies each (N = {rows[0]['N']}, density {args.density}, {args.rotation} rotations"
+        f"{' (K = 4)' if args.rotation == 'discrete' else ''}), reference K = "
         f"{args.K}; {minutes:.1f} min in all."
     )
     return "\n".join(lines)
