@@ -103,6 +103,9 @@ def test_one_pick_per_copy_at_high_snr(digits):
     em = engine(L)
     data = em.prepare(meas.data)
     log_rho, s2 = picking.fit_rho_sigma(em, data, F, sigma=meas.sigma, iterations=5)
+    # sigma estimated with the image held fixed: the M-step's residual, close to the truth
+    _, s2_fit = picking.fit_rho_sigma(em, data, F, iterations=5)
+    assert math.sqrt(s2_fit) == pytest.approx(meas.sigma, rel=0.03)
     picks, post = picking.pick_posterior(em, data, F, log_rho, s2)
     got = picks.picked()
     truth = meas.positions.numpy() + (L - 1) / 2
@@ -322,3 +325,21 @@ def test_posterior_picking_of_volume_projections():
     m = picking.picking_metrics(picks, truth)
     assert m["f1"] == 1.0
     assert np.isnan(picks.angles).all()
+
+
+def test_mirrored_copies_and_float32():
+    """Dihedral templates: a mirrored copy is picked as the mirror image at its angle; a float32
+    engine gives the same picks (its scores saturate lower)."""
+    L, N, sigma = 5, 15, 0.01
+    rng = np.random.default_rng(8)
+    F = 0.5 + rng.uniform(0, 1, (L, L))
+    M = planted(np.fliplr(F), N, [(6, 3)], [3], sigma, seed=4)  # rot90^3 of the mirror image
+    for dtype in (torch.float64, torch.float32):
+        em = mtd.ApproximateEM(mtd.Dihedral(L, 4), dtype=dtype)
+        picks, _ = picking.pick_posterior(em, M, F, uniform_log_rho(L), sigma**2)
+        got = picks.picked()
+        assert len(got) == 1
+        np.testing.assert_array_equal(got.centres[0], [8.0, 5.0])
+        assert got.mirrored[0] and got.angles[0] == pytest.approx(3 * math.pi / 2)
+        assert got.templates[0] == 4 + 3
+        assert np.isfinite(got.scores).all()
