@@ -209,7 +209,7 @@ class VolumeAlignment:
         shift: (3,) translation in voxels, axis order (0, 1, 2).
         error: ||M (aligned - truth)|| / ||M truth|| after refinement, M the ``mask``.
         grid_error: the grid search's best error (trilinear, on the blurred volumes, before
-            refinement).
+            refinement); None when the alignment started from a previous one.
         mask: description of M.
     """
 
@@ -218,7 +218,7 @@ class VolumeAlignment:
     mirror: bool
     shift: tuple[float, float, float]
     error: float
-    grid_error: float
+    grid_error: float | None
     mask: str = "ball |p| <= L/2"
     info: dict = field(default_factory=dict)
 
@@ -303,6 +303,7 @@ def align_volume(
     blur: float = 1.0,
     mask_radius: float | None = None,
     chunk: int = 256,
+    start: VolumeAlignment | None = None,
 ) -> VolumeAlignment:
     """Align ``estimate`` to ``truth`` over SO(3), the mirror image and small translations.
 
@@ -345,6 +346,10 @@ def align_volume(
             on the volumes as they are starts in its basin.
         mask_radius: radius of the hard ball M in voxels; None is L / 2.
         chunk: rotations per batch in the grid search (the memory bound above).
+        start: a previous alignment of this truth (e.g. of the last EM iteration's estimate):
+            no grid search and no blurred stage, only the refinement from its (rotation, mirror,
+            shift), a fraction of the cost, for a curve per iteration; ``grid_error`` is then
+            None. A start far from the optimum stays in its own basin.
 
     Returns:
         A ``VolumeAlignment``.
@@ -386,11 +391,11 @@ def align_volume(
 
     # 1. grid search on the blurred volumes, best shift per (mirror, rotation)
     flips = (False, True) if mirror else (False,)
-    best = []  # (squared error, mirror, rotation index, shift)
+    best = []  # (squared error, mirror, rotation, shift)
     volumes = [mirror_volume(Eb) if flip else Eb for flip in flips]
-    for start in range(0, len(rotations), chunk):
+    for first in range(0 if start is None else len(rotations), len(rotations), chunk):
         # mtd.so3.rotate_volume's trilinear tables, built once for both the estimate and its mirror
-        index, weight = trilinear_table(L, rotations[start : start + chunk].cpu())
+        index, weight = trilinear_table(L, rotations[first : first + chunk].cpu())
         index, weight = index.to(t.device), weight.to(t.device)
         for flip, Em in zip(flips, volumes, strict=True):
             C = (Em.reshape(-1)[index] * weight).sum(-1).reshape(-1, L, L, L)
@@ -398,13 +403,19 @@ def align_volume(
             e, j = err.min(dim=1)
             for k in torch.argsort(e)[:n_starts].tolist():
                 s = np.unravel_index(int(j[k]), (n_lag,) * 3)
-                best.append((float(e[k]), flip, start + k, tuple(float(lags[v]) for v in s)))
+                shift = tuple(float(lags[v]) for v in s)
+                best.append((float(e[k]), flip, rotations[first + k], shift))
     # the n_starts best of each hand: a volume near a mirror symmetry (the Shepp-Logan phantom is
     # one up to its small features) looks alike in both once blurred, and the sharp refinement
     # tells them apart only if both are refined
-    best.sort(key=lambda b: b[0])
-    grid_sq = best[0][0]
-    best = [b for flip in flips for b in [b for b in best if b[1] == flip][:n_starts]]
+    if start is None:
+        best.sort(key=lambda b: b[0])
+        grid_sq = best[0][0]
+        best = [b for flip in flips for b in [b for b in best if b[1] == flip][:n_starts]]
+    else:
+        grid_sq, flips = None, (bool(start.mirror),)
+        R_start = torch.as_tensor(start.rotation).to(device=t.device, dtype=torch.float64)
+        best = [(None, bool(start.mirror), R_start, tuple(float(v) for v in start.shift))]
 
     # 2. local refinement of (w, s), R = exp([w]_x) R0, from each start: first on the blurred
     # volumes, then on the volumes as they are; the objective is the masked squared error of the
@@ -423,13 +434,13 @@ def align_volume(
         vol = mirror_volume(vol) if flip else vol
         return vol, target, (spline_coefficients(vol) if order == 3 else None)
 
+    coarse = blur > 0 and start is None
     stages = {
-        flip: ([stage(tb, Eb, flip)] if blur > 0 else []) + [stage(t, E, flip)] for flip in flips
+        flip: ([stage(tb, Eb, flip)] if coarse else []) + [stage(t, E, flip)] for flip in flips
     }
     bounds = [(None, None)] * 3 + [(-m - 0.5, m + 0.5)] * 3
     result = None  # (squared error, mirror, R, s)
-    for _, flip_b, k_b, s_b in best:
-        R0 = rotations[k_b]
+    for _, flip_b, R0, s_b in best:
         x0 = np.concatenate([np.zeros(3), np.asarray(s_b, dtype=np.float64)])
         vol, target, coef = stages[flip_b][-1]
         sharp = (vol, R0, target, coef)
@@ -455,7 +466,7 @@ def align_volume(
         mirror=bool(flip),
         shift=tuple(float(v) for v in s),
         error=err,
-        grid_error=math.sqrt(max(grid_sq, 0.0) / tb_sq),
+        grid_error=None if grid_sq is None else math.sqrt(max(grid_sq, 0.0) / tb_sq),
         mask=f"ball |p| <= {radius:g} voxels",
         info={"n_rotations": len(rotations), "max_shift": m, "blur": blur, "order": order},
     )

@@ -18,6 +18,7 @@ import torch
 from mtd.so3 import axis_rotation, geodesic_distance, grid_points, random_rotations, rotate_volume
 from mtd.volume import shepp_logan
 from mtd.volume_metrics import (
+    VolumeAlignment,
     _padded_size,
     _shift_errors,
     align_volume,
@@ -149,6 +150,20 @@ def test_alignment_recovers_rotation_mirror_and_shift(seed, mirror):
     )
 
 
+def test_a_warm_start_refines_without_the_grid():
+    """From a previous alignment 0.15 rad and 0.4 voxel off (an EM iteration ago), the
+    refinement alone recovers the transform, and reports no grid error."""
+    R = random_rotations(1, seed=12)[0].numpy()
+    s = np.array([0.5, -0.3, 0.1])
+    T, E = blobs(coords()), transformed_copy(R, s, mirror=True)
+    off = (axis_rotation(2, 0.15) @ torch.from_numpy(R)).numpy()
+    prev = VolumeAlignment(None, off, True, tuple(s + [0.4, 0.0, -0.4]), math.nan, None)
+    al = align_volume(T, E, start=prev)
+    assert al.mirror and al.grid_error is None
+    assert float(geodesic_distance(al.rotation, torch.from_numpy(R))) < 1e-2
+    assert np.abs(np.array(al.shift) - s).max() < 5e-2
+
+
 def test_exact_copies_align_to_zero_error():
     """The volume itself, and the Shepp-Logan phantom mirrored and turned by a quarter turn (an
     exact permutation of the voxels), align with error ~0 at the inverse rotation."""
@@ -176,6 +191,9 @@ def test_fsc_of_a_volume_with_itself_is_one():
         assert np.allclose(curve.fsc, 1.0, atol=1e-12)
         assert curve.resolution(0.5) is None and curve.resolution(0.143) is None
     assert len(curve.fsc) == L // 2 + 1
+    # shell 0 is the mean; shell 1 = the integer k with 0.5 <= |k| < 1.5: 6 on the axes, 12 on
+    # the face diagonals (|k| = sqrt 2); the corners (sqrt 3) round to shell 2
+    assert curve.n_voxels[0] == 1 and curve.n_voxels[1] == 18
     assert curve.frequency[-1] == pytest.approx((L // 2) / (L * 1.7))
     assert np.allclose(fsc(V, -3 * V).fsc, -1.0)  # the sign survives, the scale does not
     W = torch.randn(L, L, L, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
