@@ -102,6 +102,50 @@ def denoise_micrograph(
     return den(micrograph)
 
 
+def metrics_of(clean, raw, result) -> dict:
+    """PSNR (dB) and relative error of the raw and the denoised micrograph against the clean."""
+    return {
+        "psnr_raw": psnr(clean, raw),
+        "psnr": psnr(clean, result),
+        "relative_error_raw": relative_error(clean, raw),
+        "relative_error": relative_error(clean, result),
+    }
+
+
+def denoise_outputs(
+    out, micrograph, sigma: float, estimate=None, guidance=None, clean=None, name="denoised", **kw
+) -> dict:
+    """Denoise a micrograph and write ``<name>.mrc`` and ``<name>.png`` into ``out`` (for
+    ``reconstruct.py``: the measurement, its sigma and the EM estimate).
+
+    Args:
+        out: an existing folder.
+        micrograph, sigma, estimate, guidance, **kw: as ``denoise_micrograph``.
+        clean: the clean micrograph (a simulation's), or None.
+        name: the outputs' stem.
+
+    Returns:
+        {"denoise/guidance", "denoise/seconds"} and, with ``clean``, "denoise/psnr",
+        "denoise/psnr_raw", "denoise/relative_error", "denoise/relative_error_raw".
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise ValueError(f"{out} is not an existing folder")
+    guidance = (0.0 if estimate is None else GUIDED_LAMBDA) if guidance is None else guidance
+    start = time.perf_counter()
+    result = denoise_micrograph(micrograph, sigma, estimate, guidance, **kw)
+    metrics = {"denoise/guidance": float(guidance), "denoise/seconds": time.perf_counter() - start}
+    raw = torch.as_tensor(np.asarray(micrograph, dtype=np.float64))
+    panels = [("raw", raw.numpy()), (f"denoised (lambda = {guidance:g})", result.numpy())]
+    if clean is not None:
+        clean = torch.as_tensor(clean, dtype=torch.float64)
+        metrics.update({f"denoise/{k}": v for k, v in metrics_of(clean, raw, result).items()})
+        panels.append(("clean", clean.numpy()))
+    mtd.write_micrograph(out / f"{name}.mrc", result)
+    figure(out / f"{name}.png", panels)
+    return metrics
+
+
 def figure(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
     """The panels side by side on one grey scale (that of the last: the clean one when given),
     as a PNG, written whole."""
@@ -200,13 +244,7 @@ def denoise(cfg: DictConfig) -> dict:
     }
     panels = [("raw", np.asarray(micrograph, dtype=np.float64))]
     if clean is not None:
-        raw = torch.from_numpy(panels[0][1])
-        summary["metrics"] = {
-            "psnr_raw": psnr(clean, raw),
-            "psnr": psnr(clean, result),
-            "relative_error_raw": relative_error(clean, raw),
-            "relative_error": relative_error(clean, result),
-        }
+        summary["metrics"] = metrics_of(clean, torch.from_numpy(panels[0][1]), result)
     panels.append((f"denoised (lambda = {guidance:g})", result.numpy()))
     if clean is not None:
         panels.append(("clean", clean.double().numpy()))

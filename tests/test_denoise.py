@@ -342,3 +342,18 @@ def test_train_py_trains_the_tile_prior(tmp_path):
 
     prior = ScorePrior.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert prior.image_size == 16 and prior.kind == "mnist_micrograph" and prior.held_out is None
+
+
+def test_denoise_outputs_for_reconstruct(tmp_path, tiny_ckpt, digits):
+    import denoise as entry
+
+    meas = mtd.simulate(digits[0], 60, density=0.2, snr=2.0, seed=2)
+    metrics = entry.denoise_outputs(
+        tmp_path, meas.data, meas.sigma, digits[0], clean=meas.clean(), ckpt=tiny_ckpt, K=4
+    )
+    written = mtd.read_micrograph(tmp_path / "denoised.mrc")
+    assert (tmp_path / "denoised.png").is_file()
+    assert metrics["denoise/guidance"] == entry.GUIDED_LAMBDA
+    assert metrics["denoise/psnr"] == pytest.approx(psnr(meas.clean(), written), abs=1e-3)
+    with pytest.raises(ValueError, match="existing folder"):
+        entry.denoise_outputs(tmp_path / "nope", meas.data, meas.sigma, ckpt=tiny_ckpt)
