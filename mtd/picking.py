@@ -16,17 +16,24 @@ corner is at ``o`` (in (-L, L)^2) relative to its patch's has shift ``l = -o mod
 summed over the templates to p(l | I_m, x), and the picked shift is its arg max over all
 l in {0..2L-1}^2, the empty shifts included: the patch is empty when an all-padding shift wins.
 ``patch_posteriors`` streams the E-step's posteriors (``EStep.posteriors``) into per-patch
-summaries without storing any of them: the best non-empty shift l*, the mass and the largest
-single probability of the empty shifts, and the best template at l*. A pick's score is the log
-posterior ratio ``log p(l* | I) - log max_{l empty} p(l | I)`` (``empty_rule="argmax"``, the
-paper's rule: score > 0 exactly when the arg max over all shifts is non-empty) or ``log p(l* | I)
-- log sum_{l empty} p(l | I)`` (``empty_rule="mass"``: the summed all-padding mass must lose to
-the best shift, a stricter rule by up to log(4L - 1)). Probabilities are floored at the dtype's
-smallest normal number, so scores saturate at about +-708 (float64) or +-87 (float32).
+summaries without storing any of them. Taken literally (``empty_rule="argmax"``) the rule fails
+for an image with an empty border, such as an MNIST digit: the many shifts that show only its
+zero border explain a noise patch exactly as well as the 4L - 1 all-padding shifts, and one of
+them nearly always beats each all-padding shift (measured: no patch declared empty, at any SNR).
+So (template, shift) pairs whose crop carries at most a share ``empty_energy`` (5%) of the
+template's energy count as *blank* (for an image that fills its frame: the all-padding shifts),
+and by default (``empty_rule="half"``) a patch is empty when the blank pairs hold at least half
+the posterior mass: the Bayes decision between "empty" and "shows a copy". The scores are log
+posterior ratios (``PatchPosteriors.score``), > 0 exactly when the rule says "not empty";
+probabilities are floored at the dtype's smallest normal number, so scores saturate at about
++-708 (float64) or +-87 (float32).
 
-A copy cut by patch borders is seen by up to four patches, each of which gives the same centre
-at high SNR: ``merge`` keeps, among candidates within ``radius`` (default L / 2) of each other
-in one micrograph, the one with the highest score (non-maximum suppression).
+Picks (``pick_posterior``) use the same rule at a higher level, ``detect_energy`` (a fifth of a
+copy): faint slivers, which rho cannot tell from empty shifts at low SNR, otherwise made noise
+patches look occupied. A copy cut by patch borders is seen by up to four patches, each of which
+gives the same centre at high SNR: ``merge`` keeps, among candidates within ``radius`` (default
+L - 1: copies that do not overlap are at least L apart) of each other in one micrograph, the one
+with the highest score (non-maximum suppression).
 
 **Template matching** (``template_match``), the standard baseline: the normalised
 cross-correlation (NCC) of the micrograph with the K templates of a given image (the group's
@@ -351,7 +358,7 @@ def fit_rho_sigma(
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Picks:
-    """Candidate particles, best first within nothing in particular (see ``order``).
+    """Candidate particles of one picker (``order`` sorts them best first).
 
     Attributes:
         centres: (n, 2) float64 particle centres (row, column) in pixels of their micrograph.
