@@ -132,7 +132,7 @@ def autocorrelations(
         micrographs: one (N0, N1) tensor / array (a memory map is read a band at a time), or a
             list of them (sizes may differ).
         L: image side; shifts run over |r|, |c| <= L - 1.
-        rows: rows per band (None: about 4M values of X per band).
+        rows: rows per band (None: about 1M values of X per band).
         device: where the sums are computed (None: a tensor's own device, else the CPU).
 
     Returns:
@@ -170,7 +170,7 @@ def autocorrelations(
     for m in items:
         N0, N1 = int(m.shape[0]), int(m.shape[1])
         pixels += N0 * N1
-        band = rows or max(1, (1 << 22) // (L * (2 * L - 1) * N1))
+        band = rows or max(1, (1 << 20) // (L * (2 * L - 1) * N1))  # ~8 MB: cache-sized
         col_sums = torch.zeros(N0, 2 * L - 1, **f64)  # row sums over the column range of c
         for r0 in range(0, N0, band):
             r1 = min(N0, r0 + band)
