@@ -164,6 +164,17 @@ def test_a_warm_start_refines_without_the_grid():
     assert np.abs(np.array(al.shift) - s).max() < 5e-2
 
 
+def test_the_error_is_measured_inside_the_ball():
+    """What lies outside |p| <= L/2 (the corners of the cube) counts for nothing."""
+    T = torch.from_numpy(blobs(coords()))
+    r = torch.linalg.vector_norm(torch.from_numpy(coords()), dim=-1)
+    junk = T + 5.0 * (r > L / 2 + 0.5)  # the corners only, away from the ball's edge
+    assert volume_error(T, junk) == 0.0
+    al = align_volume(T, junk, rotations=torch.eye(3, dtype=torch.float64)[None])
+    assert al.error < 1e-6 and al.mask == "ball |p| <= 5.5 voxels"
+    assert volume_error(T, junk, mask_radius=L) > 1.0
+
+
 def test_exact_copies_align_to_zero_error():
     """The volume itself, and the Shepp-Logan phantom mirrored and turned by a quarter turn (an
     exact permutation of the voxels), align with error ~0 at the inverse rotation."""
