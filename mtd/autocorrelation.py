@@ -49,12 +49,15 @@ of the data's size; all pairs within the box make a3 grow as L^4, so this is for
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import optimize
+
+from mtd.measurement import open_micrograph
 
 
 def _layout(L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +110,7 @@ def _as_list(micrographs) -> list:
         items = [micrographs]
     if not items:
         raise ValueError("micrographs is an empty list: give at least one 2-D measurement")
+    items = [open_micrograph(m) if isinstance(m, (str, os.PathLike)) else m for m in items]
     for k, m in enumerate(items):
         shape = tuple(m.shape) if hasattr(m, "shape") else None
         if shape is None or len(shape) != 2:
@@ -129,8 +133,8 @@ def autocorrelations(
     (S = 2 L^2 - 2 L + 1 = 41 for L = 5).
 
     Args:
-        micrographs: one (N0, N1) tensor / array (a memory map is read a band at a time), or a
-            list of them (sizes may differ).
+        micrographs: one (N0, N1) tensor / array (a memory map is read a band at a time), a
+            .npy / .mrc path (memory-mapped), or a list of these (sizes may differ).
         L: image side; shifts run over |r|, |c| <= L - 1.
         rows: rows per band (None: about 1M values of X per band).
         device: where the sums are computed (None: a tensor's own device, else the CPU).
