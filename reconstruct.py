@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent
 # ${project:PATH}: a file shipped with the project, wherever the command is run from.
 OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
 
-INITS = ("digits", "uniform", "normal", "prior_mean", "prior_samples", "file")
+INITS = ("digits", "uniform", "normal", "autocorrelation", "prior_mean", "prior_samples", "file")
 BASELINES = ("same", "closed_form")
 
 
@@ -157,16 +157,44 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
     raise ValueError(f"measurement.source must be simulate or file, got {m.source!r}")
 
 
+def fit_autocorrelation(cfg: DictConfig, data, sigma, group, seed: int):
+    """The approximate-EM paper's baseline: its first three autocorrelations fitted in the group's
+    Fourier-Bessel basis (``mtd.autocorrelation.fit``, settings ``ac.*``)."""
+    if not isinstance(group, mtd.Steerable):
+        raise ValueError(
+            "autocorrelation analysis (em.init=autocorrelation, autocorrelation=true) needs "
+            f"em/group=steerable (a Fourier-Bessel unknown), got {type(group).__name__}"
+        )
+    a = cfg.ac
+    return mtd.autocorrelation.fit(
+        data,
+        group.basis,
+        sigma=sigma,
+        starts=integer(cfg, "ac.starts", 1),
+        seed=seed,
+        iterations=integer(cfg, "ac.iterations", 1),
+        weights=a.weights if isinstance(a.weights, str) else list(a.weights),
+    )
+
+
 def initial_guess(
-    cfg: DictConfig, L: int, prior: ScorePrior | None, truth, group: mtd.TransformSet | None = None
+    cfg: DictConfig,
+    L: int,
+    prior: ScorePrior | None,
+    truth,
+    group: mtd.TransformSet | None = None,
+    ac: list | None = None,
 ) -> torch.Tensor:
     """(R, *group.shape) float64 initial guesses of the unknown, R = em.restarts: images (R, L, L)
     for an image group (or none given), the group's ``from_image`` of them otherwise
     (``normal``: N(0, 1) draws of the unknown itself, the approximate-EM paper's random
-    guesses)."""
+    guesses; ``autocorrelation``: the estimates of autocorrelation analysis, one fit per restart
+    from the seeds seed, seed + 1, ..., given in ``ac``, as the paper's Fig. 2 starts EM)."""
     e = cfg.em
     R = integer(cfg, "em.restarts", 1)
     shape = (L, L) if group is None else tuple(group.shape)
+    if e.init == "autocorrelation":
+        return torch.stack([fit.coefficients for fit in ac[:R]]).to(torch.float64)
     if e.init == "normal":
         g = torch.Generator().manual_seed(int(cfg.seed))
         return torch.randn((R, *shape), generator=g, dtype=torch.float64)
@@ -276,20 +304,39 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     ems = {v: build_em(cfg, group, m_steps[v], sigma, device) for v in variants}
     m_steps["prior"].check_prior(score)  # before the long pass over the data
     check_stochastic(cfg, patch_count(info))
-    init = initial_guess(cfg, L, prior, truth, group)
+    ac_fits = []  # autocorrelation analysis: the baseline and/or the initial guesses
+    if cfg.em.init == "autocorrelation" or cfg.autocorrelation:
+        count = integer(cfg, "em.restarts", 1) if cfg.em.init == "autocorrelation" else 1
+        for r in range(count):  # (sigma: the given one, else fitted with the rest)
+            ac_fits.append(fit_autocorrelation(cfg, data, sigma, group, int(cfg.seed) + r))
+    init = initial_guess(cfg, L, prior, truth, group, ac_fits)
     check_scale(group.to_image(init), data, f"em.init={cfg.em.init}")
     image = tuple(group.shape) == (L, L)  # else: coefficients of a basis, say
     truth_image, truth = truth, (None if truth is None else group.from_image(truth))
     metrics: dict = {}
+    records: dict = {}
     if truth is not None:  # (checks the truth's shape before the long work)
         metrics["error/init"] = min(mtd.relative_error(truth, x, group=group) for x in init)
+    if cfg.autocorrelation:  # the baseline: the first fit (seed), its eq. (19) error
+        ac = ac_fits[0]
+        records["autocorrelation"] = {
+            "gamma": ac.gamma,
+            "sigma": ac.sigma,
+            "misfit": ac.misfit,
+            "starts": ac.starts,
+        }
+        metrics["seconds/autocorrelation"] = ac.seconds
+        if truth is not None:
+            metrics["error/autocorrelation"] = mtd.relative_error(
+                truth, ac.coefficients, group=group
+            )
     patches = ems[variants[-1]].prepare(data)  # one pass: every value checked, transforms
 
     tags = [*cfg.tags, f"em={cfg.em.name}", f"K={cfg.em.K}"] + (["oracle"] if cfg.oracle else [])
     if "snr" in info:
         tags.append(f"snr={info['snr']:g}")
     run = start_reconstruction(cfg, tags, run_name(cfg, info)) if rank == 0 else None
-    results, records = {}, {}
+    results = {}
     exit_code = 1  # what W&B records if the loop does not finish: failed (130: interrupted)
     try:
         for v in variants:
@@ -317,6 +364,10 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                     metrics[f"error_shift/{v}"] = mtd.relative_error(
                         truth, res.estimate, max_shift=int(cfg.max_shift), group=group
                     )
+        if cfg.autocorrelation:  # its estimate beside EM's, as an image like theirs
+            ac = ac_fits[0].coefficients
+            aligned = ac if truth is None else mtd.align(truth, ac, group=group)
+            results["autocorrelation"] = group.to_image(aligned)
         if rank == 0:
             summary = {
                 "metrics": metrics,
@@ -450,7 +501,12 @@ def main(cfg: DictConfig) -> None:
         user_error_exit(e)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return  # rank 0 reports
-    names = {"init": "initial guess", "no_prior": "without prior", "prior": "with prior"}
+    names = {
+        "init": "initial guess",
+        "autocorrelation": "autocorrelation analysis",
+        "no_prior": "without prior",
+        "prior": "with prior",
+    }
     for key, title in (("error", "relative error"), ("error_shift", "up to translation")):
         found = [
             f"{names[v]} {metrics[f'{key}/{v}']:.4f}" for v in names if f"{key}/{v}" in metrics

@@ -1,5 +1,7 @@
 """mtd: multi-target detection by approximate EM; the engine and forward model (plain torch)."""
 
+from mtd import autocorrelation
+from mtd.autocorrelation import Autocorrelations, autocorrelations
 from mtd.em import ApproximateEM, EMResult, Stochastic, TorchDistributed
 from mtd.estep import Compute, EStep, Patches, PatchSummaries, Statistics
 from mtd.group import TransformSet
@@ -20,6 +22,7 @@ from mtd.steerable import FBBasis, Steerable
 
 __all__ = [
     "ApproximateEM",
+    "Autocorrelations",
     "ClosedForm",
     "Compute",
     "ConstantGamma",
@@ -42,6 +45,8 @@ __all__ = [
     "TorchDistributed",
     "TransformSet",
     "align",
+    "autocorrelation",
+    "autocorrelations",
     "extract_patches",
     "mirror",
     "open_micrograph",

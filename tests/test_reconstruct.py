@@ -617,3 +617,36 @@ def test_the_paper_experiment_simulates_band_limited_copies_of_a_random_image(tm
 
 def test_a_random_target_needs_its_side(tmp_path, no_em):
     _bad(tmp_path, "measurement.target=random needs measurement.L", "measurement.target=random")
+
+
+def test_autocorrelation_baseline_and_initialisation(tmp_path):
+    # autocorrelation=true records the paper's baseline (its eq. 19 error, its estimate written as
+    # an image); em.init=autocorrelation starts EM from that same fit (seed 0), so the initial
+    # guess's error is the baseline's.
+    cfg = compose_rec(
+        tmp_path,
+        "experiment=steerable_paper",
+        "measurement.N=300",
+        "measurement.snr=20",
+        "autocorrelation=true",
+        "em.init=autocorrelation",
+        "em.restarts=1",
+        "em.iterations=5",
+    )
+    metrics = rec.reconstruct(cfg)
+    out = tmp_path / "out"
+    basis = mtd.FBBasis(5, n=10)
+    truth = basis.expand(torch.from_numpy(np.load(out / "truth.npy")))
+    ac = basis.expand(torch.from_numpy(np.load(out / "estimate_autocorrelation.npy")))
+    group = mtd.Steerable(basis)
+    assert mtd.relative_error(truth, ac, group=group) == pytest.approx(
+        metrics["error/autocorrelation"], abs=1e-9
+    )
+    assert metrics["error/init"] == pytest.approx(metrics["error/autocorrelation"], abs=1e-9)
+    assert metrics["error/autocorrelation"] < 0.5  # a fit, not a random guess (~0.9)
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert runs["autocorrelation"]["gamma"] == pytest.approx(0.04, rel=0.3)
+
+
+def test_autocorrelation_needs_a_steerable_unknown(tmp_path, no_em):
+    _bad(tmp_path, "needs em/group=steerable", "ckpt=none", "autocorrelation=true")
