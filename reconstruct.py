@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import mtd
+from mtd import picking
 from mtd.outputs import crop_window, write_outputs
 from priors import ScorePrior
 from run_checks import (
@@ -335,8 +336,11 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     tags = [*cfg.tags, f"em={cfg.em.name}", f"K={cfg.em.K}"] + (["oracle"] if cfg.oracle else [])
     if "snr" in info:
         tags.append(f"snr={info['snr']:g}")
+    if cfg.pick and rank == 0:  # a folder that cannot take picks.star fails before EM
+        out.mkdir(parents=True, exist_ok=True)
+        picking.check_star_path(out / "picks.star")
     run = start_reconstruction(cfg, tags, run_name(cfg, info)) if rank == 0 else None
-    results = {}
+    results, fits = {}, {}
     exit_code = 1  # what W&B records if the loop does not finish: failed (130: interrupted)
     try:
         for v in variants:
@@ -354,7 +358,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
                 if truth is None or image
                 else mtd.align(truth, res.estimate, group=group)
             )
-            results[v] = group.to_image(aligned)
+            results[v], fits[v] = group.to_image(aligned), res
             records[v] = run_record(res, seconds, ems[v], cfg.em.K)
             metrics[f"seconds/{v}"] = seconds
             metrics[f"iterations/{v}"] = len(res.history)
@@ -368,6 +372,8 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             ac = ac_fits[0].coefficients
             aligned = ac if truth is None else mtd.align(truth, ac, group=group)
             results["autocorrelation"] = group.to_image(aligned)
+        if rank == 0 and cfg.pick:  # before summary.json, which holds the pick/* metrics
+            metrics.update(pick_particles(cfg, out, ems, fits, variants[-1], patches, data, meas))
         if rank == 0:
             summary = {
                 "metrics": metrics,
@@ -404,6 +410,41 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             if exit_code:  # so that `wandb sync` and the dashboard tell it from finished runs
                 run.summary["interrupted" if exit_code == 130 else "crashed"] = True
             run.finish(exit_code=exit_code)
+    return metrics
+
+
+def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data, meas) -> dict:
+    """Particles picked from the E-step's posteriors at run ``v``'s estimate (Algorithm 2 of the
+    stochastic-EM paper): picks.star and picks.png in ``out``, the pick/* metrics (with a
+    simulated truth, also template matching with the true image and with the estimate)."""
+    p, res, em = cfg.picking, fits[v], ems[v]
+    radius = None if is_none(p.radius) else number(cfg, "picking.radius")
+    picks, post = picking.pick_posterior(
+        em,
+        patches,
+        res.estimate,
+        res.rho.log(),
+        res.sigma**2,
+        p.empty_rule,
+        None if is_none(p.merge_radius) else number(cfg, "picking.merge_radius"),
+        0.0,
+        number(cfg, "picking.empty_energy"),
+        number(cfg, "picking.detect_energy"),
+    )
+    truth = None
+    if meas is not None and meas.coefficients is None:  # (steerable copies: no pixel truth)
+        truth = picking.truth_of(meas)
+    found = picking.picking_outputs(
+        out, picks, data, patches.source, post, truth, radius, p.empty_rule,
+        number(cfg, "picking.empty_energy"),
+    )  # fmt: skip
+    metrics = {f"pick/{k}": value for k, value in found.items()}
+    if truth is not None and p.template:  # the standard baseline beside it
+        group = em.group
+        for name, x in (("true", group.from_image(meas.image)), ("estimate", res.estimate)):
+            tm = picking.template_match(data, group, x.to(res.estimate))
+            scores = picking.picking_metrics(tm, truth["centres"], radius=radius)
+            metrics.update({f"pick_template_{name}/{k}": value for k, value in scores.items()})
     return metrics
 
 
