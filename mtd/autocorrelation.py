@@ -440,8 +440,8 @@ def fit(
 
     Every start draws an image with entries U[0, 1] (the paper's initialisation), expands it in
     the basis, and scales it and gamma to the data: for each scale s on a log grid the density
-    (and sigma^2 when unknown) are the weighted least-squares solution, the best s kept. L-BFGS
-    (strong Wolfe line search, float64) then minimises the misfit over (alpha, log gamma
+    (and sigma^2 when unknown) are the weighted least-squares solution, the best s kept. scipy's
+    L-BFGS-B (float64, the exact gradient) then minimises the misfit over (alpha, log gamma
     [, log sigma^2]); the start with the smallest misfit is returned.
 
     Args:
@@ -454,8 +454,8 @@ def fit(
         weights: "noise" (the default: each order by the inverse noise variance of its entries),
             "entries" (the refs': 1/2 over each order's entry count), or three floats.
         angles: rotation average of the model (``rotation_angles``; None is exact).
-        init_gamma: density the scale search of a start begins from when gamma is held (only the
-            fallback when the data give no positive density).
+        init_gamma: density of a start at a scale where the least squares give none > 0 (the
+            paper's gamma_init = 0.03).
         history_size: L-BFGS memory.
         tolerance: L-BFGS tolerance on the gradient and on the change of the relative misfit.
         tensor_limit: largest P n^3 for which the model is a precomputed cubic form in the
