@@ -1074,14 +1074,25 @@ def save_picks_figure(
     return Path(path)
 
 
-def truth_of(measurement) -> dict:
-    """The truth a simulated ``Measurement`` gives the metrics: centres, corners, clean, energy."""
+def truth_of(measurement, basis=None) -> dict:
+    """The truth a simulated ``Measurement`` gives the metrics: centres, corners, clean, energy.
+
+    Args:
+        measurement: ``mtd.Measurement`` (or anything with ``L``, ``positions``, ``image`` and
+            ``clean()``).
+        basis: the steerable basis its copies were rotated in, if any; without it such a
+            measurement's clean micrograph is left out (the geometric rule for empty patches).
+    """
     L = measurement.L
     corners = measurement.positions.cpu().numpy()
+    steerable = getattr(measurement, "coefficients", None) is not None
+    clean = None
+    if not steerable or basis is not None:
+        clean = measurement.clean(basis) if steerable else measurement.clean()
     return {
         "centres": corners + (L - 1) / 2,
         "corners": corners,
-        "clean": measurement.clean(),
+        "clean": clean,
         "energy": float(measurement.image.square().sum()),
     }
 
