@@ -308,12 +308,24 @@ def axis_values(run: dict) -> dict:
     return {"snr": run["snr"], "N": int(run["N"]), "K": int(run["config"]["em"]["K"])}
 
 
+# Config keys added after runs were recorded, with the value that keeps the old behaviour: a run
+# without the key and one with this value did the same thing (null and false are such values for
+# every key).
+ADDED_KEY_DEFAULTS = {"em.group.selection": "lambda"}
+
+
+# What decides a steerable run's estimate and error (the rest, e.g. the W&B group that names the
+# sweep or particle picking after EM, does not).
+EXPERIMENT_KEYS = ("measurement", "em", "autocorrelation", "ac", "ckpt", "oracle", "dtype")
+
+
 def base_key(run: dict) -> str:
-    """The run's experiment key without the swept sizes (measurement.N, em.K) and the W&B group
-    (the sweep's name): runs that differ only in the axes of Figs. 2-4 share it, whichever sweep
-    ran them."""
-    kept = json.loads(run["experiment"])
-    kept.pop("group", None)
+    """The part of the run's experiment key that decides its estimate (``EXPERIMENT_KEYS``),
+    without the swept sizes (measurement.N, em.K): runs that differ only in the axes of
+    Figs. 2-4 share it, whichever sweep ran them. Settings that were off (null, false,
+    ``ADDED_KEY_DEFAULTS``; ``ac.*`` when no autocorrelation was fitted) are left out, so runs
+    recorded before such a key existed match the runs after."""
+    kept = {k: v for k, v in json.loads(run["experiment"]).items() if k in EXPERIMENT_KEYS}
     for keys in AXIS_KEYS.values():
         for path in keys:
             node = kept
@@ -321,7 +333,14 @@ def base_key(run: dict) -> str:
                 node = node.get(k, {}) if isinstance(node, dict) else {}
             if isinstance(node, dict):
                 node.pop(path[-1], None)
-    return json.dumps(kept, sort_keys=True)
+    if not kept.get("autocorrelation") and kept.get("em", {}).get("init") != "autocorrelation":
+        kept.pop("ac", None)
+    flat = {
+        k: v
+        for k, v in _flatten(kept).items()
+        if v is not None and v is not False and ADDED_KEY_DEFAULTS.get(k, ()) != v
+    }
+    return json.dumps(flat, sort_keys=True, default=str)
 
 
 def loglog_slope(x, y) -> float:
