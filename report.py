@@ -323,8 +323,9 @@ def base_key(run: dict) -> str:
     """The part of the run's experiment key that decides its estimate (``EXPERIMENT_KEYS``),
     without the swept sizes (measurement.N, em.K): runs that differ only in the axes of
     Figs. 2-4 share it, whichever sweep ran them. Settings that were off (null, false,
-    ``ADDED_KEY_DEFAULTS``; ``ac.*`` when no autocorrelation was fitted) are left out, so runs
-    recorded before such a key existed match the runs after."""
+    ``ADDED_KEY_DEFAULTS``) are left out, so runs recorded before such a key existed match the
+    runs after; so is the autocorrelation baseline's fit (``autocorrelation``, ``ac.*``) unless EM
+    started from it, since EM from other starts does not depend on it."""
     kept = {k: v for k, v in json.loads(run["experiment"]).items() if k in EXPERIMENT_KEYS}
     for keys in AXIS_KEYS.values():
         for path in keys:
@@ -333,8 +334,10 @@ def base_key(run: dict) -> str:
                 node = node.get(k, {}) if isinstance(node, dict) else {}
             if isinstance(node, dict):
                 node.pop(path[-1], None)
-    if not kept.get("autocorrelation") and kept.get("em", {}).get("init") != "autocorrelation":
+    if kept.get("em", {}).get("init") != "autocorrelation":
+        # The baseline's fit (autocorrelation=true, ac.*) leaves EM from other starts as it was.
         kept.pop("ac", None)
+        kept.pop("autocorrelation", None)
     flat = {
         k: v
         for k, v in _flatten(kept).items()
