@@ -10,6 +10,7 @@ guess, logs the iterations to W&B (``wandb_setup``) and writes the estimates, a 
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import sys
@@ -23,7 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import mtd
-from mtd import picking
+import mtd.volume
+from mtd import picking, volume_metrics, volume_outputs
+from mtd.measurement import atomic_write
 from mtd.outputs import crop_window, write_outputs
 from priors import ScorePrior
 from run_checks import (
@@ -285,6 +288,10 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     # Everything that can be wrong is checked before EM starts.
     check_reconstruction_logger(cfg)
     check_numbers(cfg)
+    if cfg.object not in ("image", "volume"):
+        raise ValueError(f"object must be image or volume, got {cfg.object!r}")
+    if cfg.object == "volume":
+        return reconstruct_volume(cfg, out, device, comm, rank)
     if cfg.em.baseline not in BASELINES:
         raise ValueError(f"em.baseline must be one of {BASELINES}, got {cfg.em.baseline!r}")
     prior = load_prior(cfg, device)
@@ -409,6 +416,118 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
         if run is not None:
             if exit_code:  # so that `wandb sync` and the dashboard tell it from finished runs
                 run.summary["interrupted" if exit_code == 130 else "crashed"] = True
+            run.finish(exit_code=exit_code)
+    return metrics
+
+
+def volume_measurement(cfg: DictConfig):
+    """A volume run's measurement (the stochastic-EM paper's model).
+
+    Returns:
+        (data: (N, N) tensor or the file path(s), sigma given to EM or None, the true (L, L, L)
+        volume or None, its voxel size, info for the summary, the ``VolumeMeasurement`` or None).
+    """
+    m = cfg.measurement
+    L = integer(cfg, "measurement.L", 2)
+    truth, voxel = None, number(cfg, "measurement.voxel_size")
+    where = None if is_none(m.truth) else str(m.truth)
+    if where == "shepp_logan":  # the standard test volume, built from its ellipsoid table
+        truth = mtd.volume.shepp_logan(L)
+    elif where is not None:
+        array, voxel_file = volume_outputs.read_volume(where)
+        truth = torch.from_numpy(array)
+        voxel = voxel_file or voxel
+        if tuple(truth.shape) != (L, L, L):
+            raise ValueError(
+                f"measurement.truth {where} is a {tuple(truth.shape)} volume; measurement.L is {L}"
+            )
+    if m.source == "file":
+        data, _, _, info, _ = get_measurement(cfg, None)
+        sigma = None if is_none(m.sigma) else float(m.sigma)
+        return data, sigma, truth, voxel, info, None
+    if m.source != "simulate":
+        raise ValueError(f"measurement.source must be simulate or file, got {m.source!r}")
+    if truth is None:
+        raise ValueError("a simulated volume run needs measurement.truth (shepp_logan or a PATH)")
+    N = 11 * L if is_none(m.N) else integer(cfg, "measurement.N", L)
+    meas = mtd.volume.simulate_volume(
+        truth,
+        N,
+        density=number(cfg, "measurement.density"),
+        snr=number(cfg, "measurement.snr"),
+        separation=m.separation,
+        seed=int(m.seed),
+    )
+    info = {"target": where, "N": N, "L": L, "copies": len(meas.positions), "snr": meas.snr}
+    info["sigma"] = float(meas.sigma)
+    return meas.data, info["sigma"] if m.sigma_known else None, truth, voxel, info, meas
+
+
+def reconstruct_volume(cfg: DictConfig, out: Path, device, comm=None, rank: int = 0) -> dict:
+    """A 3-D volume from micrographs (the stochastic-EM paper): EM over the projections of the
+    volume at an SO(3) grid (``em=volume``, ``mtd.projection.Projections``), stochastic EM and
+    frequency marching as configured; with a truth, the estimate aligned over SO(3), the mirror
+    and small shifts (``mtd.volume_metrics``), its error and FSC curve.
+
+    Writes estimate_no_prior.mrc/.npy (aligned when the truth is known), truth.mrc, volume.png,
+    fsc.png, measurement.mrc (simulated), summary.json last.
+    """
+    if not is_none(cfg.ckpt):
+        raise ValueError(f"object=volume runs without a prior (ckpt=none), got ckpt={cfg.ckpt}")
+    data, sigma, truth, voxel, info, meas = volume_measurement(cfg)
+    L = int(info["L"])
+    group = hydra.utils.instantiate(cfg.em.group)(L)
+    if len(group.shape) != 3:
+        raise ValueError(
+            f"object=volume needs em=volume (projections of a volume), got {cfg.em.name}"
+        )
+    em = build_em(cfg, group, hydra.utils.instantiate(cfg.em.m_step), sigma, device)
+    check_stochastic(cfg, patch_count(info))
+    init = initial_guess(cfg, L, None, None, group)
+    patches = em.prepare(data)
+    metrics: dict = {}
+    run = start_reconstruction(cfg, [*cfg.tags, "volume", f"K={group.K}"], run_name(cfg, info))
+    exit_code = 1
+    try:
+        log = em_logger(run, "no_prior", len(init), int(cfg.image_every or 0)) if run else None
+        shown = None if log is None else (lambda e: log({**e, "estimate": e["estimate"][L // 2]}))
+        res, seconds = run_em(em, "no_prior", patches, init, None, None, shown, comm, rank)
+        estimate = res.estimate.detach().double().cpu()
+        metrics.update({"seconds/no_prior": seconds, "iterations/no_prior": len(res.history)})
+        summary = {
+            "measurement": info,
+            "runs": {"no_prior": run_record(res, seconds, em, group.K)},
+        }
+        if truth is not None:
+            aligned, curve = volume_metrics.measure_volume(truth, estimate, voxel)
+            estimate = aligned.aligned
+            metrics["error/no_prior"] = aligned.error
+            for level in (0.5, 0.143):
+                metrics[f"resolution_{level}/no_prior"] = curve.resolution(level)
+            summary["alignment"], summary["fsc"] = aligned.to_dict(), curve.to_dict()
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            volume_outputs.write_volume(out / "estimate_no_prior.mrc", estimate, voxel)
+            volume_outputs.write_volume(out / "estimate_no_prior.npy", estimate, voxel)
+            if truth is not None:
+                volume_outputs.write_volume(out / "truth.mrc", truth, voxel)
+                volume_outputs.save_volume_figure(
+                    out / "volume.png", truth, {"EM": estimate}, {"EM": metrics["error/no_prior"]}
+                )
+                volume_outputs.save_fsc_plot(out / "fsc.png", {"EM": curve})
+            if meas is not None and cfg.measurement.get("save", True):
+                meas.save(out / "measurement.mrc")
+            summary.update(metrics=metrics, config=OmegaConf.to_container(cfg, resolve=True))
+            text = json.dumps(summary, indent=2, default=str)
+            atomic_write(out / "summary.json", lambda p: p.write_text(text))
+        if run is not None:
+            run.summary.update(metrics)
+        exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 130
+        raise
+    finally:
+        if run is not None:
             run.finish(exit_code=exit_code)
     return metrics
 
