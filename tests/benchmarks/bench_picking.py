@@ -67,18 +67,19 @@ def em_estimate(cfg, meas, prior, device):
     return em, patches, res
 
 
-def denoiser():
+def denoiser(ckpt=None):
     """``denoise.denoise_micrograph(micrograph, sigma, estimate or None)`` (the score-based
-    micrograph denoiser, unguided without an estimate) where it and its checkpoint exist."""
+    micrograph denoiser, unguided without an estimate, its default guidance with one) where it
+    and its checkpoint (``ckpt``, default the denoiser's own) exist."""
     try:
         import denoise
     except ImportError:
         return None
     fn = getattr(denoise, "denoise_micrograph", None)
-    ckpt = getattr(denoise, "DEFAULT_CKPT", None)
+    ckpt = ckpt or getattr(denoise, "DEFAULT_CKPT", None)
     if not callable(fn) or ckpt is None or not Path(str(ckpt)).is_file():
         return None  # not landed, or its tile prior not trained yet
-    return fn
+    return lambda micrograph, sigma, estimate: fn(micrograph, sigma, estimate, ckpt=str(ckpt))
 
 
 def _score(picks, truth, source, post=None, templates=None) -> dict:
@@ -105,6 +106,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write every number here")
     p.add_argument("--figure", default=None, help="a PNG like the paper's Fig. 8")
+    p.add_argument("--denoise-ckpt", default=None, help="the denoiser's tile prior")
+    p.add_argument("--no-denoise", action="store_true", help="skip the denoised columns")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,7 +117,7 @@ def main(argv=None):
     device = torch.device("cpu")
     cfg = compose_reconstruct([f"em={args.em}"])
     prior = load_prior(cfg, device)
-    denoise_fn = denoiser()
+    denoise_fn = None if args.no_denoise else denoiser(args.denoise_ckpt)
     rows, start_all = [], time.perf_counter()
     for snr in args.snr:
         for target in args.targets:
