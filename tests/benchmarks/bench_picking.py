@@ -177,7 +177,8 @@ def table(rows, args, minutes) -> str:
     present = [k for k in PICKERS if any(k in r for r in rows)]
     missing = [k for k in PICKERS if k not in present]
     patch = [k for k in ("post_true", "post_em", "tm_true", "tm_em") if k in present]
-    head = "| SNR | EM error / up to 3 px | " + " | ".join(f"{k} F1 / AP" for k in present)
+    head = "| SNR | EM error / up to 3 px | "
+    head += " | ".join(f"{k} F1 / best F1 / AP" for k in present)
     head += " | empty F1: " + " / ".join(patch) + " / always"
     head += " | shift acc.: " + " / ".join(patch) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -188,7 +189,10 @@ def table(rows, args, minutes) -> str:
             f"{np.mean([r['em_error'] for r in rs]):.3f} / "
             f"{np.mean([r['em_error_shift'] for r in rs]):.3f}",
         ]
-        cells += [f"{mean(rs, k, 'f1'):.2f} / {mean(rs, k, 'ap'):.2f}" for k in present]
+        cells += [
+            f"{mean(rs, k, 'f1'):.2f} / {mean(rs, k, 'best_f1'):.2f} / {mean(rs, k, 'ap'):.2f}"
+            for k in present
+        ]
         cells.append(
             " / ".join(f"{mean(rs, k, 'empty_f1'):.3f}" for k in patch)
             + f" / {mean(rs, patch[0], 'empty_f1_always'):.3f}"
