@@ -500,6 +500,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
 
     axis, columns, means = sweep["axis"], sweep["columns"], sweep_means(sweep)
     panels = ("error",) if axis == "snr" else ("error", "seconds")
+    paper = axis == "snr" and sweep["held"].get("K") == 8  # Fig. 2's setting
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, quantity in zip(axes[0], panels, strict=True):
         for c in columns:
@@ -509,9 +510,11 @@ def plot_sweep(sweep: dict, path: Path) -> None:
                 ax.axhline(np.nanmean(m[quantity]), color="r", ls="--", label=label)
                 continue
             ax.plot(m["x"], m[quantity], "o-", label=label)
-        if axis == "snr" and sweep["held"].get("K") == 8:
+        if paper:
             for method, style in (("EM", "k^--"), ("autocorrelation", "rv--")):
-                ax.plot(PAPER_FIG2_SNR, PAPER_FIG2[method], style, label=f"paper {method}")
+                ax.plot(
+                    PAPER_FIG2_SNR, PAPER_FIG2[method], style, label=f"paper {method} (N = 2500)"
+                )
         if axis == "N":  # the paper's reference slopes through the first method's middle point
             m = means[columns[0]]
             x, y = np.asarray(m["x"], float), np.asarray(m[quantity], float)
@@ -521,8 +524,14 @@ def plot_sweep(sweep: dict, path: Path) -> None:
                 ax.plot(x, y0 * (x / x0) ** slope, "k--", lw=1, label=f"slope {slope:g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if axis != "N":  # the swept values themselves as the ticks
+            ticks = sorted(set(sweep["cells"]) | (set(PAPER_FIG2_SNR) if paper else set()))
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
         ax.set_xlabel(AXIS_TITLE[axis])
-        ax.set_ylabel("mean relative error (eq. 19)" if quantity == "error" else "seconds")
+        ax.set_ylabel(
+            "mean relative error (eq. 19)" if quantity == "error" else "mean wall seconds per run"
+        )
         ax.legend(fontsize=7)
     held = ", ".join(f"{'SNR' if a == 'snr' else a} = {x:g}" for a, x in sweep["held"].items())
     fig.suptitle(f"against {AXIS_TITLE[axis]} ({held})", fontsize=9)
