@@ -236,19 +236,26 @@ def setup(which: str, case: dict, dtype, device, threads):
 # Measuring
 # ------------------------------------------------------------------------------------------------
 def timed(fns: dict, repeats: dict, device="cpu") -> dict:
-    """Median seconds of each fn() over its repeats, in turns (warmed up by the agreement check,
-    which has called every fn once)."""
+    """Median wall and CPU seconds of each fn() over its repeats, in turns (warmed up by the
+    agreement check, which has called every fn once). CPU seconds are the process's (all its
+    threads): on a loaded machine they are what the iteration costs, the wall time what it
+    waited."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for r in range(max(repeats.values())):
         for name, fn in fns.items():
             if r < repeats[name]:
                 sync()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 sync()
                 times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
+                cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: (statistics.median(times[name]), statistics.median(cpu[name]), len(times[name]))
+        for name in fns
+    }
 
 
 def _status(key: str) -> int:
@@ -393,20 +400,26 @@ def main(argv=None):
         f"ours: form {info['ours']['method']}, chunks of {info['ours']['chunk']} patches, "
         f"budget {info['ours']['bound'] / 2**20:.0f} MiB"
     )
-    print(f"{'':<11} {'s/iteration':>12} {'repeats':>8} {'x ours':>9} {'peak MiB':>9}")
+    print(
+        f"{'':<11} {'s/iteration':>12} {'x ours':>7} {'CPU-s/it.':>10} {'x ours':>7} "
+        f"{'repeats':>8} {'peak MiB':>9}"
+    )
     for name in ("ours", "numpy-gemm", "numpy"):
-        sec, reps = t[name]
-        ratio = sec / t["ours"][0]
+        sec, cpu, reps = t[name]
         peak = mem.get(name)
         peak_s = f"{peak / 2**20:>9.0f}" if peak is not None else f"{'-':>9}"
-        print(f"{name:<11} {sec:>12.4f} {reps:>8} {ratio:>8.0f}x {peak_s}")
+        print(
+            f"{name:<11} {sec:>12.4f} {sec / t['ours'][0]:>6.0f}x {cpu:>10.4f} "
+            f"{cpu / t['ours'][1]:>6.0f}x {reps:>8} {peak_s}"
+        )
     print(
         "numpy: dense arrays, per (rotation, shift) einsums as the paper's code; numpy-gemm: "
         "the same\ndense arrays, the contractions as BLAS products. Medians over the repeats."
     )
     speedup = t["numpy"][0] / t["ours"][0]
     print(
-        f"ours is {speedup:.0f}x faster per iteration than the dense NumPy iteration "
+        f"ours is {speedup:.0f}x faster per iteration than the dense NumPy iteration in wall time,"
+        f" {t['numpy'][1] / t['ours'][1]:.0f}x in CPU time "
         f"(issue 12 asks >= 300x); 1-min load average {load0:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end"
     )
