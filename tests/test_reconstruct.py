@@ -557,9 +557,9 @@ def test_steerable_preset_on_a_file_writes_the_image_and_scores_eq_19(tmp_path):
     # em=steerable on a measurement of exactly rotated band-limited copies (the paper's forward
     # model): the estimate is written as the L x L image of its coefficients, and the error is
     # eq. (19), the coefficients' error minimised over the rotation angle.
-    basis = mtd.FBBasis(5, n=10)
+    basis = mtd.FBBasis(5, radius=3)  # the preset's: the disk holding the square, 17 functions
     rng = np.random.default_rng(0)
-    coef = torch.from_numpy(rng.standard_normal(10))
+    coef = torch.from_numpy(rng.standard_normal(basis.n))
     coef *= 10 / float(coef.norm())
     image = basis.evaluate(coef)
     meas = mtd.simulate(image, 300, density=0.1, snr=20, rotation="continuous", basis=basis)
@@ -570,7 +570,6 @@ def test_steerable_preset_on_a_file_writes_the_image_and_scores_eq_19(tmp_path):
         "ckpt=none",
         "em=steerable",
         "em.K=16",
-        "em.group.n=10",
         "em.restarts=2",
         "em.iterations=60",
         "measurement=file",
@@ -585,7 +584,10 @@ def test_steerable_preset_on_a_file_writes_the_image_and_scores_eq_19(tmp_path):
     group = mtd.Steerable(basis, K=16)
     error = mtd.relative_error(coef, basis.expand(estimate), group=group)
     assert error == pytest.approx(metrics["error/no_prior"], abs=1e-9)
-    assert metrics["error/no_prior"] < 0.1 < metrics["error/init"]
+    # The preset starts from autocorrelation analysis (restart 0), already close at SNR 20 (a
+    # random draw is at ~1). EM then fits K = 16 grid rotations to continuously rotated copies:
+    # with N(0, 1) coefficients up to nu = 5 that grid's bias is a few per cent (measured 0.05).
+    assert metrics["error/init"] < 0.1 and metrics["error/no_prior"] < 0.1
     assert "error_shift/no_prior" not in metrics  # no translations of coefficients
 
 
