@@ -557,9 +557,7 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
         number(cfg, "picking.empty_energy"),
         number(cfg, "picking.detect_energy"),
     )
-    truth = None
-    if meas is not None and meas.coefficients is None:  # (steerable copies: no pixel truth)
-        truth = picking.truth_of(meas)
+    truth = None if meas is None else picking.truth_of(meas)
     found = picking.picking_outputs(
         out, picks, data, patches.source, post, truth, radius, p.empty_rule,
         number(cfg, "picking.empty_energy"),
