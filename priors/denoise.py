@@ -15,7 +15,7 @@ tiles, so grad_y log p_sigma(y) = alpha_t s_theta(alpha_t y, t) with s_theta in 
 guidance term below adds to it.
 
 **Target guidance.** The EM estimate F_hat (L x L) enters as a reference density: the MTD patch
-model of a tile given F_hat (the approximate-EM paper's eq. 4, on a T x T tile instead of an
+model of a tile given F_hat (the approximate-EM paper's eq. 6, on a T x T tile instead of an
 L x L patch): a tile holds no copy (prior probability pi_0), or one copy R_k F_hat, rotated by
 one of K angles, with its top-left corner at any of the (T + L - 1)^2 shifts at which it meets
 the tile (cropped by the tile), uniformly. Its noisy density is the Gaussian mixture
