@@ -1,5 +1,6 @@
-"""Volumes for the stochastic-EM paper's model: the 3-D Shepp-Logan phantom, the micrograph
-simulator (eqs. 1-5), and frequency marching for ``ApproximateEM`` (Section III-D).
+"""Volumes for the stochastic-EM paper's model: the 3-D Shepp-Logan phantom and the micrograph
+simulator (eqs. 1-5). (Frequency marching, Section III-D, is the group's: ``Projections``'
+schedule, which the EM loop advances through ``TransformSet.start_iteration``.)
 
 The simulator draws from one ``numpy.random.Generator`` (PCG64) seeded by ``seed``, in a fixed
 order (positions, rotations, noise) and in float64, so the same seed gives the same bytes
@@ -247,68 +248,3 @@ def simulate_volume(
     return VolumeMeasurement(
         data, sigma, float(snr), volume, positions, rotations, separation, float(density), seed
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Frequency marching (Section III-D)
-# ------------------------------------------------------------------------------------------------
-class FrequencyMarching:
-    """An ``ApproximateEM.fit`` callback that moves the group's band limit along its schedule.
-
-    After iteration tau it sets the band of iteration tau + 1 (``Projections.start_iteration``), so
-    the E-step of tau + 1 and its M-step work in the wider subspace, with rho and sigma carried
-    over. The engine's copy of the group must be the one passed (``em.group``), and it must start
-    at the schedule's first band (``Projections`` does when built with ``schedule``). Restarts: use
-    ``fit_marching``, which puts the group back to the first band before each.
-    """
-
-    def __init__(self, group, then=None):
-        if getattr(group, "schedule", None) is None:
-            raise ValueError("FrequencyMarching needs a group built with a schedule")
-        self.group, self.then = group, then
-
-    def __call__(self, entry: dict) -> None:
-        self.group.start_iteration(entry["iteration"] + 1)
-        if self.then is not None:
-            self.then(entry)
-
-
-def fit_marching(em, data, init, truth=None, callback=None, comm=None):
-    """``em.fit`` with frequency marching, one restart at a time (the best log-likelihood wins).
-
-    Args:
-        em: an ``ApproximateEM`` whose group is a ``Projections`` with a ``schedule``.
-        data, truth, comm: as ``ApproximateEM.fit``.
-        init: (L, L, L) or (R, L, L, L) initial volumes.
-        callback: called after every iteration, after the band limit moved.
-
-    Returns:
-        the ``EMResult`` of the best restart, its ``scores`` the final log-likelihood of every
-        restart and ``restart`` its index.
-    """
-    init = torch.as_tensor(init)
-    inits = init.reshape(-1, *em.group.shape)
-    data = (
-        data if not isinstance(data, (torch.Tensor, np.ndarray, str, Path)) else em.prepare(data)
-    )
-    results = []
-    for r, x0 in enumerate(inits):
-        em.group.start_iteration(0)
-        marching = FrequencyMarching(em.group, callback)
-
-        def tagged(entry, r=r, marching=marching):
-            marching({**entry, "restart": r})
-
-        if em.stochastic is not None:  # every restart its own draws, as fit's restarts
-            seed = em.stochastic.seed
-            em.stochastic.seed = seed + r
-        try:
-            results.append(em.fit(data, x0, truth=truth, callback=tagged, comm=comm))
-        finally:
-            if em.stochastic is not None:
-                em.stochastic.seed = seed
-        results[-1].restart = r
-    scores = torch.tensor([float(res.loglik[-1]) for res in results], dtype=torch.float64)
-    best = results[int(scores.argmax())]
-    best.scores = scores
-    return best

@@ -193,7 +193,7 @@ def e2e(args) -> dict:
             log.append({k: entry[k] for k in ("iteration", "loglik", "delta", "restart")})
 
         start = time.perf_counter()
-        res = mv.fit_marching(em, data, init.to(dt), truth=V.to(dt), callback=record)
+        res = em.fit(data, init.to(dt), truth=V.to(dt), callback=record)  # (marching: the group)
         seconds = time.perf_counter() - start
         est = res.estimate.double().cpu()
         entry = {
