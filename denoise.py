@@ -52,7 +52,7 @@ def _number(cfg, key: str, low: float, high: float, closed_high: bool = True) ->
 
 
 # The guidance weight of ``denoise_micrograph`` when an estimate is given (the README's sweep).
-GUIDED_LAMBDA = 0.5
+GUIDED_LAMBDA = 0.25
 DEFAULT_CKPT = ROOT / "priors" / "pretrained" / "mnist_micrograph.ckpt"
 
 
