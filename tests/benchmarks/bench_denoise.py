@@ -4,11 +4,11 @@
     python tests/benchmarks/bench_denoise.py --snr 3 0.5 --targets 0 --no-em
 
 For each SNR and held-out digit (``priors/pretrained/mnist.ckpt``'s targets, never seen by either
-prior) one micrograph is simulated (N = 22 L, density 0.1, K = 4 rot90 rotations, seeded, as
-``bench_picking.py``; ``--rotation continuous`` for angles U[0, 2 pi), which the EM's K = 4
-rotations and the reference's K do not hold exactly) and the EM estimate is made as
-``python reconstruct.py`` makes it (its default preset ``em=mnist``, sigma known). The
-micrograph is then denoised with ``priors/pretrained/mnist_micrograph.ckpt``
+prior) one micrograph is simulated (N = 11 L as the approximate-EM paper, density 0.1, K = 4 rot90
+rotations, seeded as ``bench_picking.py``; ``--rotation continuous`` for angles U[0, 2 pi),
+which the EM's K = 4 rotations and the reference's K do not hold exactly) and the EM estimate
+is made as ``python reconstruct.py`` makes it (its default preset ``em=mnist``, sigma known).
+The micrograph is then denoised with ``priors/pretrained/mnist_micrograph.ckpt``
 (``priors.denoise.MicrographDenoiser``):
 
 - ``raw``: the noisy micrograph itself;
@@ -84,7 +84,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--snr", type=float, nargs="+", default=[10, 3, 1, 0.5, 0.2, 0.1])
     p.add_argument("--targets", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--N", type=int, default=None, help="micrograph side (default 22 L)")
+    p.add_argument("--N", type=int, default=None, help="micrograph side (default 11 L)")
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument(
         "--rotation", default="discrete", choices=["discrete", "continuous"], help="of the copies"
@@ -114,7 +114,7 @@ def main(argv=None):
         for target in args.targets:
             truth_img, where = em_prior.target(target, int(cfg.measurement.target_seed))
             L = truth_img.shape[-1]
-            N = args.N or 22 * L
+            N = args.N or 11 * L
             seed = args.seed + 1000 * target + int(round(100 * math.log10(snr) + 500))
             meas = mtd.simulate(
                 truth_img, N, density=args.density, snr=snr, K=4, rotation=args.rotation, seed=seed
