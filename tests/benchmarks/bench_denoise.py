@@ -82,7 +82,7 @@ def picking_scores(micrograph, meas) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--snr", type=float, nargs="+", default=[10, 3, 1, 0.5, 0.2, 0.1])
+    p.add_argument("--snr", type=float, nargs="+", default=[3, 1, 0.5, 0.2, 0.1, 0.05, 0.02])
     p.add_argument("--targets", type=int, nargs="+", default=[0, 1])
     p.add_argument("--N", type=int, default=None, help="micrograph side (default 11 L)")
     p.add_argument("--density", type=float, default=0.1)
