@@ -9,7 +9,6 @@ against ``clean=`` when given) beside the micrograph, each whole or not at all.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -28,8 +27,8 @@ from priors.denoise import (
     MicrographDenoiser,
     ReferenceDensity,
     expected_empty,
-    psnr,
-    relative_error,
+    figure,
+    metrics_of,
 )
 from priors.prior import ScorePrior
 
@@ -49,120 +48,6 @@ def _number(cfg, key: str, low: float, high: float, closed_high: bool = True) ->
         bracket = "]" if closed_high else ")"
         raise ValueError(f"{key} must be a number in [{low}, {high}{bracket}, got {value!r}")
     return float(value)
-
-
-# The guidance weight of ``denoise_micrograph`` when an estimate is given (the README's sweep).
-GUIDED_LAMBDA = 0.25
-DEFAULT_CKPT = ROOT / "priors" / "pretrained" / "mnist_micrograph.ckpt"
-
-
-@functools.lru_cache(maxsize=4)
-def _prior(ckpt: str, device: str, dtype: torch.dtype) -> ScorePrior:
-    return ScorePrior.from_checkpoint(ckpt, device=device, dtype=dtype)
-
-
-def denoise_micrograph(
-    micrograph,
-    sigma: float,
-    estimate=None,
-    guidance: float | None = None,
-    ckpt=DEFAULT_CKPT,
-    K: int = 16,
-    density: float = 0.1,
-    stride: int | None = None,
-    batch_size: int = 64,
-    device="cpu",
-    dtype=torch.float32,
-) -> torch.Tensor:
-    """The denoised micrograph in one call (what ``denoise.py`` runs, without the files).
-
-    Args:
-        micrograph: (N0, N1) tensor or array.
-        sigma: its noise standard deviation.
-        estimate: (L, L) target estimate for guidance, or None (unguided).
-        guidance: lambda; None: ``GUIDED_LAMBDA`` with an estimate, 0 without.
-        ckpt: the tile prior's checkpoint.
-        K, density: the reference density's rotations and copy density.
-        stride, batch_size, device, dtype: as ``MicrographDenoiser``.
-
-    Returns:
-        (N0, N1) float64 on the CPU.
-    """
-    prior = _prior(str(ckpt), str(device), dtype)
-    if guidance is None:
-        guidance = 0.0 if estimate is None else GUIDED_LAMBDA
-    reference = None
-    if estimate is not None:
-        estimate = torch.as_tensor(estimate).to(device=device, dtype=dtype)
-        empty = expected_empty(density, prior.image_size, estimate.shape[-1])
-        reference = ReferenceDensity(estimate, prior.image_size, K, empty)
-    den = MicrographDenoiser(
-        prior, float(sigma), reference, guidance, stride, batch_size, device, dtype
-    )
-    return den(micrograph)
-
-
-def metrics_of(clean, raw, result) -> dict:
-    """PSNR (dB) and relative error of the raw and the denoised micrograph against the clean."""
-    return {
-        "psnr_raw": psnr(clean, raw),
-        "psnr": psnr(clean, result),
-        "relative_error_raw": relative_error(clean, raw),
-        "relative_error": relative_error(clean, result),
-    }
-
-
-def denoise_outputs(
-    out, micrograph, sigma: float, estimate=None, guidance=None, clean=None, name="denoised", **kw
-) -> dict:
-    """Denoise a micrograph and write ``<name>.mrc`` and ``<name>.png`` into ``out`` (for
-    ``reconstruct.py``: the measurement, its sigma and the EM estimate).
-
-    Args:
-        out: an existing folder.
-        micrograph, sigma, estimate, guidance, **kw: as ``denoise_micrograph``.
-        clean: the clean micrograph (a simulation's), or None.
-        name: the outputs' stem.
-
-    Returns:
-        {"denoise/guidance", "denoise/seconds"} and, with ``clean``, "denoise/psnr",
-        "denoise/psnr_raw", "denoise/relative_error", "denoise/relative_error_raw".
-    """
-    out = Path(out)
-    if not out.is_dir():
-        raise ValueError(f"{out} is not an existing folder")
-    guidance = (0.0 if estimate is None else GUIDED_LAMBDA) if guidance is None else guidance
-    start = time.perf_counter()
-    result = denoise_micrograph(micrograph, sigma, estimate, guidance, **kw)
-    metrics = {"denoise/guidance": float(guidance), "denoise/seconds": time.perf_counter() - start}
-    raw = torch.as_tensor(np.asarray(micrograph, dtype=np.float64))
-    panels = [("raw", raw.numpy()), (f"denoised (lambda = {guidance:g})", result.numpy())]
-    if clean is not None:
-        clean = torch.as_tensor(clean, dtype=torch.float64)
-        metrics.update({f"denoise/{k}": v for k, v in metrics_of(clean, raw, result).items()})
-        panels.append(("clean", clean.numpy()))
-    mtd.write_micrograph(out / f"{name}.mrc", result)
-    figure(out / f"{name}.png", panels)
-    return metrics
-
-
-def figure(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
-    """The panels side by side on one grey scale (that of the last: the clean one when given),
-    as a PNG, written whole."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = np.percentile(panels[-1][1], [0.5, 99.5])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
-    for ax, (title, image) in zip(axes[0], panels, strict=True):
-        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
 
 
 def denoise(cfg: DictConfig) -> dict:

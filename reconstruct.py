@@ -29,6 +29,7 @@ from mtd import picking, volume_metrics, volume_outputs
 from mtd.measurement import atomic_write
 from mtd.outputs import crop_window, write_outputs
 from priors import ScorePrior
+from priors import denoise as denoising
 from run_checks import (
     check_numbers,
     check_run_dir,
@@ -388,6 +389,9 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             results["autocorrelation"] = group.to_image(aligned)
         if rank == 0 and cfg.pick:  # before summary.json, which holds the pick/* metrics
             metrics.update(pick_particles(cfg, out, ems, fits, variants[-1], patches, data, meas))
+        if rank == 0 and cfg.denoise:  # the denoised micrograph(s), guided by the estimate
+            v = variants[-1]
+            metrics.update(denoise_measurement(cfg, out, data, fits[v].sigma, results[v], meas))
         if rank == 0:
             summary = {
                 "metrics": metrics,
@@ -536,6 +540,36 @@ def reconstruct_volume(cfg: DictConfig, out: Path, device, comm=None, rank: int 
     finally:
         if run is not None:
             run.finish(exit_code=exit_code)
+    return metrics
+
+
+def denoise_measurement(cfg: DictConfig, out: Path, data, sigma: float, estimate, meas) -> dict:
+    """The measurement denoised by the tile prior ``denoising.ckpt`` (Tweedie over blended tiles),
+    guided by the run's estimate with weight ``denoising.guidance``: denoised.mrc / .png in
+    ``out`` (denoised_<i> for several files) and the denoise/* metrics (PSNR, relative error
+    against the clean micrograph of a simulation)."""
+    d = cfg.denoising
+    out.mkdir(parents=True, exist_ok=True)
+    files = [data] if torch.is_tensor(data) or isinstance(data, str | Path) else list(data)
+    metrics = {}
+    for i, item in enumerate(files):
+        micrograph = item if torch.is_tensor(item) else mtd.open_micrograph(item)
+        clean = meas.clean() if meas is not None and meas.coefficients is None else None
+        found = denoising.denoise_outputs(
+            out,
+            micrograph,
+            float(sigma),
+            estimate,
+            number(cfg, "denoising.guidance"),
+            clean=clean,
+            name="denoised" if len(files) == 1 else f"denoised_{i}",
+            ckpt=d.ckpt,
+            K=integer(cfg, "denoising.K", 1),
+            density=number(cfg, "denoising.density"),
+            device=resolve_device(cfg.device),
+        )
+        suffix = "" if len(files) == 1 else f"_{i}"
+        metrics.update({f"{k}{suffix}": value for k, value in found.items()})
     return metrics
 
 
