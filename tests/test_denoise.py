@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mtd
+import priors.denoise as pdn
 from priors.denoise import (
     MicrographDenoiser,
     ReferenceDensity,
@@ -252,7 +253,7 @@ def test_entry_point_writes_beside_the_micrograph(tmp_path, tiny_ckpt, digits):
     clean = meas.clean()
     assert summary["metrics"]["psnr"] == pytest.approx(psnr(clean, written), abs=1e-3)
     # the same as the library call
-    again = entry.denoise_micrograph(meas.data.float(), meas.sigma, digits[0], 0.5, tiny_ckpt, K=4)
+    again = pdn.denoise_micrograph(meas.data.float(), meas.sigma, digits[0], 0.5, tiny_ckpt, K=4)
     torch.testing.assert_close(written.double(), again, atol=1e-5, rtol=0)
 
 
@@ -345,15 +346,14 @@ def test_train_py_trains_the_tile_prior(tmp_path):
 
 
 def test_denoise_outputs_for_reconstruct(tmp_path, tiny_ckpt, digits):
-    import denoise as entry
 
     meas = mtd.simulate(digits[0], 60, density=0.2, snr=2.0, seed=2)
-    metrics = entry.denoise_outputs(
+    metrics = pdn.denoise_outputs(
         tmp_path, meas.data, meas.sigma, digits[0], clean=meas.clean(), ckpt=tiny_ckpt, K=4
     )
     written = mtd.read_micrograph(tmp_path / "denoised.mrc")
     assert (tmp_path / "denoised.png").is_file()
-    assert metrics["denoise/guidance"] == entry.GUIDED_LAMBDA
+    assert metrics["denoise/guidance"] == pdn.GUIDED_LAMBDA
     assert metrics["denoise/psnr"] == pytest.approx(psnr(meas.clean(), written), abs=1e-3)
     with pytest.raises(ValueError, match="existing folder"):
-        entry.denoise_outputs(tmp_path / "nope", meas.data, meas.sigma, ckpt=tiny_ckpt)
+        pdn.denoise_outputs(tmp_path / "nope", meas.data, meas.sigma, ckpt=tiny_ckpt)

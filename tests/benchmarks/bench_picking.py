@@ -68,18 +68,17 @@ def em_estimate(cfg, meas, prior, device):
 
 
 def denoiser(ckpt=None):
-    """``denoise.denoise_micrograph(micrograph, sigma, estimate or None)`` (the score-based
-    micrograph denoiser, unguided without an estimate, its default guidance with one) where it
-    and its checkpoint (``ckpt``, default the denoiser's own) exist."""
-    try:
-        import denoise
-    except ImportError:
+    """``priors.denoise.denoise_micrograph(micrograph, sigma, estimate or None)`` (the score-based
+    micrograph denoiser, unguided without an estimate, its default guidance with one) with its
+    tile prior (``ckpt``, default the shipped one), or None without that checkpoint."""
+    from priors import denoise
+
+    ckpt = ckpt or denoise.DEFAULT_CKPT
+    if not Path(str(ckpt)).is_file():
         return None
-    fn = getattr(denoise, "denoise_micrograph", None)
-    ckpt = ckpt or getattr(denoise, "DEFAULT_CKPT", None)
-    if not callable(fn) or ckpt is None or not Path(str(ckpt)).is_file():
-        return None  # not landed, or its tile prior not trained yet
-    return lambda micrograph, sigma, estimate: fn(micrograph, sigma, estimate, ckpt=str(ckpt))
+    return lambda micrograph, sigma, estimate: denoise.denoise_micrograph(
+        micrograph, sigma, estimate, ckpt=str(ckpt)
+    )
 
 
 def _score(picks, truth, source, post=None, templates=None) -> dict:
