@@ -489,31 +489,43 @@ def sweep_table(sweep: dict) -> str:
     return "\n".join(text)
 
 
-def plot_sweep(sweep: dict, path: Path) -> None:
+def plot_sweep(sweep: dict | list[dict], path: Path) -> None:
     """The paper's figure of one sweep: error against the SNR with its stored Fig. 2 values
     (Fig. 2); error and time against N^2 with slopes -1/2 and 1 drawn dashed (Fig. 3); error and
-    time against K, the autocorrelation baseline as horizontal lines (Fig. 4). Log-log axes."""
+    time against K, the autocorrelation baseline as horizontal lines (Fig. 4). Log-log axes.
+    Several sweeps of one axis (e.g. the SNR sweep at K = 8 and 16) are drawn together, each
+    labelled with the values it holds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    together = sweep if isinstance(sweep, list) else [sweep]
+    sweep = together[0]
     axis, columns, means = sweep["axis"], sweep["columns"], sweep_means(sweep)
     panels = ("error",) if axis == "snr" else ("error", "seconds")
     paper = axis == "snr"  # Fig. 2 (its K = 8, N = 2500) beside ours
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, quantity in zip(axes[0], panels, strict=True):
-        for c in columns:
-            m = means[c]
-            label = _column_title(c, columns) + " (ours)"
-            if axis == "K" and c[1] == "autocorrelation":  # takes all angles: no K
-                ax.axhline(np.nanmean(m[quantity]), color="r", ls="--", label=label)
-                continue
-            ax.plot(m["x"], m[quantity], "o-", label=label)
+        for one in together:
+            prefix = ""
+            if len(together) > 1:
+                prefix = ", ".join(f"{a} = {x:g}" for a, x in one["held"].items()) + ": "
+            one_means = sweep_means(one)
+            for c in one["columns"]:
+                m = one_means[c]
+                label = prefix + _column_title(c, one["columns"]) + " (ours)"
+                if axis == "K" and c[1] == "autocorrelation":  # takes all angles: no K
+                    ax.axhline(np.nanmean(m[quantity]), color="r", ls="--", label=label)
+                    continue
+                ax.plot(m["x"], m[quantity], "o-", label=label)
         if paper:
             for method, style in (("EM", "k^--"), ("autocorrelation", "rv--")):
                 ax.plot(
-                    PAPER_FIG2_SNR, PAPER_FIG2[method], style, label=f"paper {method} (N = 2500)"
+                    PAPER_FIG2_SNR,
+                    PAPER_FIG2[method],
+                    style,
+                    label=f"paper {method} (K = 8, N = 2500)",
                 )
         if axis == "N":  # the paper's reference slopes through the first method's middle point
             m = means[columns[0]]
@@ -533,7 +545,8 @@ def plot_sweep(sweep: dict, path: Path) -> None:
             "mean relative error (eq. 19)" if quantity == "error" else "mean wall seconds per run"
         )
         ax.legend(fontsize=7)
-    held = ", ".join(f"{'SNR' if a == 'snr' else a} = {x:g}" for a, x in sweep["held"].items())
+    common = {a: x for a, x in sweep["held"].items() if all(o["held"][a] == x for o in together)}
+    held = ", ".join(f"{'SNR' if a == 'snr' else a} = {x:g}" for a, x in common.items())
     fig.suptitle(f"against {AXIS_TITLE[axis]} ({held})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -542,8 +555,8 @@ def plot_sweep(sweep: dict, path: Path) -> None:
 
 def steerable_report(runs: list[dict], out: Path) -> list[Path]:
     """Print the tables of the paper's Figs. 2-4 for the steerable sweeps among ``runs`` and
-    write their figures ``steerable_<axis>.png`` (numbered where one axis has several) into
-    ``out``.
+    write their figures ``steerable_<axis>.png`` (numbered where one axis has several, the SNR
+    sweeps also drawn together in ``steerable_snr.png``) into ``out``.
 
     Returns:
         The figures written.
@@ -559,6 +572,9 @@ def steerable_report(runs: list[dict], out: Path) -> list[Path]:
             )
             plot_sweep(sweep, path)
             written.append(path)
+        if axis == "snr" and len(mine) > 1:  # e.g. K = 8 and K = 16 in one Fig. 2
+            plot_sweep(mine, out / "steerable_snr.png")
+            written.append(out / "steerable_snr.png")
     return written
 
 
