@@ -536,10 +536,11 @@ def plot_sweep(sweep: dict | list[dict], path: Path) -> None:
                 ax.plot(x, y0 * (x / x0) ** slope, "k--", lw=1, label=f"slope {slope:g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        if axis != "N":  # the swept values themselves as the ticks
-            ticks = sorted(set(sweep["cells"]) | (set(PAPER_FIG2_SNR) if paper else set()))
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-            ax.minorticks_off()
+        # The swept values themselves as the ticks (N^2 for the N axis).
+        ticks = sorted(set(sweep["cells"]) | (set(PAPER_FIG2_SNR) if paper else set()))
+        ticks = [t * t for t in ticks] if axis == "N" else ticks
+        ax.set_xticks(ticks, [f"{t:.3g}" if axis == "N" else f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel(AXIS_TITLE[axis])
         ax.set_ylabel(
             "mean relative error (eq. 19)" if quantity == "error" else "mean wall seconds per run"
