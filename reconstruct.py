@@ -122,7 +122,13 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
             )
         basis = None
         if not is_none(m.fb_coefficients):  # the approximate-EM paper's forward model
-            basis = mtd.FBBasis(L, n=integer(cfg, "measurement.fb_coefficients", 1))
+            radius = None if is_none(m.fb_radius) else m.fb_radius
+            basis = mtd.FBBasis(
+                L,
+                n=integer(cfg, "measurement.fb_coefficients", 1),
+                radius=L // 2 + 1 if radius == "square" else radius,
+                selection=m.fb_selection,
+            )
         meas = mtd.simulate(
             truth,
             N,

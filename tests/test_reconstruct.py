@@ -606,7 +606,7 @@ def test_the_paper_experiment_simulates_band_limited_copies_of_a_random_image(tm
     out = tmp_path / "out"
     truth = torch.from_numpy(np.load(out / "truth.npy"))
     raw = mtd.random_image(5, seed=1337, norm=10.0)
-    basis = mtd.FBBasis(5, n=10)
+    basis = mtd.FBBasis(5, n=10, radius=3, selection="paper_code")  # the paper code's
     assert float(raw.norm()) == pytest.approx(10)
     assert torch.allclose(truth, basis.evaluate(basis.expand(raw)), atol=1e-12)
     summary = json.loads((out / "summary.json").read_text())
@@ -637,7 +637,7 @@ def test_autocorrelation_baseline_and_initialisation(tmp_path):
     )
     metrics = rec.reconstruct(cfg)
     out = tmp_path / "out"
-    basis = mtd.FBBasis(5, n=10)
+    basis = mtd.FBBasis(5, n=10, radius=3, selection="paper_code")  # the paper code's
     truth = basis.expand(torch.from_numpy(np.load(out / "truth.npy")))
     ac = basis.expand(torch.from_numpy(np.load(out / "estimate_autocorrelation.npy")))
     group = mtd.Steerable(basis)
