@@ -152,20 +152,31 @@ def get_measurement(cfg: DictConfig, prior: ScorePrior | None):
         info = {"target": where, "N": N, "L": L, "copies": len(meas.angles), "snr": snr}
         info["sigma"] = float(meas.sigma)
         return meas.data, info["sigma"] if m.sigma_known else None, truth, info, meas
-    if m.source == "file":  # one file, a list of files, or a glob pattern (sorted)
-        items = list(m.path) if OmegaConf.is_list(m.path) else [m.path]
-        paths = []
-        for item in map(str, items):
-            found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-            if not found:
-                raise FileNotFoundError(f"measurement.path: no file matches {item}")
-            paths += found
-        shapes = [list(mtd.open_micrograph(p).shape) for p in paths]  # memory-mapped
-        info = {"target": paths, "N": shapes, "L": integer(cfg, "measurement.L", 1)}
+    if m.source == "file":
+        data, info = measurement_files(cfg)
         truth = None if is_none(m.truth) else mtd.read_images(m.truth)[0]
         sigma = None if is_none(m.sigma) else float(m.sigma)
-        return paths if len(paths) > 1 else paths[0], sigma, truth, info, None
+        return data, sigma, truth, info, None
     raise ValueError(f"measurement.source must be simulate or file, got {m.source!r}")
+
+
+def measurement_files(cfg: DictConfig) -> tuple:
+    """measurement.path: one file, a list of files, or a glob pattern (sorted), memory-mapped.
+
+    Returns:
+        (the path, or the list of paths, and info for the summary).
+    """
+    m = cfg.measurement
+    items = list(m.path) if OmegaConf.is_list(m.path) else [m.path]
+    paths = []
+    for item in map(str, items):
+        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not found:
+            raise FileNotFoundError(f"measurement.path: no file matches {item}")
+        paths += found
+    shapes = [list(mtd.open_micrograph(p).shape) for p in paths]
+    info = {"target": paths, "N": shapes, "L": integer(cfg, "measurement.L", 1)}
+    return paths if len(paths) > 1 else paths[0], info
 
 
 def fit_autocorrelation(cfg: DictConfig, data, sigma, group):
@@ -458,8 +469,8 @@ def volume_measurement(cfg: DictConfig):
             raise ValueError(
                 f"measurement.truth {where} is a {tuple(truth.shape)} volume; measurement.L is {L}"
             )
-    if m.source == "file":
-        data, _, _, info, _ = get_measurement(cfg, None)
+    if m.source == "file":  # (the truth, if any: the volume the micrographs were made of)
+        data, info = measurement_files(cfg)
         sigma = None if is_none(m.sigma) else float(m.sigma)
         return data, sigma, truth, voxel, info, None
     if m.source != "simulate":
