@@ -743,3 +743,22 @@ def test_volume_from_a_micrograph_file_scored_against_the_named_truth(tmp_path):
     other.mkdir()
     metrics = rec.reconstruct(compose_rec(other, *common, "measurement.truth=null"))
     assert "error/no_prior" not in metrics and (other / "out" / "estimate_no_prior.mrc").exists()
+
+
+def test_volume_log_records_the_aligned_error_every_few_iterations():
+    # The W&B curve of a volume run: every `every` iterations the estimate is aligned to the truth
+    # (the first time by the full search, then from the last alignment) and its error logged; the
+    # image logged is the central slice.
+    import mtd.volume
+
+    truth = mtd.volume.shepp_logan(9)
+    turned = torch.rot90(truth, 1, dims=(1, 2)).flip(0)  # a quarter turn and a mirror
+    rows = []
+    log = rec.VolumeLog(rows.append, truth, every=2)
+    for tau in range(3):
+        log({"iteration": tau, "loglik": 0.0, "estimate": turned})
+    assert [("error" in r) for r in rows] == [True, False, True]
+    assert rows[0]["error"] < 0.1 and rows[2]["error"] <= rows[0]["error"] + 1e-9
+    assert rows[1]["estimate"].shape == (9, 9)
+    unaligned = float((turned - truth).norm() / truth.norm())
+    assert unaligned > 0.5
