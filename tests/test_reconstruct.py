@@ -751,14 +751,15 @@ def test_volume_log_records_the_aligned_error_every_few_iterations():
     # image logged is the central slice.
     import mtd.volume
 
-    truth = mtd.volume.shepp_logan(9)
+    truth = mtd.volume.shepp_logan(11)  # (at 9^3 its small features, which tell the hands
+    # apart, are gone: the other hand is within 0.05)
     turned = torch.rot90(truth, 1, dims=(1, 2)).flip(0)  # a quarter turn and a mirror
     rows = []
     log = rec.VolumeLog(rows.append, truth, every=2)
     for tau in range(3):
         log({"iteration": tau, "loglik": 0.0, "estimate": turned})
     assert [("error" in r) for r in rows] == [True, False, True]
-    assert rows[0]["error"] < 0.1 and rows[2]["error"] <= rows[0]["error"] + 1e-9
-    assert rows[1]["estimate"].shape == (9, 9)
+    assert rows[0]["error"] < 1e-3 and rows[2]["error"] < 1e-3
+    assert rows[1]["estimate"].shape == (11, 11)
     unaligned = float((turned - truth).norm() / truth.norm())
     assert unaligned > 0.5
