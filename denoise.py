@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -31,13 +29,10 @@ from priors.denoise import (
     metrics_of,
 )
 from priors.prior import ScorePrior
+from run_checks import USER_ERRORS, is_none, user_error_exit
 
 ROOT = Path(__file__).resolve().parent
 OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
-
-
-def _none(v) -> bool:
-    return v is None or (isinstance(v, str) and v.lower() in ("none", "null", ""))
 
 
 def _number(cfg, key: str, low: float, high: float, closed_high: bool = True) -> float:
@@ -55,16 +50,16 @@ def denoise(cfg: DictConfig) -> dict:
     # Everything that can be wrong is checked before the work starts.
     source = Path(str(cfg.micrograph))
     micrograph = mtd.open_micrograph(source)  # memory-mapped: read tile by tile
-    if _none(cfg.sigma):
+    if is_none(cfg.sigma):
         raise ValueError("sigma is required: the micrograph's noise standard deviation")
     sigma = cfg.sigma
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
     guidance = _number(cfg, "guidance", 0.0, 1.0)
     estimate = None
-    if not _none(cfg.estimate):
+    if not is_none(cfg.estimate):
         estimate = mtd.read_images(cfg.estimate)[0]
-        if not _none(cfg.L) and estimate.shape[-1] != int(cfg.L):
+        if not is_none(cfg.L) and estimate.shape[-1] != int(cfg.L):
             raise ValueError(
                 f"estimate {cfg.estimate} is {estimate.shape[-1]} x {estimate.shape[-1]}; "
                 f"L = {cfg.L}"
@@ -72,14 +67,14 @@ def denoise(cfg: DictConfig) -> dict:
     elif guidance > 0:
         raise ValueError(f"guidance={guidance} needs estimate=PATH (the target estimate)")
     clean = None
-    if not _none(cfg.clean):
+    if not is_none(cfg.clean):
         clean = mtd.read_micrograph(cfg.clean)
         if tuple(clean.shape) != tuple(micrograph.shape):
             raise ValueError(
                 f"clean {cfg.clean} has shape {tuple(clean.shape)}, the micrograph "
                 f"{tuple(micrograph.shape)}"
             )
-    out = source.parent if _none(cfg.out_dir) else Path(str(cfg.out_dir))
+    out = source.parent if is_none(cfg.out_dir) else Path(str(cfg.out_dir))
     if not out.is_dir():
         raise ValueError(f"out_dir {out} is not an existing folder")
     stem = source.stem + str(cfg.suffix)
@@ -96,7 +91,7 @@ def denoise(cfg: DictConfig) -> dict:
     T = prior.image_size
     reference = None
     if estimate is not None:
-        if _none(cfg.empty):
+        if is_none(cfg.empty):
             empty = expected_empty(_number(cfg, "density", 0.0, 1.0), T, estimate.shape[-1])
         else:
             empty = _number(cfg, "empty", 0.0, 1.0, closed_high=False)
@@ -108,7 +103,7 @@ def denoise(cfg: DictConfig) -> dict:
         float(sigma),
         reference,
         guidance,
-        None if _none(cfg.stride) else cfg.stride,
+        None if is_none(cfg.stride) else cfg.stride,
         cfg.batch_size,
         device,
         dtype,
@@ -153,12 +148,8 @@ def denoise(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         summary = denoise(cfg)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        # one line, exit status 2, as reconstruct.py and pick.py
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as e:
+        user_error_exit(e)
     shown = {k: round(v, 4) for k, v in summary.get("metrics", {}).items()}
     print(f"denoised: {summary['outputs']['mrc']} ({summary['seconds']:.1f} s) {shown}")
 

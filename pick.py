@@ -10,7 +10,6 @@ and ``summary.json`` (the metrics when ``truth=`` gives the true centres) into t
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import time
@@ -24,25 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 import mtd
 from mtd import picking
 from mtd.measurement import atomic_write
+from run_checks import USER_ERRORS, is_none, user_error_exit
 
 METHODS = ("posterior", "template")
 GROUPS = ("rotations", "dihedral", "steerable")
-
-
-def _none(v) -> bool:
-    return v is None or (isinstance(v, str) and v.lower() in ("none", "null", ""))
-
-
-def micrograph_paths(spec) -> list[str]:
-    """The files of ``micrograph=``: one path, a list, or glob patterns (sorted)."""
-    items = list(spec) if OmegaConf.is_list(spec) or isinstance(spec, list) else [spec]
-    paths = []
-    for item in map(str, items):
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not found:
-            raise FileNotFoundError(f"micrograph: no file matches {item}")
-        paths += found
-    return paths
 
 
 def build_group(name: str, L: int, K: int) -> mtd.TransformSet:
@@ -80,11 +64,12 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     # Everything that can be wrong is checked before the work starts.
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
-    paths = micrograph_paths(cfg.micrograph)
+    spec = list(cfg.micrograph) if OmegaConf.is_list(cfg.micrograph) else str(cfg.micrograph)
+    paths = mtd.measurement.expand_paths(spec, "micrograph")
     shapes = [tuple(mtd.open_micrograph(p).shape) for p in paths]
     stack = mtd.read_images(cfg.estimate)
     x = stack[0]
-    L = x.shape[-1] if _none(cfg.L) else int(cfg.L)
+    L = x.shape[-1] if is_none(cfg.L) else int(cfg.L)
     if x.shape[-1] != L:
         raise ValueError(f"estimate {cfg.estimate} is {x.shape[-1]} x {x.shape[-1]}; L = {L}")
     for p, shape in zip(paths, shapes, strict=True):
@@ -94,13 +79,13 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     group = build_group(cfg.group, L, K)
     out.mkdir(parents=True, exist_ok=True)
     star = picking.check_star_path(out / cfg.star)
-    truth = None if _none(cfg.truth) else read_truth(cfg.truth, paths)
+    truth = None if is_none(cfg.truth) else read_truth(cfg.truth, paths)
     if truth is not None:  # the copies' L x L frames, for the patch-level measures
         truth["corners"] = np.rint(truth["centres"] - (L - 1) / 2).astype(np.int64)
-    sigma = None if _none(cfg.sigma) else float(cfg.sigma)
+    sigma = None if is_none(cfg.sigma) else float(cfg.sigma)
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0 or null, got {cfg.sigma!r}")
-    radius = None if _none(cfg.radius) else float(cfg.radius)
+    radius = None if is_none(cfg.radius) else float(cfg.radius)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -119,10 +104,10 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
         log_rho, sigma2 = picking.fit_rho_sigma(
             em, patches, unknown, sigma, cfg.rho, int(cfg.rho_iterations)
         )
-        threshold = 0.0 if _none(cfg.threshold) else float(cfg.threshold)
+        threshold = 0.0 if is_none(cfg.threshold) else float(cfg.threshold)
         picks, post = picking.pick_posterior(
             em, patches, unknown, log_rho, sigma2, cfg.empty_rule,
-            None if _none(cfg.merge_radius) else float(cfg.merge_radius), threshold,
+            None if is_none(cfg.merge_radius) else float(cfg.merge_radius), threshold,
             float(cfg.empty_energy), float(cfg.detect_energy),
         )  # fmt: skip
         info = {
@@ -130,12 +115,12 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
             "empty_mass": float(log_rho.exp()[picking.empty_shifts(L)].sum()),
         }
     else:
-        threshold = "auto" if _none(cfg.threshold) else float(cfg.threshold)
+        threshold = "auto" if is_none(cfg.threshold) else float(cfg.threshold)
         picks = picking.template_match(
             data, group, unknown,
-            min_distance=None if _none(cfg.min_distance) else float(cfg.min_distance),
+            min_distance=None if is_none(cfg.min_distance) else float(cfg.min_distance),
             threshold=threshold,
-            n_picks=None if _none(cfg.n_picks) else int(cfg.n_picks),
+            n_picks=None if is_none(cfg.n_picks) else int(cfg.n_picks),
             device=device, dtype=dtype,
         )  # fmt: skip
         templates = group.templates(unknown.to(torch.float64))
@@ -143,7 +128,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     metrics = picking.picking_outputs(
         out, picks, data, patches.source, post, truth, radius, cfg.empty_rule,
         float(cfg.empty_energy), templates, star.name,
-        None if _none(cfg.figure) else str(cfg.figure),
+        None if is_none(cfg.figure) else str(cfg.figure),
     )  # fmt: skip
     metrics["seconds"] = time.perf_counter() - start
     summary = {
@@ -161,9 +146,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         metrics = pick(cfg)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        from reconstruct import user_error_exit  # one line, exit status 2, as reconstruct.py
-
+    except USER_ERRORS as e:
         user_error_exit(e)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
     print(f"picks: {shown}")

@@ -9,10 +9,8 @@ guess, logs the iterations to W&B (``wandb_setup``) and writes the estimates, a 
 
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from mtd.outputs import crop_window, write_outputs
 from priors import ScorePrior
 from priors import denoise as denoising
 from run_checks import (
+    USER_ERRORS,
     check_numbers,
     check_run_dir,
     check_scale,
@@ -40,6 +39,7 @@ from run_checks import (
     is_none,
     number,
     patch_count,
+    user_error_exit,
 )
 from wandb_setup import (
     check_reconstruction_logger,
@@ -167,13 +167,8 @@ def measurement_files(cfg: DictConfig) -> tuple:
         (the path, or the list of paths, and info for the summary).
     """
     m = cfg.measurement
-    items = list(m.path) if OmegaConf.is_list(m.path) else [m.path]
-    paths = []
-    for item in map(str, items):
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not found:
-            raise FileNotFoundError(f"measurement.path: no file matches {item}")
-        paths += found
+    spec = list(m.path) if OmegaConf.is_list(m.path) else str(m.path)
+    paths = mtd.measurement.expand_paths(spec, "measurement.path")
     shapes = [list(mtd.open_micrograph(p).shape) for p in paths]
     info = {"target": paths, "N": shapes, "L": integer(cfg, "measurement.L", 1)}
     return paths if len(paths) > 1 else paths[0], info
@@ -569,9 +564,9 @@ def denoise_measurement(cfg: DictConfig, out: Path, data, sigma: float, estimate
     out.mkdir(parents=True, exist_ok=True)
     files = [data] if torch.is_tensor(data) or isinstance(data, str | Path) else list(data)
     metrics = {}
+    clean = meas.clean() if meas is not None and meas.coefficients is None else None
     for i, item in enumerate(files):
         micrograph = item if torch.is_tensor(item) else mtd.open_micrograph(item)
-        clean = meas.clean() if meas is not None and meas.coefficients is None else None
         found = denoising.denoise_outputs(
             out,
             micrograph,
@@ -711,19 +706,6 @@ def run_record(res, seconds: float, em, K: int) -> dict:
         "K": int(K),
         "templates": em.K,
     }
-
-
-# Errors our checks raise for bad input: one line, exit status 2, no traceback (tracebacks are for
-# bugs; HYDRA_FULL_ERROR=1 shows them anyway).
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-
-
-def user_error_exit(error: Exception) -> None:
-    """Re-raise under HYDRA_FULL_ERROR=1; otherwise print ``error: <message>`` and exit 2."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="reconstruct")

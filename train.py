@@ -5,8 +5,6 @@ Hydra composes ``configs/train.yaml``; ``train(cfg)`` does the work and can be c
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -15,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from priors.data import DownloadError
+from run_checks import user_error_exit
 from wandb_setup import wandb_mode_for
 
 # Errors our checks raise for bad input: one line, exit status 2, no traceback (tracebacks are for
@@ -87,10 +86,7 @@ def main(cfg: DictConfig) -> None:
     try:
         metrics, objects = train(cfg)
     except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        user_error_exit(e)
     if not objects["trainer"].is_global_zero:  # under DDP, one summary
         return
     saved = [c.best_model_path for c in objects["trainer"].checkpoint_callbacks]

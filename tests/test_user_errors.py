@@ -153,11 +153,11 @@ def test_hydra_full_error_still_shows_the_traceback(monkeypatch, capsys):
     error = ValueError("measurement.snr must be > 0")
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        rec.user_error_exit(error)
+        run_checks.user_error_exit(error)
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {error}\n"
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(ValueError, match="snr must be"):
-        rec.user_error_exit(error)
+        run_checks.user_error_exit(error)
 
 
 def _train_cfg(tmp_path, *overrides):
