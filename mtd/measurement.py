@@ -8,6 +8,7 @@ machine.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from dataclasses import dataclass
@@ -291,6 +292,23 @@ def random_image(L: int, seed: int = 0, norm: float = 10.0) -> torch.Tensor:
         raise ValueError(f"norm must be a finite number > 0, got {norm!r}")
     image = torch.from_numpy(np.random.default_rng(seed).uniform(0, 1, (int(L), int(L))))
     return image * (norm / float(image.norm()))
+
+
+def expand_paths(spec, key: str = "path") -> list[str]:
+    """The files of a path, a list of paths, or glob patterns (each sorted), in order.
+
+    Args:
+        spec: a path or a sequence of paths / patterns.
+        key: the config key named when a pattern matches nothing.
+    """
+    items = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
+    paths = []
+    for item in map(str, items):
+        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not found:
+            raise FileNotFoundError(f"{key}: no file matches {item}")
+        paths += found
+    return paths
 
 
 def read_micrograph(path) -> torch.Tensor:
