@@ -62,7 +62,31 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return perm[n_val:], perm[:n_val]
 
 
-class MNISTDataModule(L.LightningDataModule):
+class SeededLoaders:
+    """train/val loaders of ``train_set`` / ``val_set`` whose order depends only on ``seed`` and
+    the epoch (``EpochShuffle``: a resumed run sees the same batches), with ``batch_size`` and
+    ``num_workers``."""
+
+    def train_dataloader(self):
+        return DataLoader(
+            self.train_set,
+            self.batch_size,
+            sampler=EpochShuffle(len(self.train_set), self.seed),
+            generator=_loader_generator(self.seed),
+            num_workers=self.num_workers,
+            drop_last=len(self.train_set) > self.batch_size,
+        )
+
+    def val_dataloader(self):
+        return DataLoader(
+            self.val_set,
+            self.batch_size,
+            generator=_loader_generator(self.seed),
+            num_workers=self.num_workers,
+        )
+
+
+class MNISTDataModule(SeededLoaders, L.LightningDataModule):
     """MNIST digits in [0, 1] pixel units, the reconstruction targets held out.
 
     Args:
@@ -181,24 +205,6 @@ class MNISTDataModule(L.LightningDataModule):
             "source": self.source,
             "held_out": list(self.held_out),
         }
-
-    def train_dataloader(self):
-        return DataLoader(
-            self.train_set,
-            self.batch_size,
-            sampler=EpochShuffle(len(self.train_set), self.seed),
-            generator=_loader_generator(self.seed),
-            num_workers=self.num_workers,
-            drop_last=len(self.train_set) > self.batch_size,
-        )
-
-    def val_dataloader(self):
-        return DataLoader(
-            self.val_set,
-            self.batch_size,
-            generator=_loader_generator(self.seed),
-            num_workers=self.num_workers,
-        )
 
 
 class GaussianDataModule(L.LightningDataModule):

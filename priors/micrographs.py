@@ -15,10 +15,10 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import mtd
-from priors.data import EpochShuffle, MNISTDataModule, _loader_generator
+from priors.data import MNISTDataModule, SeededLoaders
 
 
 def micrograph_tiles(
@@ -77,7 +77,7 @@ def micrograph_tiles(
     return out
 
 
-class MicrographTileDataModule(L.LightningDataModule):
+class MicrographTileDataModule(SeededLoaders, L.LightningDataModule):
     """Clean micrograph tiles of MNIST digits (``micrograph_tiles``), never of a held-out digit.
 
     The digits are split as ``MNISTDataModule`` splits them (same held-out rule, validation share
@@ -199,21 +199,3 @@ class MicrographTileDataModule(L.LightningDataModule):
             "rotation": self.rotation,
             "separation": self.separation,
         }
-
-    def train_dataloader(self):
-        return DataLoader(
-            self.train_set,
-            self.batch_size,
-            sampler=EpochShuffle(len(self.train_set), self.seed),
-            generator=_loader_generator(self.seed),
-            num_workers=self.num_workers,
-            drop_last=len(self.train_set) > self.batch_size,
-        )
-
-    def val_dataloader(self):
-        return DataLoader(
-            self.val_set,
-            self.batch_size,
-            generator=_loader_generator(self.seed),
-            num_workers=self.num_workers,
-        )
