@@ -8,9 +8,10 @@ against one block of templates at a time, and consumers reduce them as they pass
 - ``StatisticsSum``: the sufficient statistics of the M-step (omega, b, c, the log-likelihood);
 - ``PatchSummary``: per-patch summaries for picking (empty mass, the best shift and template).
 
-The chunk of patches is bounded by the correlation form's element budget; when the K templates
-do not fit in it at once (K in the hundreds or thousands), they are cut into blocks and each
-patch's log-sum-exp streams across the blocks: a first pass keeps every patch's running max and
+The chunk of patches is bounded by the correlation form's element budget (sized for the cache;
+when one patch's K x 4L^2 logits exceed it, a larger one sized for memory); when the K templates
+do not fit in that at once (K in the thousands), they are cut into blocks and each patch's
+log-sum-exp streams across the blocks: a first pass keeps every patch's running max and
 sum, a second pass yields the normalised posteriors block by block.
 """
 
@@ -397,6 +398,8 @@ class EStep:
         """
         K, shifts = self.K, 4 * self.L * self.L
         budget = self.form.chunk_elements()
+        if K * shifts > budget:  # many templates: chunks as large as memory allows (the form's)
+            budget = max(budget, self.form.max_elements())
         chunk = self.compute.chunk_size
         if K * shifts <= budget:
             size = K  # every template in one block (a user's chunk_size may exceed the budget)

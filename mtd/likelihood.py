@@ -94,6 +94,13 @@ class Form:
     # On a GPU a chunk is worth its ~20 kernel launches only when it is large: 2^23 elements
     # (64 MB in float64). Not measured (no GPU was available); chunk_size overrides it.
     gpu_chunk_elements = 1 << 23
+    # When one patch's K x 4L^2 logits alone exceed the chunk budget (K in the hundreds), a chunk
+    # may hold up to this many, all K templates in one block where they fit: a second pass over
+    # the correlations (template blocks, ``EStep._stream``) costs more than leaving the cache.
+    # Measured at L = 11, K = 552 (tests/benchmarks/bench_volume.py speed): 2^18 (9 blocks of 66)
+    # 2.6 CPU-s per 740 patches, 2^19 (one block, chunks of 1) 2.0, 2^21 (chunks of 7) 1.7.
+    cpu_max_elements = 1 << 21
+    gpu_max_elements = 1 << 23
 
     def __init__(self, L: int, device, dtype):
         self.L, self.device, self.dtype = L, torch.device(device), dtype
@@ -101,6 +108,9 @@ class Form:
 
     def chunk_elements(self) -> int:
         return self.cpu_chunk_elements if self.device.type == "cpu" else self.gpu_chunk_elements
+
+    def max_elements(self) -> int:
+        return self.cpu_max_elements if self.device.type == "cpu" else self.gpu_max_elements
 
     def bytes_per_patch(self) -> int:
         """Memory of one patch's transform (``transform``), for sizing streamed blocks."""

@@ -329,7 +329,7 @@ def test_dihedral_em_recovers_a_chiral_image_from_mirrored_copies():
 # ------------------------------------------------------------------------------------------------
 def _blocked(em, budget):
     """Force template blocks: a chunk budget below K x 4L^2 elements."""
-    em.estep.form.cpu_chunk_elements = budget
+    em.estep.form.cpu_chunk_elements = em.estep.form.cpu_max_elements = budget
     return em
 
 

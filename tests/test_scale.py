@@ -181,22 +181,23 @@ def test_stochastic_em_is_seeded_and_s_one_is_full_em():
 
 
 def test_thousands_of_templates_stay_within_the_chunk_memory():
-    # K x 4L^2 far above the chunk budget: the templates are cut into blocks, and the chunk's
-    # work buffer stays within the form's element budget, as it does for a few templates.
+    # A few templates: chunks within the cache-sized budget. K x 4L^2 above it: one block in
+    # chunks within the memory-sized budget while a patch's logits fit there (K = 2000 at L = 11),
+    # template blocks beyond (K = 5000); the chunk's work buffer stays within the budget.
     L, image = 11, torch.rand(11, 11, generator=torch.Generator().manual_seed(0)).double()
     meas = mtd.simulate(image, 2 * L, density=0.1, snr=2.0, K=8, seed=0)
-    work = {}
-    for K in (16, 2000):
+    for K in (16, 2000, 5000):
         em = mtd.ApproximateEM(mtd.Rotations(L, K), sigma=meas.sigma, dtype=torch.float64)
         log_rho = torch.full((2 * L, 2 * L), 1 / (4 * L * L), dtype=torch.float64).log()
         stats = em.e_step(em.prepare(meas.data), image, log_rho, meas.sigma**2)
         assert float(stats.omega.sum()) == pytest.approx(4.0)  # 4 patches, each a posterior
         buffer = em.estep.form.work
-        work[K] = buffer.numel() * buffer.element_size()
-        budget_bytes = em.estep.form.chunk_elements() * 8
-        assert work[K] <= budget_bytes, (K, work[K], budget_bytes)
+        work = buffer.numel() * buffer.element_size()
+        form = em.estep.form
+        budget = form.chunk_elements() if K == 16 else form.max_elements()
+        assert work <= budget * 8, (K, work, budget)
         blocks = em.estep.chunking(4)[1]
-        assert (len(blocks) == 1) == (K == 16) and blocks[-1].stop == K
+        assert (len(blocks) > 1) == (K == 5000) and blocks[-1].stop == K
 
 
 @pytest.mark.parametrize("method", ["gemm", "fft"])

@@ -277,7 +277,7 @@ def test_e_step_over_projections_equals_brute_force(method, blocks):
         group, compute=mtd.Compute(method=method, chunk_size=2), dtype=torch.float64
     )
     if blocks:  # a budget below K x 4L^2: the log-sum-exp streams across template blocks
-        em.estep.form.cpu_chunk_elements = 2 * 2 * 4 * group.L**2
+        em.estep.form.cpu_chunk_elements = em.estep.form.cpu_max_elements = 2 * 2 * 4 * group.L**2
         assert len(em.estep.chunking(9)[1]) == 3
     patches = em.prepare(data)
     stats = em.e_step(patches, x, torch.from_numpy(np.log(rho)), sigma**2)

@@ -12,7 +12,9 @@ patches of 11 x 11 against K = 552 rotations and 4L^2 shifts, then the M-step. M
 depend on which rotations) and extrapolated linearly in the patches (the E-step is a loop over
 chunks of patches; the M-step's CG does not depend on the patch count). Printed: wall and CPU
 seconds per E-step and M-step (median of ``--repeats``), the bare batched correlations the E-step
-rests on (one pass of the correlation form over every chunk and template block, one thread), the
+rests on (one pass of the correlation form over every chunk and template block, one thread: the
+logits alone, and the logits with the back-projection of the statistics, the E-step's second
+batched correlation), the
 template blocks and the chunk's work buffer, and the process's peak resident memory above its
 baseline.
 
@@ -66,7 +68,8 @@ def speed(patches: int, K: int, repeats: int, dtype: str, method: str, target: i
     log_rho = torch.full((2 * L, 2 * L), 1.0 / (4 * L * L), dtype=dt).log()
     sigma2 = meas.sigma**2
     base = peak_rss_bytes()
-    e_times, m_times, bare_times, cpu = [], [], [], {"e": [], "m": [], "bare": []}
+    e_times, m_times, bare_times, both_times = [], [], [], []
+    cpu = {"e": [], "m": [], "bare": [], "both": []}
 
     def timed(key, times, fn):
         t, c = time.perf_counter(), time.process_time()
@@ -75,23 +78,36 @@ def speed(patches: int, K: int, repeats: int, dtype: str, method: str, target: i
         cpu[key].append(time.process_time() - c)
         return out
 
-    def bare():  # the bare correlations: one pass of the form over every chunk and block
+    def bare(adjoint: bool):
+        # The two batched correlations the E-step rests on, one pass over every chunk and block:
+        # the logits (patches against templates) and, with ``adjoint``, the back-projection
+        # (weights against patches, the accumulator of the M-step's statistics).
         estep = em.estep
         plan = estep._plan(data, x, log_rho, sigma2)
         chunks = estep._chunks(data, subset, None)
+        form = estep.form
+        acc = [form.accumulator(b.stop - b.start) for b in plan["blocks"]]
         with limit_threads(1):
-            for held, local, _ in estep._held_chunks(data, chunks, estep.form):
-                for p in plan["prepared"]:
-                    estep.form.correlate(held, local, p)
+            for held, local, _ in estep._held_chunks(data, chunks, form):
+                for p, a in zip(plan["prepared"], acc, strict=True):
+                    c = form.correlate(held, local, p)
+                    if adjoint:
+                        ones = torch.ones(len(c), dtype=c.dtype, device=c.device)
+                        form.accumulate(held, local, c, ones, a)
 
     for _ in range(repeats):
         stats = timed("e", e_times, lambda: em.e_step(data, x, log_rho, sigma2, subset=subset))
         timed("m", m_times, lambda stats=stats: em.closed_form(stats, x))
-        timed("bare", bare_times, bare)
+        timed("bare", bare_times, lambda: bare(False))
+        timed("both", both_times, lambda: bare(True))
     chunk, blocks = em.estep.chunking(data.D)
     work = em.estep.form.work
-    e, m, bare_s = (statistics.median(v) for v in (e_times, m_times, bare_times))
-    e_cpu, m_cpu, bare_cpu = (statistics.median(cpu[k]) for k in ("e", "m", "bare"))
+    e, m, bare_s, both_s = (
+        statistics.median(v) for v in (e_times, m_times, bare_times, both_times)
+    )
+    e_cpu, m_cpu, bare_cpu, both_cpu = (
+        statistics.median(cpu[k]) for k in ("e", "m", "bare", "both")
+    )
     scale = target / patches
     return {
         "patches": patches,
@@ -110,6 +126,9 @@ def speed(patches: int, K: int, repeats: int, dtype: str, method: str, target: i
         "bare_correlation_seconds": bare_s,
         "bare_correlation_cpu_seconds": bare_cpu,
         "estep_over_bare_cpu": e_cpu / bare_cpu,
+        "bare_correlation_and_back_projection_seconds": both_s,
+        "bare_correlation_and_back_projection_cpu_seconds": both_cpu,
+        "estep_over_bare_both_cpu": e_cpu / both_cpu,
         "mstep_seconds": m,
         "mstep_cpu_seconds": m_cpu,
         "cg_iterations": em.group.cg_history[-1],
