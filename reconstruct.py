@@ -454,6 +454,8 @@ def volume_measurement(cfg: DictConfig):
     L = integer(cfg, "measurement.L", 2)
     truth, voxel = None, number(cfg, "measurement.voxel_size")
     where = None if is_none(m.truth) else str(m.truth)
+    if where == "default":  # the phantom for simulations; a file's volume is not known
+        where = "shepp_logan" if m.source == "simulate" else None
     if where == "shepp_logan":  # the standard test volume, built from its ellipsoid table
         truth = mtd.volume.shepp_logan(L)
     elif where is not None:
