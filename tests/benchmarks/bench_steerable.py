@@ -23,6 +23,13 @@ non-uniform rho, the true sigma):
   C T_l Z B R_k (the back-projections) and the posterior-weighted normal matrices.
 - numpy-gemm (context): the same dense arrays with the two big contractions as BLAS matrix
   products ((K 4L^2, L^2) x (L^2, D) and (K 4L^2, D) x (D, L^2)); the best the dense layout does.
+- paper (with ``--paper-code DIR``, a clone of the paper's code, github.com/krshay/MTD-2D-EM; none
+  of it is in this repository): one iteration of its own EM (``Utils/EM_funcs.py``, one process:
+  its likelihoods over every (rotation, shift), the posterior, its ``z_step`` and rho) on the same
+  patches, with its own expansion of the same image in its first 10 coefficients. Its basis is
+  not ours (a table of nu <= 2 functions on a disk of radius L // 2 + 1), so its update is not
+  compared, only timed. It is run under NumPy 2 with the aliases it needs (``np.int``,
+  ``np.complex_``, ``csr_matrix.H``) restored.
 
 Before timing, the three updates (coefficients, rho, log-likelihood) are checked to agree (to
 1e-8 relative in float64). Times are medians over the repeats, taken in turns so that a slow
@@ -82,6 +89,7 @@ def make_case(L: int, N: int, K: int, n: int, density: float, snr: float, seed: 
     rho /= rho.sum()
     return {
         "basis": basis,
+        "image": image,
         "data": meas.data.numpy(),
         "alpha": alpha,
         "rho": rho,
@@ -190,6 +198,50 @@ def numpy_gemm_iteration(P, alpha, rho, sigma, A, AtA, L, energy):
 # ------------------------------------------------------------------------------------------------
 # Ours
 # ------------------------------------------------------------------------------------------------
+def paper_iteration(root: str, case: dict):
+    """One EM iteration of the paper's own code at ``root`` (see the module docstring)."""
+    np.int, np.complex, np.complex_ = int, complex, np.complex128  # removed in NumPy 2
+    import scipy.sparse
+
+    if not hasattr(scipy.sparse.csr_matrix, "H"):
+        scipy.sparse.csr_matrix.H = property(lambda self: self.conj().T)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from Utils import EM_funcs as E  # the paper's code
+    from Utils.fb_funcs import expand_fb
+
+    L, K = case["L"], case["K"]
+    F = case["image"].numpy()
+    B, z, _, kvals, nu = expand_fb(F, 10)
+    M = case["data"]
+    N = M.shape[0] // L * L
+    Nd = (N // L) ** 2
+    Ms = M[:N, :N].reshape(N // L, L, N // L, L).transpose(1, 3, 0, 2).reshape(L, L, Nd)
+    Bk = np.zeros((2 * L - 1, 2 * L - 1, nu), dtype=complex)
+    for i in range(nu):
+        Bk[:, :, i] = np.fft.fft2(np.pad(np.reshape(B[:, i], (L, L)), L // 2))
+    PP = E.PsiPsi(E.rearangeB(B), L, K, nu, kvals)
+    BCTZs = E.calcB_CTZs(B, K, L, kvals)
+    sigma2 = case["sigma"] ** 2
+    rho = case["rho"]
+    Phi, Ls = E.calc_Phi(K), E.calc_shifts(L)
+    pairs = np.empty((K * 4 * L * L, 2), dtype=object)  # its list of (phi, l), as it splits it
+    for i, (phi, shift) in enumerate(E.set_Phi_Ls(Phi, Ls)):
+        pairs[i, 0], pairs[i, 1] = phi, shift
+
+    def one():  # EM_funcs.EM's loop body, the pool's work in one process
+        S = E.calc_pMm_l_phi_z(Ms, pairs, z, kvals, Bk, L)
+        S = np.real(np.reshape(S, (K, 2 * L, 2 * L, Nd)))
+        p = np.exp(-(S - np.min(S, axis=(0, 1, 2))) / (2 * sigma2))
+        p = p / np.sum(p, axis=(0, 1, 2))
+        weighted = np.einsum("Pijm,ij->Pijm", p, rho)
+        post = weighted / np.sum(weighted, axis=(0, 1, 2))
+        y, A = E.partial_z_step(post, Ms, BCTZs, Phi, Ls, K, nu, kvals, sigma2, PP)
+        return np.linalg.inv(A) @ y, np.sum(post, axis=(0, 3)) / Nd
+
+    return one
+
+
 def engine(case: dict, dtype, device, threads):
     em = mtd.ApproximateEM(
         mtd.Steerable(case["basis"], case["K"]),
@@ -354,6 +406,11 @@ def main(argv=None):
         "the engine's own policy, NumPy at its default)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument(
+        "--paper-code",
+        default=None,
+        help="a clone of github.com/krshay/MTD-2D-EM: time its own EM iteration beside ours",
+    )
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.numpy_repeats < 1:
@@ -378,6 +435,8 @@ def main(argv=None):
         fns[which], info[which] = setup(which, case, dtype, args.device, threads_of(args))
     # The same update first (float64), then the times.
     check = dict(fns)
+    if args.paper_code:  # timed, not compared (its basis is its own)
+        fns["paper"] = paper_iteration(str(Path(args.paper_code).resolve()), case)
     if dtype != torch.float64 or args.device != "cpu":
         check["ours"] = setup("ours", case, torch.float64, "cpu", threads_of(args))[0]
     start = time.perf_counter()
@@ -386,12 +445,12 @@ def main(argv=None):
         f"same update (alpha', rho', loglik), largest relative difference "
         f"{check_same(outs, 1e-8):.1e}  ({time.perf_counter() - start:.0f} s)"
     )
-    t = timed(
-        fns,
-        {"ours": args.repeats, "numpy-gemm": args.repeats, "numpy": args.numpy_repeats},
-        args.device,
-    )
-    mem = {} if args.no_memory else {w: peak_child(args, w) for w in fns}
+    repeats = {"ours": args.repeats, "numpy-gemm": args.repeats, "numpy": args.numpy_repeats}
+    if "paper" in fns:
+        fns["paper"]()  # warm up (imports, caches), as the check has the others
+        repeats["paper"] = args.numpy_repeats
+    t = timed(fns, repeats, args.device)
+    mem = {} if args.no_memory else {w: peak_child(args, w) for w in fns if w != "paper"}
     D, K, L = info["ours"]["D"], args.K, args.L
     dense = K * 4 * L * L * D * 8
     print(
@@ -404,7 +463,7 @@ def main(argv=None):
         f"{'':<11} {'s/iteration':>12} {'x ours':>7} {'CPU-s/it.':>10} {'x ours':>7} "
         f"{'repeats':>8} {'peak MiB':>9}"
     )
-    for name in ("ours", "numpy-gemm", "numpy"):
+    for name in fns:
         sec, cpu, reps = t[name]
         peak = mem.get(name)
         peak_s = f"{peak / 2**20:>9.0f}" if peak is not None else f"{'-':>9}"
@@ -414,7 +473,9 @@ def main(argv=None):
         )
     print(
         "numpy: dense arrays, per (rotation, shift) einsums as the paper's code; numpy-gemm: "
-        "the same\ndense arrays, the contractions as BLAS products. Medians over the repeats."
+        "the same\ndense arrays, the contractions as BLAS products"
+        + ("; paper: the paper's own code, its basis" if "paper" in fns else "")
+        + ". Medians over the repeats."
     )
     speedup = t["numpy"][0] / t["ours"][0]
     print(
@@ -423,6 +484,11 @@ def main(argv=None):
         f"(issue 12 asks >= 300x); 1-min load average {load0:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end"
     )
+    if "paper" in t:
+        print(
+            f"ours is {t['paper'][0] / t['ours'][0]:.0f}x faster per iteration than the paper's "
+            f"own code in wall time, {t['paper'][1] / t['ours'][1]:.0f}x in CPU time"
+        )
     return {"t": t, "mem": mem, "speedup": speedup}
 
 
