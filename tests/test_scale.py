@@ -180,6 +180,30 @@ def test_stochastic_em_is_seeded_and_s_one_is_full_em():
     assert gap < 1e-3 and gap < (noisy.estimate - fixed.estimate).norm() / 20
 
 
+def test_stochastic_em_scores_every_restart_on_one_subset_of_patches():
+    # Without a polish, the final log-likelihood (the restart's score) is one stochastic E-step
+    # at the estimate, on a subset of floor(S D) patches that every restart shares; with a
+    # polish, the last iterations and the score are on all patches.
+    meas, image, mu = measurement(5, N=110)
+    em = engine(stochastic=0.3, seed=3, iterations=4)
+    data = em.prepare(meas.data)
+    inits = torch.stack([mu, mu.flip(0)])
+    subsets = []
+    for r, init in enumerate(inits):
+        res = em.fit(data, init)
+        subset = em._subset(data, torch.Generator().manual_seed(3 + mtd.em._EVAL))
+        sigma2 = res.sigma**2
+        at = em.e_step(data, res.estimate, res.rho.log(), sigma2, subset)
+        assert float(res.loglik[-1]) == pytest.approx(float(at.loglik), rel=1e-12)
+        full = em.e_step(data, res.estimate, res.rho.log(), sigma2)
+        assert float(res.loglik[-1]) != pytest.approx(float(full.loglik), rel=1e-6)
+        subsets.append(subset)
+    assert len(subsets[0]) == int(0.3 * data.D) and torch.equal(subsets[0], subsets[1])
+    polished = engine(stochastic=0.3, seed=3, iterations=4, polish=1).fit(data, mu)
+    full = em.e_step(data, polished.estimate, polished.rho.log(), polished.sigma**2)
+    assert float(polished.loglik[-1]) == pytest.approx(float(full.loglik), rel=1e-12)
+
+
 def test_thousands_of_templates_stay_within_the_chunk_memory():
     # A few templates: chunks within the cache-sized budget. K x 4L^2 above it: one block in
     # chunks within the memory-sized budget while a patch's logits fit there (K = 2000 at L = 11),
