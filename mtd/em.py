@@ -90,7 +90,8 @@ class EMResult:
         rho: (2L, 2L) the shift distribution.
         sigma: the noise level (given, or estimated).
         loglik: (iterations + 1,) approximate log-likelihood at every iterate, the last at
-        ``estimate``.
+        ``estimate`` (stochastic EM: estimates from its subsets, the last from the subset every
+        restart is scored on, unless a polish ends on all patches).
         history: one dict per iteration (see ``ApproximateEM.fit``).
         converged: whether the stopping rule ||F_new - F|| < tol was met.
         restart: index of the chosen initial guess.

@@ -398,15 +398,17 @@ class EStep:
         """
         K, shifts = self.K, 4 * self.L * self.L
         budget = self.form.chunk_elements()
-        if K * shifts > budget:  # many templates: chunks as large as memory allows (the form's)
-            budget = max(budget, self.form.max_elements())
         chunk = self.compute.chunk_size
         if K * shifts <= budget:
             size = K  # every template in one block (a user's chunk_size may exceed the budget)
-        else:
-            chunk = chunk or _MIN_BLOCKED_PATCHES
-            pair = self.form.pair
-            size = max(pair, budget // (min(chunk, D) * shifts) // pair * pair)
+        else:  # many templates: chunks as large as memory allows (the form's second budget)
+            budget = max(budget, self.form.max_elements())
+            if K * shifts * min(chunk or 1, D) <= budget:
+                size = K  # all templates in one block, the chunk (a user's too) within it
+            else:
+                chunk = chunk or _MIN_BLOCKED_PATCHES
+                pair = self.form.pair
+                size = max(pair, budget // (min(chunk, D) * shifts) // pair * pair)
         blocks = [slice(s, min(s + size, K)) for s in range(0, K, size)]
         if chunk is not None:
             return min(chunk, D), blocks

@@ -182,23 +182,30 @@ def test_stochastic_em_is_seeded_and_s_one_is_full_em():
 
 def test_stochastic_em_scores_every_restart_on_one_subset_of_patches():
     # Without a polish, the final log-likelihood (the restart's score) is one stochastic E-step
-    # at the estimate, on a subset of floor(S D) patches that every restart shares; with a
-    # polish, the last iterations and the score are on all patches.
+    # at the estimate, on a subset of floor(S D) patches that every restart shares (drawn from
+    # seed + _EVAL, while restart r's iterations draw from seed + r); with a polish, the last
+    # iterations and the score are on all patches.
     meas, image, mu = measurement(5, N=110)
     em = engine(stochastic=0.3, seed=3, iterations=4)
     data = em.prepare(meas.data)
-    inits = torch.stack([mu, mu.flip(0)])
-    subsets = []
-    for r, init in enumerate(inits):
-        res = em.fit(data, init)
-        subset = em._subset(data, torch.Generator().manual_seed(3 + mtd.em._EVAL))
-        sigma2 = res.sigma**2
-        at = em.e_step(data, res.estimate, res.rho.log(), sigma2, subset)
-        assert float(res.loglik[-1]) == pytest.approx(float(at.loglik), rel=1e-12)
-        full = em.e_step(data, res.estimate, res.rho.log(), sigma2)
-        assert float(res.loglik[-1]) != pytest.approx(float(full.loglik), rel=1e-6)
-        subsets.append(subset)
-    assert len(subsets[0]) == int(0.3 * data.D) and torch.equal(subsets[0], subsets[1])
+    seeds, draw = [], em._subset
+
+    def recording(data, generator):
+        seeds.append(generator.initial_seed())
+        return draw(data, generator)
+
+    em._subset = recording
+    res = em.fit(data, torch.stack([mu, mu.flip(0)]))
+    shared = 3 + mtd.em._EVAL
+    assert seeds == [3, 3, 3, 3, shared, 4, 4, 4, 4, shared]
+    subset = draw(data, torch.Generator().manual_seed(shared))
+    assert len(subset) == int(0.3 * data.D)
+    best = res.restart
+    at = em.e_step(data, res.estimate, res.rho.log(), res.sigma**2, subset)
+    assert float(res.scores[best]) == pytest.approx(float(at.loglik), rel=1e-6)  # (float32)
+    assert float(res.loglik[-1]) == pytest.approx(float(at.loglik), rel=1e-12)
+    full = em.e_step(data, res.estimate, res.rho.log(), res.sigma**2)
+    assert float(res.loglik[-1]) != pytest.approx(float(full.loglik), rel=1e-6)
     polished = engine(stochastic=0.3, seed=3, iterations=4, polish=1).fit(data, mu)
     full = em.e_step(data, polished.estimate, polished.rho.log(), polished.sigma**2)
     assert float(polished.loglik[-1]) == pytest.approx(float(full.loglik), rel=1e-12)
@@ -222,6 +229,12 @@ def test_thousands_of_templates_stay_within_the_chunk_memory():
         assert work <= budget * 8, (K, work, budget)
         blocks = em.estep.chunking(4)[1]
         assert (len(blocks) > 1) == (K == 5000) and blocks[-1].stop == K
+    # A user's chunk of 4 patches x 2000 templates exceeds the memory budget: template blocks.
+    compute = mtd.Compute(chunk_size=4)
+    em = mtd.ApproximateEM(mtd.Rotations(L, 2000), compute=compute, dtype=torch.float64)
+    chunk, blocks = em.estep.chunking(4)
+    assert chunk == 4 and len(blocks) > 1
+    assert chunk * (blocks[0].stop - blocks[0].start) * 4 * L * L <= em.estep.form.max_elements()
 
 
 @pytest.mark.parametrize("method", ["gemm", "fft"])
