@@ -9,7 +9,6 @@ against ``clean=`` when given) beside the micrograph, each whole or not at all.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import mtd
-from mtd.measurement import atomic_write
+from mtd.measurement import write_summary
 from priors.denoise import (
     MicrographDenoiser,
     ReferenceDensity,
@@ -29,10 +28,9 @@ from priors.denoise import (
     metrics_of,
 )
 from priors.prior import ScorePrior
-from run_checks import USER_ERRORS, is_none, user_error_exit
+from run_checks import USER_ERRORS, is_none, register_project_resolver, user_error_exit
 
-ROOT = Path(__file__).resolve().parent
-OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
+register_project_resolver()
 
 
 def _number(cfg, key: str, low: float, high: float, closed_high: bool = True) -> float:
@@ -139,8 +137,7 @@ def denoise(cfg: DictConfig) -> dict:
         figure(paths["png"], panels)
     else:
         summary["outputs"].pop("png")
-    text = json.dumps(summary, indent=2, default=str)
-    atomic_write(paths["json"], lambda p: p.write_text(text))
+    write_summary(paths["json"], summary)
     return summary
 
 

@@ -10,7 +10,6 @@ and ``summary.json`` (the metrics when ``truth=`` gives the true centres) into t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mtd
 from mtd import picking
-from mtd.measurement import atomic_write
+from mtd.measurement import write_summary
 from run_checks import USER_ERRORS, is_none, user_error_exit
 
 METHODS = ("posterior", "template")
@@ -137,8 +136,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
         "micrographs": [{"path": p, "shape": list(s)} for p, s in zip(paths, shapes, strict=True)],
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    text = json.dumps(summary, indent=2, default=str)
-    atomic_write(out / "summary.json", lambda p: p.write_text(text))
+    write_summary(out / "summary.json", summary)
     return metrics
 
 

@@ -9,7 +9,6 @@ guess, logs the iterations to W&B (``wandb_setup``) and writes the estimates, a 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -24,7 +23,7 @@ from tqdm import tqdm
 import mtd
 import mtd.volume
 from mtd import picking, volume_metrics, volume_outputs
-from mtd.measurement import atomic_write
+from mtd.measurement import write_summary
 from mtd.outputs import crop_window, write_outputs
 from priors import ScorePrior
 from priors import denoise as denoising
@@ -39,6 +38,7 @@ from run_checks import (
     is_none,
     number,
     patch_count,
+    register_project_resolver,
     user_error_exit,
 )
 from wandb_setup import (
@@ -49,9 +49,7 @@ from wandb_setup import (
     start_reconstruction,
 )
 
-ROOT = Path(__file__).resolve().parent
-# ${project:PATH}: a file shipped with the project, wherever the command is run from.
-OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
+register_project_resolver()
 
 INITS = ("digits", "uniform", "normal", "autocorrelation", "prior_mean", "prior_samples", "file")
 BASELINES = ("same", "closed_form")
@@ -543,8 +541,7 @@ def reconstruct_volume(cfg: DictConfig, out: Path, device, comm=None, rank: int 
             if meas is not None and cfg.measurement.get("save", True):
                 meas.save(out / "measurement.mrc")
             summary.update(metrics=metrics, config=OmegaConf.to_container(cfg, resolve=True))
-            text = json.dumps(summary, indent=2, default=str)
-            atomic_write(out / "summary.json", lambda p: p.write_text(text))
+            write_summary(out / "summary.json", summary)
         if run is not None:
             run.summary.update(metrics)
         exit_code = 0

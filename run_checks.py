@@ -26,6 +26,15 @@ import mtd
 SCALE_RATIO = 10.0
 
 
+ROOT = Path(__file__).resolve().parent
+
+
+def register_project_resolver() -> None:
+    """``${project:PATH}`` in configs: a file shipped with the project, wherever the command is run
+    from (the entry points register it before Hydra composes their configs)."""
+    OmegaConf.register_new_resolver("project", lambda p="": str(ROOT / p), replace=True)
+
+
 # Errors our checks raise for bad input: one line, exit status 2, no traceback (tracebacks are for
 # bugs; HYDRA_FULL_ERROR=1 shows them anyway). Every entry point exits through user_error_exit.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)

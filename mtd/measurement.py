@@ -9,6 +9,7 @@ machine.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -439,3 +440,9 @@ def atomic_write(path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_summary(path, summary: dict) -> None:
+    """A run's summary as indented JSON (anything not JSON as its str), written whole."""
+    text = json.dumps(summary, indent=2, default=str)
+    atomic_write(path, lambda p: p.write_text(text))

@@ -6,13 +6,18 @@ part-way leaves no half-written file and no summary claiming outputs that are no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mtd.measurement import Measurement, atomic_write, open_micrograph, write_micrograph
+from mtd.measurement import (
+    Measurement,
+    atomic_write,
+    open_micrograph,
+    write_micrograph,
+    write_summary,
+)
 from mtd.metrics import align
 
 
@@ -122,6 +127,5 @@ def write_outputs(
     errors = errors or {}
     shown = {name: (est, errors.get(name)) for name, est in estimates.items()}
     save_figure(out / "reconstruction.png", truth, data, shown, group, crop, position)
-    text = json.dumps(summary, indent=2, default=str)
-    atomic_write(out / "summary.json", lambda p: p.write_text(text))
+    write_summary(out / "summary.json", summary)
     return out
