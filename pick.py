@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import mtd
 from mtd import picking
 from mtd.measurement import write_summary
-from run_checks import USER_ERRORS, is_none, user_error_exit
+from run_checks import USER_ERRORS, integer, is_none, user_error_exit
 
 METHODS = ("posterior", "template")
 GROUPS = ("rotations", "dihedral", "steerable")
@@ -85,6 +85,15 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0 or null, got {cfg.sigma!r}")
     radius = None if is_none(cfg.radius) else float(cfg.radius)
+    named = {"posterior": "noise", "template": "auto"}[cfg.method]  # the default's name
+    threshold = cfg.threshold
+    if is_none(threshold) or threshold == named:
+        threshold = named
+    elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"threshold must be a number, {named!r} or null, got {threshold!r}")
+    else:
+        threshold = float(threshold)
+    noise_draws = integer(cfg, "noise_draws", 1)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -103,18 +112,17 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
         log_rho, sigma2 = picking.fit_rho_sigma(
             em, patches, unknown, sigma, cfg.rho, int(cfg.rho_iterations)
         )
-        threshold = 0.0 if is_none(cfg.threshold) else float(cfg.threshold)
         picks, post = picking.pick_posterior(
             em, patches, unknown, log_rho, sigma2, cfg.empty_rule,
             None if is_none(cfg.merge_radius) else float(cfg.merge_radius), threshold,
-            float(cfg.empty_energy), float(cfg.detect_energy),
+            float(cfg.empty_energy), float(cfg.detect_energy), int(cfg.seed), noise_draws,
         )  # fmt: skip
         info = {
             "sigma": math.sqrt(sigma2),
             "empty_mass": float(log_rho.exp()[picking.empty_shifts(L)].sum()),
+            "threshold": picks.info["threshold"],
         }
     else:
-        threshold = "auto" if is_none(cfg.threshold) else float(cfg.threshold)
         picks = picking.template_match(
             data, group, unknown,
             min_distance=None if is_none(cfg.min_distance) else float(cfg.min_distance),

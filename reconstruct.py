@@ -361,6 +361,8 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     tags = [*cfg.tags, f"em={cfg.em.name}", f"K={cfg.em.K}"] + (["oracle"] if cfg.oracle else [])
     if "snr" in info:
         tags.append(f"snr={info['snr']:g}")
+    if cfg.pick:
+        pick_threshold(cfg)
     if cfg.pick and rank == 0:  # a folder that cannot take picks.star fails before EM
         out.mkdir(parents=True, exist_ok=True)
         picking.check_star_path(out / "picks.star")
@@ -601,6 +603,14 @@ class VolumeLog:
         self.log(row)
 
 
+def pick_threshold(cfg: DictConfig) -> float | str:
+    """``picking.threshold``: "noise" or a number, or an error naming the key and value (and
+    ``picking.noise_draws`` checked with it)."""
+    integer(cfg, "picking.noise_draws", 1)
+    value = cfg.picking.threshold
+    return "noise" if value == "noise" else number(cfg, "picking.threshold")
+
+
 def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data, meas) -> dict:
     """Particles picked from the E-step's posteriors at run ``v``'s estimate (Algorithm 2 of the
     stochastic-EM paper): picks.star and picks.png in ``out``, the pick/* metrics (with a
@@ -615,9 +625,11 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
         res.sigma**2,
         p.empty_rule,
         None if is_none(p.merge_radius) else number(cfg, "picking.merge_radius"),
-        0.0,
+        pick_threshold(cfg),
         number(cfg, "picking.empty_energy"),
         number(cfg, "picking.detect_energy"),
+        int(cfg.seed),
+        integer(cfg, "picking.noise_draws", 1),
     )
     truth = None if meas is None else picking.truth_of(meas)
     found = picking.picking_outputs(

@@ -76,6 +76,38 @@ def test_centres_exact_in_streamed_multi_file_data(tmp_path):
     assert got.names == [str(p) for p in paths]
 
 
+def test_noise_threshold_bounds_false_picks_where_the_bayes_rule_over_picks():
+    """Pure noise under a prior that calls 81 % of patches occupied (uniform rho): the Bayes rule
+    (threshold 0) picks dozens of the 1600 noise patches; the default threshold, set by the
+    scores of noise micrographs drawn apart from the data, about one per micrograph."""
+    L = 5
+    F = 0.5 + np.random.default_rng(4).uniform(0, 1, (L, L))
+    em = engine(L)
+    bayes, noise = [], []
+    for seed in range(3):
+        M = np.random.default_rng(100 + seed).standard_normal((40 * L, 40 * L))
+        data = em.prepare(M)
+        p0, _ = picking.pick_posterior(em, data, F, uniform_log_rho(L), 1.0, threshold=0.0)
+        pn, _ = picking.pick_posterior(em, data, F, uniform_log_rho(L), 1.0, seed=seed)
+        assert pn.info["threshold"] > 0
+        bayes.append(int(p0.selected.sum()))
+        noise.append(int(pn.selected.sum()))
+    assert min(bayes) >= 40 and sum(noise) <= 6, (bayes, noise)
+    # The threshold is the draws-th largest of draws micrographs' worth of noise scores, seeded.
+    args = (em, F, uniform_log_rho(L), 1.0, 30)
+    a = picking.noise_score(*args, seed=1, draws=3, block=4)
+    assert a == picking.noise_score(*args, seed=1, draws=3, block=4)
+    assert a != picking.noise_score(*args, seed=2, draws=3, block=4)
+    gen = torch.Generator().manual_seed(1)  # blocks of 4 x 4 patches: 16, 16, 16, 16, 16, 10
+    scores = []
+    for rows, cols in [(4, 4)] * 5 + [(3, 4)]:
+        Z = torch.randn(rows * L, cols * L, generator=gen, dtype=torch.float64)
+        scores.append(picking.patch_posteriors(em, Z, F, uniform_log_rho(L), 1.0, 0.2).score())
+    assert a == np.sort(np.concatenate(scores)[:90])[-3]
+    with pytest.raises(ValueError, match="draws must be"):
+        picking.noise_score(*args, draws=0)
+
+
 def test_patch_truth_shift_equals_brute_force_model():
     """The true shift of every patch is the l at which the model's crop C T_l Z R_k F equals the
     clean patch (tests/reference.crop_shift, np.roll): no derivation shared with the code."""
@@ -233,6 +265,8 @@ def test_bad_input_is_refused_before_work():
         picking.template_match(np.zeros((3, 3)), mtd.Rotations(L, 4), np.ones((L, L)) + np.eye(L))
     with pytest.raises(ValueError, match="empty_rule"):
         picking.pick_posterior(em, M, np.ones((L, L)), uniform_log_rho(L), 1.0, empty_rule="x")
+    with pytest.raises(ValueError, match="threshold must be"):
+        picking.pick_posterior(em, M, np.ones((L, L)), uniform_log_rho(L), 1.0, threshold="x")
     with pytest.raises(ValueError, match="constant"):
         picking.template_match(M, mtd.Rotations(L, 4), np.ones((L, L)))
 
