@@ -31,10 +31,13 @@ probabilities are floored at the dtype's smallest normal number, so scores satur
 
 Picks (``pick_posterior``) use the same rule at a higher level, ``detect_energy`` (a fifth of a
 copy): faint slivers, which rho cannot tell from empty shifts at low SNR, otherwise made noise
-patches look occupied. A copy cut by patch borders is seen by up to four patches, each of which
-gives the same centre at high SNR: ``merge`` keeps, among candidates within ``radius`` (default
-L - 1: copies that do not overlap are at least L apart) of each other in one micrograph, the one
-with the highest score (non-maximum suppression).
+patches look occupied. Where the estimate is poor its posteriors are not calibrated and that rule
+over-picks, so a pick's score must also beat what micrographs of pure noise give under the same
+estimate, rho and sigma (``noise_score``, the default ``threshold="noise"``). A copy cut by patch
+borders is seen by up to four patches, each of which gives the same centre at high SNR: ``merge``
+keeps, among candidates within ``radius`` (default L - 1: copies that do not overlap are at least
+L apart) of each other in one micrograph, the one with the highest score (non-maximum
+suppression).
 
 **Template matching** (``template_match``), the standard baseline: the normalised
 cross-correlation (NCC) of the micrograph with the K templates of a given image (the group's
