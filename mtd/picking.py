@@ -508,7 +508,7 @@ def pick_posterior(
     default) the larger of 0 and ``noise_score`` over as many noise patches as a micrograph of
     ``data`` has on average (at most about one false pick per micrograph where the posteriors
     are not calibrated: measured on another simulator's MNIST micrograph at SNR 0.1, F1 0.71 at
-    0 and 0.89 at "noise"; unchanged where EM succeeds). Every copy shows at least a quarter of
+    0 and 0.88 at "noise"; unchanged where EM succeeds). Every copy shows at least a quarter of
     its energy in one of the (at most four) patches it touches, so the default 0.2 loses no
     copy, while the many faint slivers (a few per cent of a copy, which rho cannot tell from
     empty shifts at low SNR and which made noise patches look occupied: measured) no longer

@@ -330,6 +330,8 @@ def test_pick_py_bad_input_fails_before_writing(small_case):
         ([f"micrograph={d / 'tiny.npy'}"], "smaller than one patch"),
         (["star=nowhere/picks.star"], "does not exist"),
         (["method=magic"], "method must be one of"),
+        (["threshold=high"], "threshold must be a number, 'noise' or null, got 'high'"),
+        (["noise_draws=0"], "noise_draws must be an integer >= 1, got 0"),
     ]
     for extra, message in cases:
         cfg = compose_pick(d, *base, *extra)
