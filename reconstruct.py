@@ -9,6 +9,7 @@ guess, logs the iterations to W&B (``wandb_setup``) and writes the estimates, a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -253,8 +254,10 @@ def initial_guess(
     return x if group is None else group.from_image(x)
 
 
-def build_em(cfg: DictConfig, group: mtd.TransformSet, m_step, sigma, device) -> mtd.ApproximateEM:
-    """The configured engine around ``group`` and ``m_step``."""
+def build_em(
+    cfg: DictConfig, group: mtd.TransformSet, m_step, sigma, device, iterations=None
+) -> mtd.ApproximateEM:
+    """The configured engine around ``group`` and ``m_step`` (``em.iterations`` unless given)."""
     e = cfg.em
     stochastic = None
     if float(e.stochastic) != 1:
@@ -264,7 +267,7 @@ def build_em(cfg: DictConfig, group: mtd.TransformSet, m_step, sigma, device) ->
         m_step=m_step,
         sigma=sigma,
         rho=e.rho,
-        iterations=int(e.iterations),
+        iterations=int(e.iterations if iterations is None else iterations),
         tol=float(e.tol),
         stochastic=stochastic,
         compute=mtd.Compute(e.method, e.chunk_size, e.stream),
@@ -331,6 +334,13 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     if cfg.em.baseline == "closed_form":  # the run without the prior is closed-form EM
         m_steps["no_prior"] = mtd.ClosedForm()
     ems = {v: build_em(cfg, group, m_steps[v], sigma, device) for v in variants}
+    refine = None  # (the finer group, its iterations)
+    if not is_none(cfg.em.refine_K):
+        K = integer(cfg, "em.refine_K", 1)
+        refine = (
+            hydra.utils.instantiate(cfg.em.group, K=K)(L),
+            integer(cfg, "em.refine_iterations", 1),
+        )
     m_steps["prior"].check_prior(score)  # before the long pass over the data
     check_stochastic(cfg, patch_count(info))
     ac = ac_seconds = None  # autocorrelation analysis: the baseline and/or the initial guess
@@ -376,6 +386,12 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             res, seconds = run_em(
                 ems[v], v, patches, init, score if v == "prior" else None, truth, shown, comm, rank
             )
+            if refine is not None:  # the best restart on the finer grid
+                ems[v], res, more = refine_em(
+                    cfg, refine, ems[v], res, patches, score if v == "prior" else None, truth,
+                    shown, comm, rank,
+                )  # fmt: skip
+                seconds += more
             if log is not None:  # the estimate EM returns, whatever image_every skipped
                 log.final({**res.history[-1], "estimate": group.to_image(res.estimate)})
             # Outputs are images; an unknown that is not one is written aligned to the truth (its
@@ -387,6 +403,8 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             )
             results[v], fits[v] = group.to_image(aligned), res
             records[v] = run_record(res, seconds, ems[v], cfg.em.K)
+            if refine is not None:
+                records[v]["refine_K"] = refine[0].K
             metrics[f"seconds/{v}"] = seconds
             metrics[f"iterations/{v}"] = len(res.history)
             if truth is not None:
@@ -499,6 +517,8 @@ def reconstruct_volume(cfg: DictConfig, out: Path, device, comm=None, rank: int 
     """
     if not is_none(cfg.ckpt):
         raise ValueError(f"object=volume runs without a prior (ckpt=none), got ckpt={cfg.ckpt}")
+    if not is_none(cfg.em.refine_K):  # its grid is em.group.resolution, refined by its schedule
+        raise ValueError(f"em.refine_K is for images; object=volume got {cfg.em.refine_K!r}")
     data, sigma, truth, voxel, info, meas = volume_measurement(cfg)
     L = int(info["L"])
     group = hydra.utils.instantiate(cfg.em.group)(L)
@@ -700,6 +720,38 @@ def run_em(em, variant, data, init, prior, truth, log=None, comm=None, rank=0):
     finally:
         bar.close()
     return res, time.perf_counter() - start
+
+
+def refine_em(cfg, refine, em, res, data, prior, truth, log=None, comm=None, rank=0):
+    """Coarse-to-fine search: the best restart's estimate refined by EM on a finer grid.
+
+    A K-point grid fits copies at any angle with the nearest of its K rotations, so at high
+    SNR its estimate is the truth averaged over +-pi / K (measured: error 0.022 at SNR 17 with
+    K = 8, where the autocorrelation analysis, which takes every angle, reaches 0.013). The
+    search keeps the coarse grid's cost and basin; the refinement (one start, the same M-step
+    continued past its schedule, ``mtd.Continued``; rho and sigma start over) removes that bias,
+    as an auto-refinement's finer angular sampling does (0.004 at SNR 17 with K = 32).
+
+    Returns:
+        (the refinement's engine, the ``EMResult`` with both stages' history, its seconds).
+    """
+    group, iterations = refine
+    step = mtd.Continued(em.m_step, em.total_iterations)
+    fine = build_em(cfg, group, step, em.sigma, em.device, iterations)
+    first = len(res.history)
+
+    def shifted(entry):  # the refinement's iterations after the search's, one history
+        log({**entry, "iteration": first + entry["iteration"], "stage": "refine"})
+
+    more, seconds = run_em(
+        fine, "refine", data, res.estimate[None], prior, truth, None if log is None else shifted,
+        comm, rank,
+    )  # fmt: skip
+    history = res.history + [{**h, "iteration": first + h["iteration"]} for h in more.history]
+    loglik = torch.cat([res.loglik[:-1], more.loglik])
+    combined = dataclasses.replace(more, history=history, loglik=loglik, restart=res.restart)
+    combined.scores = res.scores
+    return fine, combined, seconds
 
 
 def run_record(res, seconds: float, em, K: int) -> dict:

@@ -15,7 +15,15 @@ from mtd.measurement import (
     write_micrograph,
 )
 from mtd.metrics import align, relative_error
-from mtd.msteps import ClosedForm, ConstantGamma, Denoise, Gradient, LinearGamma, MStep
+from mtd.msteps import (
+    ClosedForm,
+    ConstantGamma,
+    Continued,
+    Denoise,
+    Gradient,
+    LinearGamma,
+    MStep,
+)
 from mtd.patches import PatchSource, extract_patches
 from mtd.rotations import Dihedral, Rotations, mirror, rotate
 from mtd.steerable import FBBasis, Steerable
@@ -26,6 +34,7 @@ __all__ = [
     "ClosedForm",
     "Compute",
     "ConstantGamma",
+    "Continued",
     "Denoise",
     "Dihedral",
     "EMResult",

@@ -290,3 +290,29 @@ class Denoise(MStep):
             f"Denoise(gamma={self.schedule!r}, noise_scale={self.noise_scale}, "
             f"anneal_from={self.anneal_from}, anneal_iterations={self.anneal_iterations})"
         )
+
+
+class Continued(MStep):
+    """``m_step`` past the end of its schedule: iteration tau of a further stage is iteration
+    ``after + tau`` of the run of ``after`` iterations it continues (a prior's weight at its
+    last value, annealing done), so that a stage run after EM (a finer rotation grid,
+    ``reconstruct.py``'s em.refine_K) does not start the schedule over.
+    """
+
+    def __init__(self, m_step: MStep, after: int):
+        if int(after) != after or after < 1:
+            raise ValueError(f"after must be an integer >= 1, got {after!r}")
+        self.m_step, self.after = m_step, int(after)
+        self.uses_prior = m_step.uses_prior
+
+    def gamma(self, tau: int, T: int) -> float:
+        return self.m_step.gamma(self.after + tau, self.after)
+
+    def check_prior(self, prior) -> None:
+        self.m_step.check_prior(prior)
+
+    def step(self, group, stats, x, sigma2, tau, T, prior):
+        return self.m_step.step(group, stats, x, sigma2, self.after + tau, self.after, prior)
+
+    def __repr__(self) -> str:
+        return f"Continued({self.m_step!r}, after={self.after})"

@@ -366,3 +366,30 @@ def test_stochastic_em_fft_and_gemm_agree_on_a_digit(digits):
     fft = mtd.ApproximateEM(R, compute=mtd.Compute(method="fft"), **kw).fit(meas.data, init)
     gemm = mtd.ApproximateEM(R, compute=mtd.Compute(method="gemm"), **kw).fit(meas.data, init)
     torch.testing.assert_close(fft.estimate, gemm.estimate, rtol=0, atol=1e-8)
+
+
+def test_continued_m_step_runs_past_its_schedule():
+    """mtd.Continued: iteration tau of a further stage is iteration after + tau of the run it
+    continues, so an annealed prior step keeps its final weight and noise level instead of
+    starting its schedule over (em.refine_K's refinement)."""
+    seen = []
+
+    class Recorder(mtd.MStep):
+        uses_prior = True
+
+        def gamma(self, tau, T):
+            return mtd.LinearGamma()(tau, T)
+
+        def step(self, group, stats, x, sigma2, tau, T, prior):
+            seen.append((tau, T))
+            return x, {}
+
+    step = mtd.Continued(Recorder(), after=40)
+    assert step.uses_prior
+    assert step.gamma(0, 7) == 1.0 and Recorder().gamma(0, 40) == 0.0
+    step.step(None, None, torch.zeros(2), 1.0, 3, 7, None)
+    assert seen == [(43, 40)]
+    denoise = mtd.Denoise(anneal_from=5.0, anneal_iterations=32)
+    assert mtd.Continued(denoise, 40).gamma(0, 10) == denoise.gamma(40, 40)
+    with pytest.raises(ValueError, match="after must be"):
+        mtd.Continued(Recorder(), after=0)
