@@ -690,8 +690,9 @@ def crop_for_logging(data, meas, L: int, crop: int):
     return window.detach().cpu().numpy().copy() if torch.is_tensor(window) else np.array(window)
 
 
-def run_em(em, variant, data, init, prior, truth, log=None, comm=None, rank=0):
-    """One EM fit with a progress bar; ``log(entry)`` gets every iteration's history entry.
+def run_em(em, variant, data, init, prior, truth, log=None, comm=None, rank=0, begin=(None, None)):
+    """One EM fit with a progress bar; ``log(entry)`` gets every iteration's history entry;
+    ``begin``: the (rho, sigma) it starts from (``ApproximateEM.fit``).
 
     Returns:
         (the ``EMResult``, its wall time in seconds).
@@ -716,7 +717,10 @@ def run_em(em, variant, data, init, prior, truth, log=None, comm=None, rank=0):
 
     start = time.perf_counter()
     try:
-        res = em.fit(data, init, prior=prior, truth=truth, callback=callback, comm=comm)
+        res = em.fit(
+            data, init, prior=prior, truth=truth, callback=callback, comm=comm, rho=begin[0],
+            sigma=begin[1],
+        )  # fmt: skip
     finally:
         bar.close()
     return res, time.perf_counter() - start
@@ -729,8 +733,9 @@ def refine_em(cfg, refine, em, res, data, prior, truth, log=None, comm=None, ran
     SNR its estimate is the truth averaged over +-pi / K (measured: error 0.022 at SNR 17 with
     K = 8, where the autocorrelation analysis, which takes every angle, reaches 0.013). The
     search keeps the coarse grid's cost and basin; the refinement (one start, the same M-step
-    continued past its schedule, ``mtd.Continued``; rho and sigma start over) removes that bias,
-    as an auto-refinement's finer angular sampling does (0.004 at SNR 17 with K = 32).
+    continued past its schedule, ``mtd.Continued``; rho and sigma where the search left them)
+    removes that bias, as an auto-refinement's finer angular sampling does (0.004 at SNR 17 with
+    K = 32).
 
     Returns:
         (the refinement's engine, the ``EMResult`` with both stages' history, its seconds).
@@ -745,7 +750,7 @@ def refine_em(cfg, refine, em, res, data, prior, truth, log=None, comm=None, ran
 
     more, seconds = run_em(
         fine, "refine", data, res.estimate[None], prior, truth, None if log is None else shifted,
-        comm, rank,
+        comm, rank, begin=(res.rho, res.sigma),
     )  # fmt: skip
     history = res.history + [{**h, "iteration": first + h["iteration"]} for h in more.history]
     loglik = torch.cat([res.loglik[:-1], more.loglik])

@@ -253,6 +253,8 @@ class ApproximateEM(torch.nn.Module):
         truth=None,
         callback: Callable[[dict], None] | None = None,
         comm=None,
+        rho: torch.Tensor | None = None,
+        sigma: float | None = None,
     ) -> EMResult:
         """Run EM from each initial guess and keep the best (approximate-EM paper, Section 3).
 
@@ -274,6 +276,9 @@ class ApproximateEM(torch.nn.Module):
                 new iterate.
             comm: for a run across processes, ``mtd.TorchDistributed()`` (see ``EStep``); every
                 process passes the same data and gets the same result.
+            rho, sigma: where every restart starts the shift distribution ((2L, 2L), summing to
+                1) and, when it is estimated, the noise level: an earlier fit's, to continue it
+                (None: a uniform rho and the patches' mean power, an upper bound on sigma^2).
 
         Returns:
             ``EMResult`` of the restart with the highest log-likelihood (plus gamma * log-prior).
@@ -300,6 +305,13 @@ class ApproximateEM(torch.nn.Module):
             truth = self._validate_image("truth", truth)
             if truth.ndim != len(shape):
                 raise ValueError(f"truth must be one {shape} image, got {tuple(truth.shape)}")
+        L = self.L
+        if rho is not None:
+            rho = torch.as_tensor(rho, device=self.device, dtype=self.dtype)
+            if tuple(rho.shape) != (2 * L, 2 * L) or not bool((rho >= 0).all()):
+                raise ValueError(f"rho must be a ({2 * L}, {2 * L}) distribution, got {rho!r}")
+        if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be > 0 and finite or None, got {sigma!r}")
         data = data if isinstance(data, Patches) else self.prepare(data)
         for name, array, rest in zip(
             data.source.names, data.source.arrays, data.source.dropped, strict=True
@@ -313,7 +325,7 @@ class ApproximateEM(torch.nn.Module):
         dropped = data.source.dropped[0] if len(data.source.dropped) == 1 else data.source.dropped
         results, scores = [], []
         for r, x0 in enumerate(inits):
-            res = self._fit_one(data, x0, prior, truth, callback, r, comm)
+            res = self._fit_one(data, x0, prior, truth, callback, r, comm, rho, sigma)
             score = float(res.loglik[-1])
             if prior is not None:
                 gamma = self.m_step.gamma(len(res.history) - 1, self.iterations)
@@ -337,11 +349,17 @@ class ApproximateEM(torch.nn.Module):
         n = max(1, math.floor(self.stochastic.fraction * data.D))
         return torch.randperm(data.D, generator=generator, device="cpu")[:n].sort().values
 
-    def _fit_one(self, data, x, prior, truth, callback, restart, comm) -> EMResult:
+    def _fit_one(
+        self, data, x, prior, truth, callback, restart, comm, rho=None, sigma=None
+    ) -> EMResult:
         L = self.L
         x = x.clone()
-        rho = torch.full((2 * L, 2 * L), 1.0 / (4 * L * L), dtype=self.dtype, device=self.device)
-        sigma2 = self.sigma**2 if self.sigma is not None else self._initial_sigma2(data)
+        if rho is None:
+            rho = torch.full((2 * L, 2 * L), 1 / (4 * L * L), dtype=self.dtype, device=self.device)
+        if self.sigma is not None:
+            sigma2 = self.sigma**2
+        else:
+            sigma2 = sigma**2 if sigma is not None else self._initial_sigma2(data)
         seed = self.stochastic.seed if self.stochastic else 0
         generator = torch.Generator().manual_seed(seed + restart)
         empty = empty_shifts(L, self.device)  # the shifted copy misses the patch

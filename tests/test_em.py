@@ -393,3 +393,22 @@ def test_continued_m_step_runs_past_its_schedule():
     assert mtd.Continued(denoise, 40).gamma(0, 10) == denoise.gamma(40, 40)
     with pytest.raises(ValueError, match="after must be"):
         mtd.Continued(Recorder(), after=0)
+
+
+def test_fit_continues_from_a_given_rho_and_sigma():
+    """fit(rho=, sigma=): the first E-step is at that shift distribution and noise level (an
+    earlier fit's, continued), not at the uniform rho and the patches' mean power."""
+    rng = np.random.default_rng(2)
+    F = torch.from_numpy(0.5 + rng.uniform(0, 1, (4, 4)))
+    meas = mtd.simulate(F, 48, density=0.2, snr=5, K=4, seed=3)
+    em = mtd.ApproximateEM(mtd.Rotations(4, 4), rho="estimate", iterations=1, dtype=torch.float64)
+    data = em.prepare(meas.data)
+    rho = torch.rand(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rho /= rho.sum()
+    res = em.fit(data, F, rho=rho, sigma=0.7)
+    want = em.e_step(data, F, rho.log(), 0.7**2).loglik
+    assert res.history[0]["loglik"] == pytest.approx(float(want), rel=1e-12)
+    default = em.fit(data, F).history[0]["loglik"]
+    assert default != pytest.approx(res.history[0]["loglik"], rel=1e-6)
+    with pytest.raises(ValueError, match="rho must be"):
+        em.fit(data, F, rho=torch.ones(4, 4))
