@@ -311,7 +311,7 @@ def axis_values(run: dict) -> dict:
 # Config keys added after runs were recorded, with the value that keeps the old behaviour: a run
 # without the key and one with this value did the same thing (null and false are such values for
 # every key).
-ADDED_KEY_DEFAULTS = {"em.group.selection": "lambda"}
+ADDED_KEY_DEFAULTS = {"em.group.selection": "lambda", "em.refine_iterations": 50}
 
 
 # What decides a steerable run's estimate and error (the rest, e.g. the W&B group that names the
@@ -428,6 +428,14 @@ def sweep_means(sweep: dict) -> dict:
     return out
 
 
+def refined(sweeps: list[dict]) -> str:
+    """The title suffix ", refined at K = k" when every run of the sweeps refined there
+    (em.refine_K), else nothing."""
+    runs = [r for sw in sweeps for by in sw["cells"].values() for rs in by.values() for r in rs]
+    ks = {r["config"]["em"].get("refine_K") for r in runs}
+    return f", refined at K = {ks.pop()}" if len(ks) == 1 and not is_none(next(iter(ks))) else ""
+
+
 def sweep_table(sweep: dict) -> str:
     """Markdown table of one sweep: per axis value the mean error ± its standard deviation over
     the runs of every method (and for the N and K axes its mean wall time and, for EM, seconds
@@ -467,7 +475,7 @@ def sweep_table(sweep: dict) -> str:
         row.append("/".join(str(len(by.get(c, []))) for c in columns))
         lines.append("| " + " | ".join(row) + " |")
     held = ", ".join(f"{'SNR' if a == 'snr' else a} = {x:g}" for a, x in sweep["held"].items())
-    text = [f"Against {AXIS_TITLE[axis]} ({held})", "", *lines]
+    text = [f"Against {AXIS_TITLE[axis]} ({held}{refined([sweep])})", "", *lines]
     means = sweep_means(sweep)
     if axis in ("N", "K"):
         slopes = []
@@ -548,7 +556,7 @@ def plot_sweep(sweep: dict | list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     common = {a: x for a, x in sweep["held"].items() if all(o["held"][a] == x for o in together)}
     held = ", ".join(f"{'SNR' if a == 'snr' else a} = {x:g}" for a, x in common.items())
-    fig.suptitle(f"against {AXIS_TITLE[axis]} ({held})", fontsize=9)
+    fig.suptitle(f"against {AXIS_TITLE[axis]} ({held}{refined(together)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
