@@ -334,12 +334,18 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
     if cfg.em.baseline == "closed_form":  # the run without the prior is closed-form EM
         m_steps["no_prior"] = mtd.ClosedForm()
     ems = {v: build_em(cfg, group, m_steps[v], sigma, device) for v in variants}
-    refine = None  # (the finer group, its iterations)
+    refine = None  # (the finer group, its iterations, its K)
     if not is_none(cfg.em.refine_K):
         K = integer(cfg, "em.refine_K", 1)
+        if K <= int(cfg.em.K):
+            raise ValueError(
+                f"em.refine_K must be a finer grid than em.K = {cfg.em.K}, got {K} (null: no "
+                "refinement)"
+            )
         refine = (
             hydra.utils.instantiate(cfg.em.group, K=K)(L),
             integer(cfg, "em.refine_iterations", 1),
+            K,
         )
     m_steps["prior"].check_prior(score)  # before the long pass over the data
     check_stochastic(cfg, patch_count(info))
@@ -404,7 +410,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
             results[v], fits[v] = group.to_image(aligned), res
             records[v] = run_record(res, seconds, ems[v], cfg.em.K)
             if refine is not None:
-                records[v]["refine_K"] = refine[0].K
+                records[v]["refine_K"] = refine[2]
             metrics[f"seconds/{v}"] = seconds
             metrics[f"iterations/{v}"] = len(res.history)
             if truth is not None:
@@ -628,7 +634,7 @@ def pick_threshold(cfg: DictConfig) -> float | str:
     ``picking.noise_draws`` checked with it)."""
     integer(cfg, "picking.noise_draws", 1)
     value = cfg.picking.threshold
-    return "noise" if value == "noise" else number(cfg, "picking.threshold")
+    return "noise" if is_none(value) or value == "noise" else number(cfg, "picking.threshold")
 
 
 def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data, meas) -> dict:
@@ -740,19 +746,27 @@ def refine_em(cfg, refine, em, res, data, prior, truth, log=None, comm=None, ran
     Returns:
         (the refinement's engine, the ``EMResult`` with both stages' history, its seconds).
     """
-    group, iterations = refine
+    group, iterations, _ = refine
     step = mtd.Continued(em.m_step, em.total_iterations)
     fine = build_em(cfg, group, step, em.sigma, em.device, iterations)
     first = len(res.history)
 
-    def shifted(entry):  # the refinement's iterations after the search's, one history
-        log({**entry, "iteration": first + entry["iteration"], "stage": "refine"})
+    def after(entry: dict) -> dict:  # the refinement's iterations after the best restart's
+        return {
+            **entry,
+            "iteration": first + entry["iteration"],
+            "restart": res.restart,
+            "stage": "refine",
+        }
+
+    def shifted(entry):
+        log(after(entry))
 
     more, seconds = run_em(
         fine, "refine", data, res.estimate[None], prior, truth, None if log is None else shifted,
         comm, rank, begin=(res.rho, res.sigma),
     )  # fmt: skip
-    history = res.history + [{**h, "iteration": first + h["iteration"]} for h in more.history]
+    history = res.history + [after(h) for h in more.history]
     loglik = torch.cat([res.loglik[:-1], more.loglik])
     combined = dataclasses.replace(more, history=history, loglik=loglik, restart=res.restart)
     combined.scores = res.scores

@@ -308,8 +308,12 @@ class ApproximateEM(torch.nn.Module):
         L = self.L
         if rho is not None:
             rho = torch.as_tensor(rho, device=self.device, dtype=self.dtype)
-            if tuple(rho.shape) != (2 * L, 2 * L) or not bool((rho >= 0).all()):
-                raise ValueError(f"rho must be a ({2 * L}, {2 * L}) distribution, got {rho!r}")
+            ok = tuple(rho.shape) == (2 * L, 2 * L) and bool(torch.isfinite(rho).all())
+            if not (ok and bool((rho >= 0).all()) and abs(float(rho.sum()) - 1) < 1e-6):
+                raise ValueError(
+                    f"rho must be a ({2 * L}, {2 * L}) distribution (>= 0, summing to 1), got "
+                    f"shape {tuple(rho.shape)}"
+                )
         if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be > 0 and finite or None, got {sigma!r}")
         data = data if isinstance(data, Patches) else self.prepare(data)

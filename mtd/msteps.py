@@ -305,6 +305,11 @@ class Continued(MStep):
         self.m_step, self.after = m_step, int(after)
         self.uses_prior = m_step.uses_prior
 
+    def __getattr__(self, name):  # the rest is the step's own (prior_t ranks restarts, lr, ...)
+        if name == "m_step":  # (not set yet: copying)
+            raise AttributeError(name)
+        return getattr(self.m_step, name)
+
     def gamma(self, tau: int, T: int) -> float:
         return self.m_step.gamma(self.after + tau, self.after)
 

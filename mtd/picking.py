@@ -535,8 +535,11 @@ def pick_posterior(
         (the merged ``Picks``, best first; the per-patch ``PatchPosteriors``).
     """
     check_empty_rule(empty_rule)
-    if not (threshold == "noise" or isinstance(threshold, (int, float))):
-        raise ValueError(f"threshold must be a number or 'noise', got {threshold!r}")
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not (threshold == "noise" or (number and math.isfinite(threshold))):
+        raise ValueError(f"threshold must be a finite number or 'noise', got {threshold!r}")
+    if int(noise_draws) != noise_draws or noise_draws < 1:
+        raise ValueError(f"noise_draws must be an integer >= 1, got {noise_draws!r}")
     L = em.L
     radius = L - 1 if radius is None else float(radius)
     data = data if isinstance(data, Patches) else em.prepare(data)

@@ -389,8 +389,9 @@ def test_continued_m_step_runs_past_its_schedule():
     assert step.gamma(0, 7) == 1.0 and Recorder().gamma(0, 40) == 0.0
     step.step(None, None, torch.zeros(2), 1.0, 3, 7, None)
     assert seen == [(43, 40)]
-    denoise = mtd.Denoise(anneal_from=5.0, anneal_iterations=32)
-    assert mtd.Continued(denoise, 40).gamma(0, 10) == denoise.gamma(40, 40)
+    denoise = mtd.Denoise(gamma=mtd.LinearGamma(), anneal_from=5.0, anneal_iterations=32)
+    assert denoise.gamma(0, 10) == 0.0 and mtd.Continued(denoise, 40).gamma(0, 10) == 1.0
+    assert mtd.Continued(denoise, 40).prior_t == denoise.prior_t  # what ranks restarts
     with pytest.raises(ValueError, match="after must be"):
         mtd.Continued(Recorder(), after=0)
 

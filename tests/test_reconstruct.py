@@ -636,6 +636,20 @@ def test_refinement_on_a_finer_grid_removes_the_coarse_grids_bias(tmp_path):
     assert 30 < fine["iterations/no_prior"] == run["iterations"] <= 50
 
 
+def test_refinement_runs_with_a_prior_and_refuses_a_grid_no_finer(tmp_path, gauss_ckpt):
+    # The prior's M-step refined past its schedule (mtd.Continued ranks the one start with the
+    # step's own prior_t) and the baseline's, both recorded with the grid they refined on.
+    args = (f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=4", "em.restarts=2", "compare=true")
+    cfg = compose_rec(tmp_path, *args, "em.refine_K=8", "em.refine_iterations=3")
+    metrics = rec.reconstruct(cfg)
+    runs = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
+    for v in ("prior", "no_prior"):
+        assert runs[v]["refine_K"] == 8 and runs[v]["templates"] == 8
+        assert 4 < metrics[f"iterations/{v}"] <= 7
+    with pytest.raises(ValueError, match="em.refine_K must be a finer grid than em.K = 4, got 4"):
+        rec.reconstruct(compose_rec(tmp_path / "b", *args, "em.refine_K=4"))
+
+
 def test_a_random_target_needs_its_side(tmp_path, no_em):
     _bad(tmp_path, "measurement.target=random needs measurement.L", "measurement.target=random")
 
