@@ -59,6 +59,10 @@ NOT_THE_EXPERIMENT = (
     "crop",
     "task_name",
     "stochastic_min_patches",  # a warning's threshold, not the experiment
+    "pick",  # picking and denoising after EM leave its estimate as it is
+    "picking",
+    "denoise",
+    "denoising",
 )
 
 
@@ -84,6 +88,9 @@ def experiment_key(cfg: dict, summary: dict) -> str:
     if not is_none(kept.get("ckpt")):
         kept["measurement"].pop("reference_ckpt", None)  # only used with ckpt=none
     kept["ckpt"] = checkpoint_identity(cfg, summary)
+    em = kept.get("em")
+    if isinstance(em, dict) and is_none(em.get("refine_K")):  # no refinement: as before the keys
+        kept["em"] = {k: v for k, v in em.items() if k not in ("refine_K", "refine_iterations")}
     return json.dumps(kept, sort_keys=True, default=str)
 
 

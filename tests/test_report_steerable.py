@@ -148,3 +148,20 @@ def test_loglog_slope_of_an_exact_power_law():
     assert report.loglog_slope(N**2, y) == pytest.approx(-0.5, abs=1e-12)
     with pytest.raises(ValueError, match="needs >= 2 positive points"):
         report.loglog_slope([1.0], [1.0])
+
+
+def test_keys_added_later_leave_an_experiment_as_it_was():
+    """A run recorded before em.refine_* and picking.* existed and one after, with them at values
+    that change nothing (no refinement; picking after EM), are one experiment; a refinement is
+    another."""
+    old = {"em": {"K": 8, "iterations": 200}, "measurement": {"N": 1000}, "ckpt": None}
+    new = {
+        "em": {"K": 8, "iterations": 200, "refine_K": None, "refine_iterations": 50},
+        "measurement": {"N": 1000},
+        "ckpt": None,
+        "pick": True,
+        "picking": {"threshold": "noise", "noise_draws": 4},
+    }
+    refined = {**new, "em": {**new["em"], "refine_K": 32}}
+    key = report.experiment_key
+    assert key(old, {}) == key(new, {}) != key(refined, {})
