@@ -90,7 +90,13 @@ def experiment_key(cfg: dict, summary: dict) -> str:
     kept["ckpt"] = checkpoint_identity(cfg, summary)
     em = kept.get("em")
     if isinstance(em, dict) and is_none(em.get("refine_K")):  # no refinement: as before the keys
-        kept["em"] = {k: v for k, v in em.items() if k not in ("refine_K", "refine_iterations")}
+        kept["em"] = em = {
+            k: v for k, v in em.items() if k not in ("refine_K", "refine_iterations")
+        }
+    m_step = em.get("m_step") if isinstance(em, dict) else None
+    if isinstance(m_step, dict):  # its seed is the run's; no completions: as before the key
+        drop = ("seed",) + (("complete_draws",) if m_step.get("complete_draws") == 0 else ())
+        kept["em"] = {**em, "m_step": {k: v for k, v in m_step.items() if k not in drop}}
     return json.dumps(kept, sort_keys=True, default=str)
 
 

@@ -81,6 +81,73 @@ def test_projected_denoise_step_is_the_map_step_in_the_coefficients(L):
     torch.testing.assert_close(half, 0.5 * (expected + ml), rtol=0, atol=1e-9)
 
 
+class _Recorder:
+    """A prior whose denoiser is the identity, recording every image handed to it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def posterior_mean(self, y, noise):
+        self.seen.append(y.reshape(y.shape[-2:]).clone())
+        return y
+
+
+def test_completed_basis_image_is_the_image_plus_white_noise_at_the_level():
+    # The closed-form estimate's image is z = P(x + n') (P: the projector onto the basis's span):
+    # no noise outside the span. Completed, z + (I - P) n is x + white noise at the level in all
+    # L^2 directions, the input the denoiser is trained on: its sample covariance is v^2 I (the
+    # image alone: v^2 P, trace n / L^2 of it).
+    L, v, draws = 7, 0.3, 6000
+    group = mtd.Steerable(mtd.FBBasis(L), 4)
+    x = group.to_image(group.from_image(_image(L, 1)))  # in the span
+    g = torch.Generator().manual_seed(3)
+    m_step, prior = mtd.Denoise(complete_draws=1, seed=5), _Recorder()
+    for tau in range(draws):  # the draws are seeded by iteration: one per tau
+        z = group.to_image(group.from_image(x + v * torch.randn(L, L, generator=g, dtype=DT)))
+        out = m_step.denoise_span(group, prior, z, v, tau)
+        torch.testing.assert_close(group.from_image(out), group.from_image(z))  # z kept
+    noise = (torch.stack(prior.seen) - x).reshape(draws, -1)
+    cov = noise.T @ noise / draws / v**2
+    assert group.basis.n < 0.8 * L * L  # the span misses a fifth of the directions
+    torch.testing.assert_close(cov, torch.eye(L * L, dtype=DT), rtol=0, atol=0.08)
+    # The same (seed, iteration) draws the same completions; another seed or iteration does not.
+    z = group.to_image(group.from_image(_image(L, 2)))
+
+    def completed(seed, tau):
+        return mtd.Denoise(complete_draws=3, seed=seed).denoise_span(group, prior, z, v, tau)
+
+    assert torch.equal(completed(5, 7), completed(5, 7))
+    assert not torch.equal(completed(6, 7), completed(5, 7))
+    assert not torch.equal(completed(5, 8), completed(5, 7))
+
+
+def test_completion_averages_the_denoiser_over_draws_and_leaves_image_unknowns_alone():
+    # D draws: the mean of the denoiser's outputs on the D completed images (a denoiser that is
+    # not linear, so the mean is not the denoiser of the mean). For an image unknown P is the
+    # identity: nothing is drawn, the step is the one without completion, bit for bit.
+    L, v = 6, 0.4
+    group = mtd.Steerable(mtd.FBBasis(L), 4)
+    z = group.to_image(group.from_image(_image(L, 3)))
+
+    class Tanh(_Recorder):
+        def posterior_mean(self, y, noise):
+            super().posterior_mean(y, noise)
+            return torch.tanh(y) * noise
+
+    prior = Tanh()
+    out = mtd.Denoise(complete_draws=5, seed=1).denoise_span(group, prior, z, v, 2)
+    assert len(prior.seen) == 5
+    torch.testing.assert_close(out, sum(torch.tanh(y) * v for y in prior.seen) / 5)
+    stats, sigma2, x0 = _stats(4, L, seed=4), 0.5, _image(L, 5)
+    pixels = mtd.Rotations(L, 4)
+    gauss = AnalyticGaussianPrior(_image(L, 6))
+    plain, _ = mtd.Denoise().step(pixels, stats, x0, sigma2, 0, 1, gauss)
+    completed, _ = mtd.Denoise(complete_draws=4).step(pixels, stats, x0, sigma2, 0, 1, gauss)
+    assert torch.equal(plain, completed)
+    with pytest.raises(ValueError, match="complete_draws must be an integer >= 0, got -1"):
+        mtd.Denoise(complete_draws=-1)
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 def test_gradient_step_is_autograd_of_q_plus_gamma_log_prior_of_the_image(steps):
     # Eq. (18) in the coefficients: alpha <- alpha + lr grad [Q(alpha) + gamma log p(B alpha)],

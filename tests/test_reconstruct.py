@@ -201,7 +201,7 @@ def _engines(tmp_path, *overrides):
         (
             "mnist",
             "Denoise(gamma=ConstantGamma(value=1.0), noise_scale=1.0, anneal_from=1.0, "
-            "anneal_iterations=32)",
+            "anneal_iterations=32, complete_draws=0)",
             "estimate",
             40,
             "digits",
@@ -216,7 +216,7 @@ def _engines(tmp_path, *overrides):
         (
             "gaussian",
             "Denoise(gamma=ConstantGamma(value=1.0), noise_scale=1.0, anneal_from=None, "
-            "anneal_iterations=0)",
+            "anneal_iterations=0, complete_draws=0)",
             "estimate",
             100,
             "prior_mean",

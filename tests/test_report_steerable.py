@@ -165,3 +165,14 @@ def test_keys_added_later_leave_an_experiment_as_it_was():
     refined = {**new, "em": {**new["em"], "refine_K": 32}}
     key = report.experiment_key
     assert key(old, {}) == key(new, {}) != key(refined, {})
+    # The denoising M-step's completions: none is as before; its seed is the run's (a trial).
+    denoise = {"_target_": "mtd.Denoise", "noise_scale": 1.0}
+    old = {**old, "em": {**old["em"], "m_step": denoise}}
+    new = {**new, "em": {**new["em"], "m_step": {**denoise, "complete_draws": 0, "seed": 3}}}
+    completed = {**new, "em": {**new["em"], "m_step": {**denoise, "complete_draws": 4, "seed": 3}}}
+    trial = {
+        **completed,
+        "em": {**new["em"], "m_step": {**denoise, "complete_draws": 4, "seed": 4}},
+    }
+    assert key(old, {}) == key(new, {}) != key(completed, {}) == key(trial, {})
+    assert new["em"]["m_step"]["seed"] == 3  # the run's config is left as it was

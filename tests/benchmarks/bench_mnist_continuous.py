@@ -18,7 +18,8 @@ mean of ten training digits, none a target) and with the same M-step and iterati
 
 - ``steerable``: ``mtd.Steerable(mtd.FBBasis(28, n or bandlimit), K)``, the unknown the digit's
   Fourier-Bessel coefficients, rotated exactly by 2 pi k / K; the prior's denoiser acts on the
-  evaluated image and is projected back onto the basis (``mtd.msteps``);
+  evaluated image, its missing noise outside the basis's span completed by ``--complete-draws``
+  white draws (em=steerable_mnist's), and is projected back onto the basis (``mtd.msteps``);
 - ``bilinear``: ``mtd.Rotations(28, K)``, today's pixel unknown with K bilinear rotations.
 
 Errors, the same rule for both: the relative pixel error against the raw digit, minimised over
@@ -125,6 +126,8 @@ def run_cell(truth, snr, groups, init, prior, args) -> list[dict]:
         for with_prior in (False, True):
             m_step = mtd.Denoise(
                 noise_scale=args.noise_scale,
+                complete_draws=args.complete_draws,  # steerable only (bilinear: nothing drawn)
+                seed=args.seed,
                 anneal_from=args.anneal_from,
                 anneal_iterations=args.anneal_iterations,
             )
@@ -197,8 +200,9 @@ def merge(paths) -> dict:
     """The table of several ``--json`` files of one setting (e.g. targets run in parallel)."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
     keys = ("K", "n", "bandlimit", "N", "density", "seed", "iterations", "snrs", "anneal_from")
+    keys += ("complete_draws",)
     for part in parts[1:]:
-        if any(part["args"][k] != parts[0]["args"][k] for k in keys):
+        if any(part["args"].get(k) != parts[0]["args"].get(k) for k in keys):
             raise ValueError(f"--from-json: the files' settings differ ({', '.join(keys)})")
     rows = [r for part in parts for r in part["rows"]]
     floors = {r["target"]: r.get("floor") for r in rows}
@@ -221,7 +225,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", default=str(ROOT / "priors/pretrained/mnist.ckpt"))
     p.add_argument("--init-digits", default=str(ROOT / "assets/mnist_digits.npz"))
-    p.add_argument("--targets", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--targets", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--snrs", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     p.add_argument("--K", type=int, default=16, help="rotations searched, both methods")
     p.add_argument("--n", type=int, default=None, help="FB coefficients (default: Nyquist)")
@@ -231,6 +235,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="of every measurement")
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--noise-scale", type=float, default=1.0)
+    p.add_argument(
+        "--complete-draws",
+        type=int,
+        default=4,
+        help="white completions of the basis image's missing noise (em=steerable_mnist's 4)",
+    )
     p.add_argument("--anneal-from", type=float, default=1.0)
     p.add_argument("--anneal-iterations", type=int, default=32)
     p.add_argument("--orbit-angles", type=int, default=720, help="fine grid the error is min over")
