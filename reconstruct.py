@@ -213,7 +213,8 @@ def initial_guess(
     (``normal``: N(0, 1) draws of the unknown itself, the approximate-EM paper's random
     guesses; ``autocorrelation``: the estimate of autocorrelation analysis ``ac`` first, as the
     paper's Fig. 2 starts EM, then N(0, 1) draws: fits from other seeds mostly land on the same
-    minimum, measured)."""
+    minimum, measured; ``digits``: the mean of the ``em.init_indices`` digits, as the score-prior
+    paper, then the digits themselves)."""
     e = cfg.em
     R = integer(cfg, "em.restarts", 1)
     shape = (L, L) if group is None else tuple(group.shape)
@@ -232,7 +233,14 @@ def initial_guess(
             digits = torch.from_numpy(f["images"][list(e.init_indices)].astype(np.float64) / 255)
         if truth is not None and any(torch.equal(d, truth) for d in digits):
             raise ValueError("em.init_indices include the target itself: choose other digits")
-        x = digits.mean(0).expand(R, *digits.shape[1:]).clone()
+        if R > len(digits) + 1:
+            raise ValueError(
+                f"em.restarts={R} with em.init=digits: at most {len(digits) + 1} (the mean, then "
+                f"each of the {len(digits)} digits of em.init_indices)"
+            )
+        # Restarts after the mean start from the digits themselves (one per class in the
+        # default indices): at low SNR EM from the mean misses a basin the likelihood prefers.
+        x = torch.cat([digits.mean(0)[None], digits[: R - 1]])
     elif e.init == "file":
         if is_none(e.init_file):
             raise ValueError("em.init=file needs em.init_file=PATH (an (L, L) or (n, L, L) image)")

@@ -131,6 +131,18 @@ def test_default_run_uses_the_shipped_prior_and_a_held_out_digit():
     with np.load(cfg.em.init_digits) as f:
         used = f["source_index"][list(cfg.em.init_indices)]
     assert not set(used.tolist()) & set(prior.meta["held_out"])
+    # Restarts: the mean first, then the digits themselves (one per class), at most 11.
+    with np.load(cfg.em.init_digits) as f:
+        digits = f["images"][list(cfg.em.init_indices)] / 255
+        labels = f["labels"][list(cfg.em.init_indices)]
+    assert sorted(labels.tolist()) == list(range(10))
+    cfg.em.restarts = 4
+    init = rec.initial_guess(cfg, 28, prior, truth).numpy()
+    np.testing.assert_allclose(init[0], digits.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(init[1:], digits[:3], rtol=0, atol=1e-12)
+    cfg.em.restarts = 12
+    with pytest.raises(ValueError, match="em.restarts=12 with em.init=digits: at most 11"):
+        rec.initial_guess(cfg, 28, prior, truth)
 
 
 def test_measurement_file_reads_mrc_written_by_mtd_and_npy(tmp_path):

@@ -102,6 +102,9 @@ def main(argv=None):
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--em", default="mnist", help="the reconstruct.py em preset")
+    p.add_argument(
+        "--override", nargs="*", default=[], help="reconstruct.py overrides, e.g. em.restarts=11"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write every number here")
     p.add_argument("--figure", default=None, help="a PNG like the paper's Fig. 8")
@@ -114,7 +117,7 @@ def main(argv=None):
     from reconstruct import load_prior
 
     device = torch.device("cpu")
-    cfg = compose_reconstruct([f"em={args.em}"])
+    cfg = compose_reconstruct([f"em={args.em}", *args.override])
     prior = load_prior(cfg, device)
     denoise_fn = None if args.no_denoise else denoiser(args.denoise_ckpt)
     rows, start_all = [], time.perf_counter()
@@ -201,9 +204,9 @@ def table(rows, args, minutes) -> str:
     copies = sum(r["copies"] for r in rows) // max(len(args.snr), 1)
     lines.append(
         f"\n{len(args.targets)} held-out digits x {len(args.snr)} SNRs, {copies} copies per SNR, "
-        f"N = {rows[0]['N']}, density {args.density}, K = 4; em={args.em}; "
-        f"{minutes:.1f} min in all."
-        + (f" Not run (no denoiser importable): {', '.join(missing)}." if missing else "")
+        f"N = {rows[0]['N']}, density {args.density}, K = 4; "
+        f"{' '.join([f'em={args.em}', *args.override])}; {minutes:.1f} min in all."
+        + (f" Not run (--no-denoise or no denoiser): {', '.join(missing)}." if missing else "")
     )
     return "\n".join(lines)
 
