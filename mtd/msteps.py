@@ -216,7 +216,9 @@ class Denoise(MStep):
     handed D completions z + (I - P) n_d, n_d white at the level (P = to_image o from_image, the
     projector onto the span), and their outputs are averaged: the Monte Carlo form of
     E[image | z] = E[ E[image | y] | z ] for y = image + white noise and z = P y, taking the
-    image's own part outside the span (8% of a digit's norm at L = 28) as zero. The draws are
+    image's own part outside the span (8% of a digit's norm at L = 28) as zero. While the level
+    is annealed above the estimate's own, the completion is drawn at the handed level (the input
+    is then noisier outside the span than inside, as coarse as the schedule asks). The draws are
     seeded by (``seed``, iteration), so restarts see the same ones and runs repeat exactly. For an
     image unknown P is the identity and nothing is drawn.
 
@@ -255,9 +257,10 @@ class Denoise(MStep):
             raise ValueError(
                 f"anneal_iterations must be an integer >= 0, got {anneal_iterations!r}"
             )
-        for name, value in (("complete_draws", complete_draws), ("seed", seed)):
-            if int(value) != value or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if int(complete_draws) != complete_draws or complete_draws < 0:
+            raise ValueError(f"complete_draws must be an integer >= 0, got {complete_draws!r}")
+        if int(seed) != seed:
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.schedule = ConstantGamma(1.0) if gamma is None else gamma
         self.noise_scale, self.anneal_from = float(noise_scale), anneal_from
         self.anneal_iterations = int(anneal_iterations)
@@ -307,12 +310,18 @@ class Denoise(MStep):
         """The prior's posterior mean of a basis image (L, L), its missing noise completed."""
         if self.complete_draws == 0:
             return _image_prior(prior.posterior_mean, image, noise)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + tau)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + tau) % 2**63)
         white = noise * torch.randn(
             (self.complete_draws, *image.shape), generator=gen, dtype=torch.float64
-        ).to(image)
-        completed = [image + n - group.to_image(group.from_image(n)) for n in white]
-        return sum(_image_prior(prior.posterior_mean, y, noise) for y in completed) / len(white)
+        ).to(image)  # drawn on the CPU: the same completions on every device
+        completed = image + white - group.to_image(group.from_image(white))  # (D, L, L)
+        out = prior.posterior_mean(completed[:, None], noise)
+        if tuple(out.shape) != (len(white), 1, *image.shape):
+            raise ValueError(
+                f"the prior must map (B, 1, L, L) to (B, 1, L, L); for {len(white)} images of "
+                f"{tuple(image.shape)} it returned shape {tuple(out.shape)}"
+            )
+        return out.mean(0)[0].to(image)
 
     def __repr__(self) -> str:
         return (

@@ -85,46 +85,51 @@ class _Recorder:
     """A prior whose denoiser is the identity, recording every image handed to it."""
 
     def __init__(self):
-        self.seen = []
+        self.seen, self.calls = [], 0
 
     def posterior_mean(self, y, noise):
-        self.seen.append(y.reshape(y.shape[-2:]).clone())
+        self.calls += 1
+        self.seen += list(y.reshape(-1, *y.shape[-2:]).clone())
         return y
 
 
 def test_completed_basis_image_is_the_image_plus_white_noise_at_the_level():
-    # The closed-form estimate's image is z = P(x + n') (P: the projector onto the basis's span):
-    # no noise outside the span. Completed, z + (I - P) n is x + white noise at the level in all
-    # L^2 directions, the input the denoiser is trained on: its sample covariance is v^2 I (the
-    # image alone: v^2 P, trace n / L^2 of it).
-    L, v, draws = 7, 0.3, 6000
+    # The closed-form estimate's image z = P(x + n') (P: the projector onto the basis's span) has
+    # noise v^2 P: none outside the span. The completions z + (I - P) n_d keep z's projection and
+    # add exactly the missing v^2 (I - P), so that in all they are x + white noise at the level,
+    # the input the denoiser is trained on.
+    L, v, draws = 7, 0.3, 4000
     group = mtd.Steerable(mtd.FBBasis(L), 4)
-    x = group.to_image(group.from_image(_image(L, 1)))  # in the span
-    g = torch.Generator().manual_seed(3)
-    m_step, prior = mtd.Denoise(complete_draws=1, seed=5), _Recorder()
-    for tau in range(draws):  # the draws are seeded by iteration: one per tau
-        z = group.to_image(group.from_image(x + v * torch.randn(L, L, generator=g, dtype=DT)))
-        out = m_step.denoise_span(group, prior, z, v, tau)
-        torch.testing.assert_close(group.from_image(out), group.from_image(z))  # z kept
-    noise = (torch.stack(prior.seen) - x).reshape(draws, -1)
-    cov = noise.T @ noise / draws / v**2
+    z = group.to_image(group.from_image(_image(L, 1)))
+    m_step, prior = mtd.Denoise(complete_draws=draws, seed=5), _Recorder()
+    out = m_step.denoise_span(group, prior, z, v, 0)
+    assert prior.calls == 1 and len(prior.seen) == draws  # one batch
+    added = torch.stack(prior.seen) - z
+    torch.testing.assert_close(
+        group.from_image(added), torch.zeros(draws, group.basis.n, dtype=DT)
+    )
+    cov = (added.reshape(draws, -1).T @ added.reshape(draws, -1)) / draws / v**2
+    eye = torch.eye(L * L, dtype=DT)
+    P = group.to_image(group.from_image(eye.reshape(-1, L, L))).reshape(L * L, L * L)
     assert group.basis.n < 0.8 * L * L  # the span misses a fifth of the directions
-    torch.testing.assert_close(cov, torch.eye(L * L, dtype=DT), rtol=0, atol=0.08)
-    # The same (seed, iteration) draws the same completions; another seed or iteration does not.
-    z = group.to_image(group.from_image(_image(L, 2)))
+    torch.testing.assert_close(cov + P, eye, rtol=0, atol=0.1)
+    torch.testing.assert_close(out, z + added.mean(0))  # the identity denoiser's mean
 
+    # The same (seed, iteration) draws the same completions; another seed or iteration does not.
     def completed(seed, tau):
         return mtd.Denoise(complete_draws=3, seed=seed).denoise_span(group, prior, z, v, tau)
 
     assert torch.equal(completed(5, 7), completed(5, 7))
     assert not torch.equal(completed(6, 7), completed(5, 7))
     assert not torch.equal(completed(5, 8), completed(5, 7))
+    assert torch.isfinite(completed(-1, 7)).all()  # any integer seed (reconstruct.py seed=-1)
 
 
 def test_completion_averages_the_denoiser_over_draws_and_leaves_image_unknowns_alone():
     # D draws: the mean of the denoiser's outputs on the D completed images (a denoiser that is
-    # not linear, so the mean is not the denoiser of the mean). For an image unknown P is the
-    # identity: nothing is drawn, the step is the one without completion, bit for bit.
+    # not linear, so the mean is not the denoiser of the mean), and Denoise.step uses it at its
+    # own iteration. For an image unknown P is the identity: nothing is drawn (one denoiser call
+    # on the image itself), the step is the one without completion.
     L, v = 6, 0.4
     group = mtd.Steerable(mtd.FBBasis(L), 4)
     z = group.to_image(group.from_image(_image(L, 3)))
@@ -138,14 +143,28 @@ def test_completion_averages_the_denoiser_over_draws_and_leaves_image_unknowns_a
     out = mtd.Denoise(complete_draws=5, seed=1).denoise_span(group, prior, z, v, 2)
     assert len(prior.seen) == 5
     torch.testing.assert_close(out, sum(torch.tanh(y) * v for y in prior.seen) / 5)
-    stats, sigma2, x0 = _stats(4, L, seed=4), 0.5, _image(L, 5)
-    pixels = mtd.Rotations(L, 4)
-    gauss = AnalyticGaussianPrior(_image(L, 6))
+    stats, sigma2 = _stats(4, L, seed=4), 0.5
+    a0 = group.from_image(_image(L, 5))
+    m_step = mtd.Denoise(complete_draws=2, seed=3)
+    step, info = m_step.step(group, stats, a0, sigma2, 6, 10, prior)
+    ml = mtd.msteps.closed_form(group, stats, a0)
+    span = m_step.denoise_span(group, prior, group.to_image(ml), info["noise"], 6)
+    torch.testing.assert_close(step, group.from_image(span), rtol=0, atol=1e-12)
+    plain, _ = mtd.Denoise().step(group, stats, a0, sigma2, 6, 10, prior)
+    assert (plain - step).abs().max() > 1e-3
+    pixels, gauss = mtd.Rotations(L, 4), AnalyticGaussianPrior(_image(L, 6))
+    x0 = _image(L, 5)
+    counted = _Recorder()
+    mtd.Denoise(complete_draws=4).step(pixels, stats, x0, sigma2, 0, 1, counted)
+    assert counted.calls == 1 and len(counted.seen) == 1
     plain, _ = mtd.Denoise().step(pixels, stats, x0, sigma2, 0, 1, gauss)
     completed, _ = mtd.Denoise(complete_draws=4).step(pixels, stats, x0, sigma2, 0, 1, gauss)
     assert torch.equal(plain, completed)
-    with pytest.raises(ValueError, match="complete_draws must be an integer >= 0, got -1"):
-        mtd.Denoise(complete_draws=-1)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match=f"complete_draws must be an integer >= 0, got {bad}"):
+            mtd.Denoise(complete_draws=bad)
+    with pytest.raises(ValueError, match="seed must be an integer, got 0.5"):
+        mtd.Denoise(seed=0.5)
 
 
 @pytest.mark.parametrize("steps", [1, 3])

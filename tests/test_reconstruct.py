@@ -245,6 +245,15 @@ def test_presets_build_the_engine_settings_of_the_readme(
     assert (cfg.em.init, cfg.em.baseline, cfg.em.restarts) == (init, "same", 1)
 
 
+def test_steerable_mnist_completes_its_denoiser_and_takes_any_other_m_step(tmp_path):
+    # em=steerable_mnist's M-step is em=mnist's with 4 completions, seeded by the run's seed; as
+    # for every preset, em/m_step=<other> replaces it whole (no completion key left over).
+    cfg, em = _engines(tmp_path, "em=steerable_mnist", "seed=7")
+    assert (em.m_step.complete_draws, em.m_step.seed, em.m_step.anneal_iterations) == (4, 7, 32)
+    cfg, em = _engines(tmp_path, "em=steerable_mnist", "em/m_step=gradient")
+    assert type(em.m_step).__name__ == "Gradient"
+
+
 def test_searched_transformations_follow_the_simulated_ones_unless_set(tmp_path):
     assert _engines(tmp_path, "measurement.K=8")[1].K == 8
     cfg, em = _engines(tmp_path, "measurement.K=8", "em.K=6")

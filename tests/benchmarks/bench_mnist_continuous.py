@@ -199,8 +199,8 @@ def table(rows: list[dict], snrs, floor: float) -> str:
 def merge(paths) -> dict:
     """The table of several ``--json`` files of one setting (e.g. targets run in parallel)."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
-    keys = ("K", "n", "bandlimit", "N", "density", "seed", "iterations", "snrs", "anneal_from")
-    keys += ("complete_draws",)
+    keys = ("K", "n", "bandlimit", "N", "density", "seed", "iterations", "snrs", "anneal_from",
+            "complete_draws")  # fmt: skip
     for part in parts[1:]:
         if any(part["args"].get(k) != parts[0]["args"].get(k) for k in keys):
             raise ValueError(f"--from-json: the files' settings differ ({', '.join(keys)})")
@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
     p.add_argument("--bandlimit", type=float, default=None, help="largest lambda kept")
     p.add_argument("--N", type=int, default=308, help="measurement side (the paper's 11 L)")
     p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0, help="of every measurement")
+    p.add_argument("--seed", type=int, default=0, help="of every measurement and completion")
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--noise-scale", type=float, default=1.0)
     p.add_argument(
