@@ -704,9 +704,11 @@ def crop_for_logging(data, meas, L: int, crop: int):
     return window.detach().cpu().numpy().copy() if torch.is_tensor(window) else np.array(window)
 
 
-def run_em(em, variant, data, init, prior, truth, log=None, comm=None, rank=0, begin=(None, None)):
+def run_em(
+    em, variant, data, init, prior, truth, log=None, comm=None, rank=0, rho=None, sigma=None
+):
     """One EM fit with a progress bar; ``log(entry)`` gets every iteration's history entry;
-    ``begin``: the (rho, sigma) it starts from (``ApproximateEM.fit``).
+    ``rho``, ``sigma``: where it starts (``ApproximateEM.fit``; None: afresh).
 
     Returns:
         (the ``EMResult``, its wall time in seconds).
@@ -732,9 +734,15 @@ def run_em(em, variant, data, init, prior, truth, log=None, comm=None, rank=0, b
     start = time.perf_counter()
     try:
         res = em.fit(
-            data, init, prior=prior, truth=truth, callback=callback, comm=comm, rho=begin[0],
-            sigma=begin[1],
-        )  # fmt: skip
+            data,
+            init,
+            prior=prior,
+            truth=truth,
+            callback=callback,
+            comm=comm,
+            rho=rho,
+            sigma=sigma,
+        )
     finally:
         bar.close()
     return res, time.perf_counter() - start
@@ -772,7 +780,7 @@ def refine_em(cfg, refine, em, res, data, prior, truth, log=None, comm=None, ran
 
     more, seconds = run_em(
         fine, "refine", data, res.estimate[None], prior, truth, None if log is None else shifted,
-        comm, rank, begin=(res.rho, res.sigma),
+        comm, rank, rho=res.rho, sigma=res.sigma,
     )  # fmt: skip
     history = res.history + [after(h) for h in more.history]
     loglik = torch.cat([res.loglik[:-1], more.loglik])

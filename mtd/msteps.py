@@ -86,10 +86,12 @@ class ConstantGamma:
         return f"ConstantGamma(value={self.value})"
 
 
-def _image_prior(fn, x: torch.Tensor, *args) -> torch.Tensor:
-    """Call a prior's ``fn`` (its score, or posterior_mean) on x as one (1, 1, L, L) image."""
-    y = fn(x.reshape(1, 1, *x.shape), *args)
-    if tuple(y.shape) != (1, 1, *x.shape):
+def _image_prior(fn, x: torch.Tensor, *args, batch: bool = False) -> torch.Tensor:
+    """Call a prior's ``fn`` (its score, or posterior_mean) on x as one (1, 1, L, L) image, or
+    with ``batch`` on the B images of x (B, L, L) as (B, 1, L, L)."""
+    shape = (x.shape[0], 1, *x.shape[1:]) if batch else (1, 1, *x.shape)
+    y = fn(x.reshape(shape), *args)
+    if tuple(y.shape) != shape:
         raise ValueError(
             f"the prior must map (B, 1, L, L) to (B, 1, L, L); for {tuple(x.shape)} images it "
             f"returned shape {tuple(y.shape)}"
@@ -315,13 +317,7 @@ class Denoise(MStep):
             (self.complete_draws, *image.shape), generator=gen, dtype=torch.float64
         ).to(image)  # drawn on the CPU: the same completions on every device
         completed = image + white - group.to_image(group.from_image(white))  # (D, L, L)
-        out = prior.posterior_mean(completed[:, None], noise)
-        if tuple(out.shape) != (len(white), 1, *image.shape):
-            raise ValueError(
-                f"the prior must map (B, 1, L, L) to (B, 1, L, L); for {len(white)} images of "
-                f"{tuple(image.shape)} it returned shape {tuple(out.shape)}"
-            )
-        return out.mean(0)[0].to(image)
+        return _image_prior(prior.posterior_mean, completed, noise, batch=True).mean(0)
 
     def __repr__(self) -> str:
         return (
