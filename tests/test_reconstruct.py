@@ -130,11 +130,10 @@ def test_default_run_uses_the_shipped_prior_and_a_held_out_digit():
     assert init.shape == (1, 28, 28)
     with np.load(cfg.em.init_digits) as f:
         used = f["source_index"][list(cfg.em.init_indices)]
-    assert not set(used.tolist()) & set(prior.meta["held_out"])
-    # Restarts: the mean first, then the digits themselves (one per class), at most 11.
-    with np.load(cfg.em.init_digits) as f:
         digits = f["images"][list(cfg.em.init_indices)] / 255
         labels = f["labels"][list(cfg.em.init_indices)]
+    assert not set(used.tolist()) & set(prior.meta["held_out"])
+    # Restarts: the mean first, then the digits themselves (one per class), at most 11.
     assert sorted(labels.tolist()) == list(range(10))
     cfg.em.restarts = 4
     init = rec.initial_guess(cfg, 28, prior, truth).numpy()
@@ -474,6 +473,9 @@ def test_wandb_run_has_a_name_the_final_estimate_the_truth_the_figure_and_an_art
         assert len(list((media / "final" / variant).glob("estimate_*.png"))) == 1
     for name in ("truth", "measurement_crop", "reconstruction"):
         assert len(list((media / "final").glob(f"{name}_*.png"))) == 1
+    import wandb
+
+    wandb.teardown()  # the W&B service may still be writing the record after finish(): wait
     record = next(run.glob("*.wandb")).read_bytes()
     assert b"paper_gaussian N(mu, I) draw 0 of seed 1337 snr=10" in record  # the display name
     assert b"reconstruction-" in record and b"estimate_prior.npy" in record  # the artifact
