@@ -63,6 +63,8 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     # Everything that can be wrong is checked before the work starts.
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.combine not in picking.COMBINE:
+        raise ValueError(f"combine must be one of {picking.COMBINE}, got {cfg.combine!r}")
     spec = list(cfg.micrograph) if OmegaConf.is_list(cfg.micrograph) else str(cfg.micrograph)
     paths = mtd.measurement.expand_paths(spec, "micrograph")
     shapes = [tuple(mtd.open_micrograph(p).shape) for p in paths]
@@ -116,6 +118,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
             em, patches, unknown, log_rho, sigma2, cfg.empty_rule,
             None if is_none(cfg.merge_radius) else float(cfg.merge_radius), threshold,
             float(cfg.empty_energy), float(cfg.detect_energy), int(cfg.seed), noise_draws,
+            cfg.combine,
         )  # fmt: skip
         info = {
             "sigma": math.sqrt(sigma2),

@@ -639,16 +639,21 @@ class VolumeLog:
 
 def pick_threshold(cfg: DictConfig) -> float | str:
     """``picking.threshold``: "noise" or a number, or an error naming the key and value (and
-    ``picking.noise_draws`` checked with it)."""
+    ``picking.noise_draws``, ``picking.combine`` and ``picking.empty_rule`` checked with it)."""
     integer(cfg, "picking.noise_draws", 1)
+    for key, allowed in (("combine", picking.COMBINE), ("empty_rule", picking.EMPTY_RULES)):
+        value = cfg.picking[key]
+        if value not in allowed:
+            raise ValueError(f"picking.{key} must be one of {', '.join(allowed)}, got {value!r}")
     value = cfg.picking.threshold
     return "noise" if is_none(value) or value == "noise" else number(cfg, "picking.threshold")
 
 
 def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data, meas) -> dict:
-    """Particles picked from the E-step's posteriors at run ``v``'s estimate (Algorithm 2 of the
-    stochastic-EM paper): picks.star and picks.png in ``out``, the pick/* metrics (with a
-    simulated truth, also template matching with the true image and with the estimate)."""
+    """Particles picked from the E-step's posteriors at run ``v``'s estimate (the stochastic-EM
+    paper, Section IV-B; ``picking.combine``): picks.star and picks.png in ``out``, the pick/*
+    metrics (with a simulated truth, also template matching with the true image and with the
+    estimate)."""
     p, res, em = cfg.picking, fits[v], ems[v]
     radius = None if is_none(p.radius) else number(cfg, "picking.radius")
     picks, post = picking.pick_posterior(
@@ -664,6 +669,7 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
         number(cfg, "picking.detect_energy"),
         int(cfg.seed),
         integer(cfg, "picking.noise_draws", 1),
+        p.combine,
     )
     truth = None if meas is None else picking.truth_of(meas)
     found = picking.picking_outputs(

@@ -29,14 +29,24 @@ posterior ratios (``PatchPosteriors.score``), > 0 exactly when the rule says "no
 probabilities are floored at the dtype's smallest normal number, so scores saturate at about
 +-708 (float64) or +-87 (float32).
 
-Picks (``pick_posterior``) use the same rule at a higher level, ``detect_energy`` (a fifth of a
-copy): faint slivers, which rho cannot tell from empty shifts at low SNR, otherwise made noise
-patches look occupied. Where the estimate is poor its posteriors are not calibrated and that rule
-over-picks, so a pick's score must also beat what micrographs of pure noise give under the same
-estimate, rho and sigma (``noise_score``, the default ``threshold="noise"``). A copy cut by patch
-borders is seen by up to four patches, each of which gives the same centre at high SNR: ``merge``
-keeps, among candidates within ``radius`` (default L - 1: copies that do not overlap are at least
-L apart) of each other in one micrograph, the one with the highest score (non-maximum
+**Picks combine the patches** (``pick_posterior``, ``combine="evidence"``, the default). A copy
+cut by patch borders is seen by up to four patches, each showing part of it (a quarter, where the
+copy sits on a patch corner). Their log-likelihood ratios against a blank patch (eq. 10 of the
+approximate-EM paper) add up, because the patches are disjoint and the noise white, to the
+ratio of the whole copy (``copy_evidence``); with rho's prior odds of a copy's corner at a pixel
+(``corner_log_odds``) and the sum over templates this is the log posterior odds of "a copy at
+corner c", a posterior-weighted vote in the log domain. The candidates are its local maxima, one
+kept among any whose L x L boxes overlap (copies never overlap). A pick's score must also beat
+what micrographs of pure noise give under the same estimate, rho and sigma
+(``evidence_noise_score``, the default ``threshold="noise"``): the posteriors of a poor estimate
+are not calibrated.
+
+``combine="nms"`` is Algorithm 2 per patch: the rule above at a higher level, ``detect_energy`` (a
+fifth of a copy): faint slivers, which rho cannot tell from empty shifts at low SNR, otherwise
+made noise patches look occupied; the noise threshold there is ``noise_score``. The patches'
+candidates of one copy, which give the same centre at high SNR, are merged: ``merge`` keeps,
+among candidates within ``radius`` (default L - 1: copies that do not overlap are at least L
+apart) of each other in one micrograph, the one with the highest score (non-maximum
 suppression).
 
 **Template matching** (``template_match``), the standard baseline: the normalised
@@ -68,6 +78,7 @@ from mtd.likelihood import template_energy
 from mtd.threads import limit_threads
 
 EMPTY_RULES = ("half", "argmax", "mass")
+COMBINE = ("evidence", "nms")
 STAR_COLUMNS = ("rlnCoordinateX", "rlnCoordinateY", "rlnAnglePsi", "rlnAutopickFigureOfMerit")
 
 
@@ -415,9 +426,10 @@ class Picks:
         return self.take(np.lexsort((-self.prob, -self.scores)))
 
 
-def merge(picks: Picks, radius: float) -> Picks:
-    """Non-maximum suppression per micrograph: a candidate within ``radius`` (Euclidean, <=) of
-    a higher-scored kept one is dropped; ties keep the earlier one. Returns the kept, best first.
+def merge(picks: Picks, radius: float, p: float = 2) -> Picks:
+    """Non-maximum suppression per micrograph: a candidate within ``radius`` (<=, in the
+    Minkowski ``p``-norm: 2 Euclidean, inf the larger of the row and column distances) of a
+    higher-scored kept one is dropped; ties keep the earlier one. Returns the kept, best first.
     """
     from scipy.spatial import cKDTree
 
@@ -433,7 +445,7 @@ def merge(picks: Picks, radius: float) -> Picks:
             if gone[j]:
                 continue
             keep[idx[j]] = True
-            gone[tree.query_ball_point(picks.centres[idx[j]], r=radius)] = True
+            gone[tree.query_ball_point(picks.centres[idx[j]], r=radius, p=p)] = True
     return picks.take(keep)
 
 
@@ -484,6 +496,175 @@ def noise_score(
     return float(top[0])
 
 
+# ------------------------------------------------------------------------------------------------
+# The patches' evidence combined: one score per copy position
+# ------------------------------------------------------------------------------------------------
+def corner_log_odds(log_rho, L: int) -> float:
+    """log q / (1 - q), q the prior probability that a given pixel is a copy's top-left corner.
+
+    Under the patch model a patch holds a copy whose top-left corner lies inside it, at offset
+    o in [0, L)^2 from the patch's, with probability rho(shift_of_offset(o)) (eq. 18 of the
+    approximate-EM paper estimates rho); q is the mean of these over the L^2 offsets.
+    """
+    rho = torch.as_tensor(log_rho, dtype=torch.float64).exp().cpu()
+    inside = torch.as_tensor(shift_of_offset(np.arange(L), L))
+    q = float(rho[inside][:, inside].sum()) / (L * L)
+    q = min(max(q, 1e-300), 1 - 1e-16)
+    return math.log(q) - math.log1p(-q)
+
+
+def copy_evidence(
+    grid: torch.Tensor,
+    templates: torch.Tensor,
+    log_w: torch.Tensor,
+    sigma2: float,
+    log_odds: float = 0.0,
+    block_bytes: int = 1 << 28,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log posterior odds of "a copy with its top-left corner at c" for every c, from all
+    the patches that copy touches.
+
+    A copy of template k at corner c (grid coordinates, in (-L, N)^2) is seen by each patch m it
+    touches at the shift l_m = ``shift_of_offset(c - origin_m)``. Patch m's log-likelihood ratio
+    of that against a blank patch is, by eq. (10) of the approximate-EM paper,
+    (<M_m, C T_l Z T_k x> - ||C T_l Z T_k x||^2 / 2) / sigma^2; the patches are disjoint and the
+    noise white, so the patches' joint ratio is the sum over m, which is
+    E_k(c) = (<Y, T_k placed at c> - ||the part of T_k inside the grid||^2 / 2) / sigma^2
+    (tested against the E-step's own log-likelihoods). Algorithm 2 decides each patch alone, on
+    the part of the copy that patch shows (a quarter, where a copy sits on a patch corner); this
+    adds the patches' evidence up, a posterior-weighted vote in the log domain. The odds are
+    log sum_k pi_k exp(E_k(c)) + ``log_odds`` (``corner_log_odds``). Computed by FFT over the
+    zero-padded grid, ``block_bytes`` of spectra at a time.
+
+    Args:
+        grid: (N0, N1) the micrograph's patch grid (what the patches cover).
+        templates: (K, L, L) T_k(x).
+        log_w: (K,) log pi_k.
+        sigma2: the noise variance.
+        log_odds: the prior log odds of a copy's corner at a pixel.
+
+    Returns:
+        (score (N0 + L - 1, N1 + L - 1), best template (same shape, int64)): entry (i, j) is the
+        corner (i - L + 1, j - L + 1), the centre (i - (L - 1) / 2, j - (L - 1) / 2).
+    """
+    N0, N1 = grid.shape
+    K, L, _ = templates.shape
+    P0, P1 = N0 + 2 * (L - 1), N1 + 2 * (L - 1)  # no corner's correlation wraps
+    n0, n1 = N0 + L - 1, N1 + L - 1
+    padded = torch.zeros(P0, P1, dtype=grid.dtype, device=grid.device)
+    padded[L - 1 : L - 1 + N0, L - 1 : L - 1 + N1] = grid
+    spectrum = torch.fft.rfft2(padded)
+    # The part of the template inside the grid, from prefix sums of T_k^2: rows
+    # [max(0, -c), min(L, N - c)) of a copy whose corner row is c.
+    sq = torch.nn.functional.pad(templates.square().cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+    def bounds(n, N):
+        c = torch.arange(n, device=grid.device) - (L - 1)
+        return (-c).clamp(0, L), (N - c).clamp(0, L)
+
+    (r0, r1), (c0, c1) = bounds(n0, N0), bounds(n1, N1)
+    step = max(1, block_bytes // (P0 * (P1 // 2 + 1) * 2 * grid.element_size()))
+    top = total = best = best_k = None
+    for s in range(0, K, step):
+        T = templates[s : s + step]
+        G = torch.zeros(len(T), P0, P1, dtype=grid.dtype, device=grid.device)
+        G[:, :L, :L] = T
+        corr = torch.fft.irfft2(spectrum * torch.fft.rfft2(G).conj(), s=(P0, P1))[:, :n0, :n1]
+        q = sq[s : s + step]
+        seen = q[:, r1][:, :, c1] - q[:, r0][:, :, c1] - q[:, r1][:, :, c0] + q[:, r0][:, :, c0]
+        e = (corr - seen / 2) / sigma2 + log_w[s : s + step].to(corr).view(-1, 1, 1)
+        value, k = e.max(0)
+        if top is None:
+            top, best, best_k = value, value, k
+            total = (e - value).exp().sum(0)
+            continue
+        new = torch.maximum(top, value)
+        total = total * (top - new).exp() + (e - new).exp().sum(0)
+        better = value > best
+        best, best_k = torch.where(better, value, best), torch.where(better, k + s, best_k)
+        top = new
+    return top + total.log() + log_odds, best_k
+
+
+def _local_peaks(score: torch.Tensor, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The local maxima of ``score`` over (2r + 1)^2 windows, best first (stable).
+
+    Returns:
+        (positions (n, 2) int64, values (n,) float64).
+    """
+    pooled = torch.nn.functional.max_pool2d(score[None, None], 2 * r + 1, 1, r)[0, 0]
+    peak = torch.nonzero(score >= pooled)
+    val = score[peak[:, 0], peak[:, 1]]
+    order = torch.argsort(val, descending=True, stable=True)
+    return peak[order].cpu().numpy(), val[order].cpu().numpy().astype(np.float64)
+
+
+def _grids(source):
+    """(micrograph index, its patch grid as a tensor) for every micrograph of a ``PatchSource``."""
+    L = source.L
+    for s, array in enumerate(source.arrays):
+        rows, cols = source.grid[s]
+        part = array[: rows * L, : cols * L]
+        part = part if torch.is_tensor(part) else torch.from_numpy(np.array(part))
+        yield s, part.to(device=source.device, dtype=source.dtype)
+
+
+def evidence_candidates(em, source, x, log_rho, sigma2: float, radius: float) -> Picks:
+    """Every copy position's combined evidence (``copy_evidence``) as candidate picks: the
+    local maxima among the corners of copies that lie inside their micrograph (a copy can
+    reach into the strip beyond the patch grid, not out of the micrograph: slivers at its
+    edge, a few pixels of a template, otherwise gave false picks), of which one is kept among
+    any whose centres lie within ``radius`` in both axes (default L - 1: the boxes of copies,
+    which never overlap, are at least L apart)."""
+    L = em.L
+    x = torch.as_tensor(x, device=em.device, dtype=em.dtype)
+    templates = em.group.templates(x).to(em.dtype)
+    log_w = em.group.log_weights()
+    log_odds = corner_log_odds(log_rho, L)
+    angles, mirrored = template_angles(em.group)
+    parts = []
+    for s, grid in _grids(source):
+        score, best_k = copy_evidence(grid, templates, log_w, sigma2, log_odds)
+        # Corners 0 .. N - L of the micrograph: entries L - 1 .. N - 1 of the map.
+        N0, N1 = source.arrays[s].shape
+        score = score[L - 1 : N0, L - 1 : N1]
+        best_k = best_k[L - 1 : N0, L - 1 : N1]
+        peak, val = _local_peaks(score, max(1, int(radius)))
+        k = best_k.cpu().numpy()[peak[:, 0], peak[:, 1]]
+        n = len(val)
+        parts.append(
+            Picks(
+                centres=peak.astype(np.float64) + (L - 1) / 2,
+                scores=val,
+                selected=np.zeros(n, dtype=bool),
+                micrograph=np.full(n, s, dtype=np.int64),
+                names=list(source.names),
+                angles=np.full(n, np.nan) if angles is None else angles[k],
+                mirrored=np.zeros(n, dtype=bool) if mirrored is None else mirrored[k],
+                templates=k.astype(np.int64),
+                patches=np.full(n, -1, dtype=np.int64),
+                L=L,
+            )
+        )
+    return merge(concatenate(parts, list(source.names), L), radius, p=math.inf)
+
+
+def evidence_noise_score(
+    em, x, log_rho, sigma2: float, shape, radius: float, seed: int = 0, draws: int = 4
+) -> float:
+    """``noise_score`` for the combined evidence: the ``draws``-th largest candidate score of
+    ``draws`` micrographs of pure white noise of ``shape`` (the data's patch grid on average),
+    drawn on the CPU from ``seed``."""
+    from mtd.patches import PatchSource
+
+    gen = torch.Generator().manual_seed(int(seed))
+    std = math.sqrt(sigma2)
+    noise = [torch.randn(*shape, generator=gen, dtype=torch.float64) * std for _ in range(draws)]
+    source = PatchSource(noise, em.L, em.dtype, em.device)
+    found = evidence_candidates(em, source, x, log_rho, sigma2, radius).scores
+    return float(np.sort(found)[-int(draws)]) if len(found) >= draws else -math.inf
+
+
 def pick_posterior(
     em,
     data,
@@ -497,44 +678,61 @@ def pick_posterior(
     detect_energy: float = 0.2,
     seed: int = 0,
     noise_draws: int = 4,
+    combine: str = "evidence",
 ) -> tuple[Picks, PatchPosteriors]:
-    """Algorithm 2 of the stochastic-EM paper, with the patches mapped back to their micrographs.
+    """Particles from the EM posteriors (the stochastic-EM paper, Section IV-B), mapped back to
+    their micrographs, and Algorithm 2's per-patch posteriors.
 
-    Every patch gives one candidate: the centre of the copy at its best shift l* among the
-    (template, shift) pairs that show more than ``detect_energy`` of the template's energy, the
-    best template's angle there, and the score ``PatchPosteriors.score(empty_rule)`` at that
-    level; a candidate is selected when its score exceeds ``threshold``: 0 is the Bayes rule (the
-    patch shows more than ``detect_energy`` of a copy with probability above 1/2), "noise" (the
-    default) the larger of 0 and ``noise_score`` over as many noise patches as a micrograph of
-    ``data`` has on average (at most about one false pick per micrograph where the posteriors
-    are not calibrated: measured on another simulator's MNIST micrograph at SNR 0.1, F1 0.71 at
-    0 and 0.88 at "noise"; unchanged where EM succeeds). Every copy shows at least a quarter of
+    ``combine="evidence"`` (the default): a copy is seen by up to four patches, and their
+    evidence is added up (``copy_evidence``: the log posterior odds of a copy at each corner
+    from every patch it touches, with rho's prior odds); candidates are its local maxima, one
+    kept among any within ``radius`` of each other in both axes (copies never overlap). Measured
+    on MNIST micrographs (tests/benchmarks/bench_picking.py): with the true digit above template
+    matching with it at low SNR (Algorithm 2 per patch, which sees a quarter of a copy on a
+    patch corner, is below it).
+
+    ``combine="nms"``: Algorithm 2 per patch. Every patch gives one candidate: the centre of
+    the copy at its best shift l* among the (template, shift) pairs that show more than
+    ``detect_energy`` of the template's energy, the best template's angle there, and the score
+    ``PatchPosteriors.score(empty_rule)`` at that level. Every copy shows at least a quarter of
     its energy in one of the (at most four) patches it touches, so the default 0.2 loses no
     copy, while the many faint slivers (a few per cent of a copy, which rho cannot tell from
     empty shifts at low SNR and which made noise patches look occupied: measured) no longer
-    count as detections. Candidates of one copy seen by several patches are merged (``merge``;
-    equal scores, e.g. saturated ones at high SNR, are ranked by p(l* | I), the sharpest
-    localisation first). The ``PatchPosteriors`` returned are those at ``empty_energy``, for
-    the paper's patch-level measures (empty when the blank pairs hold at least half the mass).
+    count as detections. Candidates of one copy seen by several patches are merged (``merge``
+    within ``radius``, Euclidean; equal scores, e.g. saturated ones at high SNR, are ranked by
+    p(l* | I), the sharpest localisation first).
+
+    A candidate is selected when its score exceeds ``threshold``: 0 is the Bayes rule, "noise"
+    (the default) the larger of 0 and the score that ``noise_draws`` micrographs of pure noise
+    as large as those of ``data`` on average reach under the same estimate, rho and sigma (their
+    ``noise_draws``-th largest: ``evidence_noise_score`` / ``noise_score``). The posteriors of a
+    poor estimate are not calibrated (measured on another simulator's MNIST micrograph at SNR
+    0.1, per patch: F1 0.71 at 0 and 0.88 at "noise"; unchanged where EM succeeds). The
+    ``PatchPosteriors`` returned are those at ``empty_energy``, for the paper's patch-level
+    measures (empty when the blank pairs hold at least half the mass).
 
     Args:
         em, data, x, log_rho, sigma2, empty_energy: as ``patch_posteriors``.
-        detect_energy: the share of a copy's energy a patch must show to count as a detection.
-        empty_rule: "half" (default: the blank pairs hold at least half the posterior mass),
-            "argmax" (Algorithm 2's arg max of p(l | I) over single shifts, an all-padding
-            shift against the best non-blank one) or "mass" (the all-padding mass against
-            p(l* | I)). See ``PatchPosteriors.score``.
+        detect_energy: "nms": the share of a copy's energy a patch must show to count as a
+            detection.
+        empty_rule: of the per-patch posteriors: "half" (default: the blank pairs hold at least
+            half the posterior mass), "argmax" (Algorithm 2's arg max of p(l | I) over single
+            shifts, an all-padding shift against the best non-blank one) or "mass" (the
+            all-padding mass against p(l* | I)). See ``PatchPosteriors.score``.
         radius: of the merge, default L - 1: copies that do not overlap have centres at least L
-            apart, so no two copies merge, while the detections of a copy's slivers, whose
-            shift along the cut is poorly determined at low SNR, do (L / 2 left such
+            apart, so no two copies merge, while ("nms") the detections of a copy's slivers,
+            whose shift along the cut is poorly determined at low SNR, do (L / 2 left such
             duplicates: measured in tests/benchmarks/bench_picking.py).
         threshold: on the score for the operating point: a number, or "noise" (above).
-        seed, noise_draws: of the noise that sets the "noise" threshold (``noise_score``).
+        seed, noise_draws: of the noise that sets the "noise" threshold.
+        combine: "evidence" or "nms" (above).
 
     Returns:
         (the merged ``Picks``, best first; the per-patch ``PatchPosteriors``).
     """
     check_empty_rule(empty_rule)
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
     number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
     if not (threshold == "noise" or (number and math.isfinite(threshold))):
         raise ValueError(f"threshold must be a finite number or 'noise', got {threshold!r}")
@@ -542,8 +740,22 @@ def pick_posterior(
         raise ValueError(f"noise_draws must be an integer >= 1, got {noise_draws!r}")
     L = em.L
     radius = L - 1 if radius is None else float(radius)
-    data = data if isinstance(data, Patches) else em.prepare(data)
+    if not radius >= 0:
+        raise ValueError(f"radius must be >= 0, got {radius!r}")
+    data, x, log_rho = _inputs(em, data, x, log_rho, sigma2)
     post = patch_posteriors(em, data, x, log_rho, sigma2, empty_energy)
+    if combine == "evidence":
+        picks = evidence_candidates(em, data.source, x, log_rho, sigma2, radius)
+        level = float(threshold) if threshold != "noise" else None
+        if level is None:
+            grid = np.array(data.source.grid, dtype=np.float64).mean(0)
+            shape = tuple(max(1, round(g)) * L for g in grid)
+            level = max(0.0, evidence_noise_score(
+                em, x, log_rho, sigma2, shape, radius, seed, int(noise_draws)
+            ))  # fmt: skip
+        picks.selected = picks.scores > level
+        picks.info = {"method": "posterior", "combine": combine, "threshold": level}
+        return picks, post
     seen = post
     if detect_energy != empty_energy:
         seen = patch_posteriors(em, data, x, log_rho, sigma2, detect_energy)
@@ -572,8 +784,9 @@ def pick_posterior(
         patches=np.arange(data.D),
         L=L,
         prob=seen.shift_prob,
-        info={"method": "posterior", "empty_rule": empty_rule, "threshold": level},
-    )
+        info={"method": "posterior", "combine": combine, "empty_rule": empty_rule,
+              "threshold": level},
+    )  # fmt: skip
     return merge(picks, radius), post
 
 
@@ -733,12 +946,7 @@ def template_match(
         if not torch.isfinite(m).all():
             raise ValueError(f"{names[s]}: the micrograph has non-finite values")
         score, best_k = normalised_cross_correlation(m, templates)
-        r = max(1, int(min_distance))
-        pooled = torch.nn.functional.max_pool2d(score[None, None], 2 * r + 1, 1, r)[0, 0]
-        peak = torch.nonzero(score >= pooled)
-        val = score[peak[:, 0], peak[:, 1]]
-        order = torch.argsort(val, descending=True, stable=True)
-        peak, val = peak[order].cpu().numpy(), val[order].cpu().numpy().astype(np.float64)
+        peak, val = _local_peaks(score, max(1, int(min_distance)))
         k = best_k.cpu().numpy()[peak[:, 0], peak[:, 1]]
         n = len(val)
         parts.append(

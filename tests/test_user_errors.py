@@ -220,6 +220,8 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("em.tol=small",), "em.tol must be a number, got 'small'"),
         (("pick=true", "picking.threshold=high"), "picking.threshold must be a number, got"),
         (("pick=true", "picking.noise_draws=0"), "picking.noise_draws must be an integer >= 1"),
+        (("pick=true", "picking.combine=vote"), "picking.combine must be one of evidence, nms"),
+        (("pick=true", "picking.empty_rule=max"), "picking.empty_rule must be one of half, argm"),
         (("em.refine_K=0",), "em.refine_K must be an integer >= 1, got 0"),
         (("em.refine_K=8", "em.refine_iterations=x"), "em.refine_iterations must be an integer"),
     ],
