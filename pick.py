@@ -1,11 +1,13 @@
 """Pick particles in a micrograph: ``python pick.py micrograph=PATH estimate=PATH [method=...]``.
 
 Hydra composes ``configs/pick.yaml``; ``pick(cfg)`` does the work and can be called from tests.
-With ``method=posterior`` the patches' posteriors under the estimate give the picks (Algorithm 2 of
-the stochastic-EM paper, ``mtd.picking.pick_posterior``; rho and sigma by EM with the estimate
-held fixed unless given); with ``method=template`` normalised cross-correlation with the
-estimate's templates does (``mtd.picking.template_match``). Writes ``picks.star``, ``picks.png``
-and ``summary.json`` (the metrics when ``truth=`` gives the true centres) into the run directory.
+With ``method=posterior`` the patches' posteriors under the estimate give the picks (the
+stochastic-EM paper, Section IV-B, ``mtd.picking.pick_posterior``: by default the evidence of
+the patches a copy touches added up, ``combine=nms`` Algorithm 2 per patch; rho and sigma by EM
+with the estimate held fixed unless given); with ``method=template`` normalised
+cross-correlation with the estimate's templates does (``mtd.picking.template_match``). Writes
+``picks.star``, ``picks.png`` and ``summary.json`` (the metrics when ``truth=`` gives the true
+centres) into the run directory.
 """
 
 from __future__ import annotations
@@ -87,12 +89,13 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0 or null, got {cfg.sigma!r}")
     radius = None if is_none(cfg.radius) else float(cfg.radius)
-    named = {"posterior": "noise", "template": "auto"}[cfg.method]  # the default's name
+    named = {"posterior": ("noise",), "template": ("noise", "auto")}[cfg.method]
     threshold = cfg.threshold
-    if is_none(threshold) or threshold == named:
-        threshold = named
+    if is_none(threshold) or threshold in named:
+        threshold = "noise" if is_none(threshold) else threshold
     elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ValueError(f"threshold must be a number, {named!r} or null, got {threshold!r}")
+        allowed = ", ".join(repr(n) for n in named)
+        raise ValueError(f"threshold must be a number, {allowed} or null, got {threshold!r}")
     else:
         threshold = float(threshold)
     noise_draws = integer(cfg, "noise_draws", 1)
@@ -131,7 +134,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
             min_distance=None if is_none(cfg.min_distance) else float(cfg.min_distance),
             threshold=threshold,
             n_picks=None if is_none(cfg.n_picks) else int(cfg.n_picks),
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, seed=int(cfg.seed), noise_draws=noise_draws,
         )  # fmt: skip
         templates = group.templates(unknown.to(torch.float64))
         info = {"threshold": picks.info["threshold"]}

@@ -680,7 +680,10 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
     if truth is not None and p.template:  # the standard baseline beside it
         group = em.group
         for name, x in (("true", group.from_image(meas.image)), ("estimate", res.estimate)):
-            tm = picking.template_match(data, group, x.to(res.estimate))
+            tm = picking.template_match(
+                data, group, x.to(res.estimate), seed=int(cfg.seed),
+                noise_draws=integer(cfg, "picking.noise_draws", 1),
+            )  # fmt: skip
             scores = picking.picking_metrics(tm, truth["centres"], radius=radius)
             metrics.update({f"pick_template_{name}/{k}": value for k, value in scores.items()})
     return metrics

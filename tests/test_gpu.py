@@ -166,3 +166,24 @@ def test_reconstruct_on_cuda_matches_the_cpu(tmp_path):
         assert cuda[f"error/{v}"] == pytest.approx(cpu[f"error/{v}"], abs=1e-2), v
     for name in ("summary.json", "estimate_prior.npy", "estimate_no_prior.npy"):
         assert (tmp_path / "cuda" / "out" / name).is_file(), name
+
+
+def test_picking_on_cuda_equals_the_cpu(digits):
+    """Posterior picking (the combined evidence, its noise threshold drawn on the CPU) and
+    template matching give the CPU's picks on CUDA."""
+    from mtd import picking
+
+    F = digits[4]
+    L = F.shape[0]
+    meas = mtd.simulate(F, 10 * L, density=0.1, snr=0.3, K=4, seed=6)
+    out = {}
+    for device in ("cpu", "cuda"):
+        em = mtd.ApproximateEM(mtd.Rotations(L, 4), dtype=torch.float64, device=device)
+        log_rho, s2 = picking.fit_rho_sigma(em, meas.data, F, sigma=meas.sigma, iterations=3)
+        picks, _ = picking.pick_posterior(em, meas.data, F, log_rho, s2)
+        tm = picking.template_match(meas.data, mtd.Rotations(L, 4), F, device=device)
+        out[device] = (picks, tm)
+    for a, b in zip(out["cpu"], out["cuda"], strict=True):
+        np.testing.assert_array_equal(a.centres, b.centres)
+        np.testing.assert_array_equal(a.selected, b.selected)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-8, atol=1e-8)

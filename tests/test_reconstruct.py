@@ -711,8 +711,8 @@ def test_autocorrelation_needs_a_steerable_unknown(tmp_path, no_em):
 
 
 def test_pick_after_em_writes_one_star_row_per_copy(tmp_path):
-    # pick=true: Algorithm 2 of the stochastic-EM paper at the run's estimate; at high SNR every
-    # planted copy is picked once (no duplicates across patch borders) at its true centre.
+    # pick=true: posterior picking at the run's estimate; at high SNR every planted copy is
+    # picked once (no duplicates across patch borders) at its true centre.
     import starfile
 
     cfg = compose_rec(tmp_path, "ckpt=none", "measurement.snr=50", "em.iterations=5", "pick=true")
@@ -721,7 +721,10 @@ def test_pick_after_em_writes_one_star_row_per_copy(tmp_path):
     star = starfile.read(out / "picks.star")
     assert {"rlnCoordinateX", "rlnCoordinateY", "rlnAnglePsi"} <= set(star.columns)
     assert len(star) == metrics["pick/picks"] == metrics["pick/particles"] == 12
-    assert metrics["pick/f1"] == 1.0 and metrics["pick_template_true/f1"] == 1.0
+    assert metrics["pick/f1"] == 1.0
+    # the baseline ranks every copy first; its noise threshold allows about one false pick per
+    # micrograph by design (here one, NCC 0.156 against 0.99 for the copies)
+    assert metrics["pick_template_true/ap"] == 1.0 and metrics["pick_template_true/recall"] == 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["pick/ap"] == metrics["pick/ap"]
     assert (out / "picks.png").exists()

@@ -173,7 +173,8 @@ def main(argv=None):
                     clean = denoise_fn(meas.data, meas.sigma, guide)
                     blank = denoise_fn(noise, meas.sigma, guide)
                     for who, x in (("tm", meas.image), ("tm_em", res.estimate)):
-                        level = float(picking.template_match(blank, group, x).scores.max())
+                        tm = picking.template_match(blank, group, x, threshold=0.0)
+                        level = float(tm.scores.max())
                         tm = picking.template_match(clean, group, x, threshold=level)
                         row[f"{who}_{name}"] = _score(
                             tm, truth, source, templates=group.templates(x)
