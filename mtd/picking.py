@@ -927,7 +927,7 @@ def template_match(
             NCC does not depend on the noise level), as posterior picking's threshold;
             "auto": ``noise_threshold``, its closed-form approximation, which errs high
             (measured on MNIST micrographs at SNR 0.05: 0.19 against 0.16-0.17, F1 0.82
-            against 0.94 with the true digit).
+            against 0.93 with the true digit).
         n_picks: select at most this many (the best); None: no limit.
         device, dtype: of the computation (device None: the group's).
         max_candidates: keep at most this many candidates per micrograph (None: all peaks).
