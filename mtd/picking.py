@@ -590,17 +590,30 @@ def copy_evidence(
     return top + total.log() + log_odds, best_k
 
 
-def _local_peaks(score: torch.Tensor, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """The local maxima of ``score`` over (2r + 1)^2 windows, best first (stable).
-
-    Returns:
-        (positions (n, 2) int64, values (n,) float64).
-    """
+def _peak_picks(score, best_k, r: int, s: int, names: list, L: int, group) -> Picks:
+    """The local maxima of a score map over (2r + 1)^2 windows as candidate ``Picks`` of
+    micrograph ``s``, best first (stable); entry (i, j) of the map is the copy whose top-left
+    corner is (i, j), ``best_k`` its template."""
     pooled = torch.nn.functional.max_pool2d(score[None, None], 2 * r + 1, 1, r)[0, 0]
     peak = torch.nonzero(score >= pooled)
     val = score[peak[:, 0], peak[:, 1]]
     order = torch.argsort(val, descending=True, stable=True)
-    return peak[order].cpu().numpy(), val[order].cpu().numpy().astype(np.float64)
+    peak, val = peak[order].cpu().numpy(), val[order].cpu().numpy().astype(np.float64)
+    k = best_k.cpu().numpy()[peak[:, 0], peak[:, 1]].astype(np.int64)
+    angles, mirrored = template_angles(group)
+    n = len(val)
+    return Picks(
+        centres=peak.astype(np.float64) + (L - 1) / 2,
+        scores=val,
+        selected=np.zeros(n, dtype=bool),
+        micrograph=np.full(n, s, dtype=np.int64),
+        names=list(names),
+        angles=np.full(n, np.nan) if angles is None else angles[k],
+        mirrored=np.zeros(n, dtype=bool) if mirrored is None else mirrored[k],
+        templates=k,
+        patches=np.full(n, -1, dtype=np.int64),
+        L=L,
+    )
 
 
 def _micrographs(source):
@@ -626,7 +639,6 @@ def evidence_candidates(em, source, x, log_rho, sigma2: float, radius: float) ->
     templates = em.group.templates(x).to(em.dtype)
     log_w = em.group.log_weights()
     log_odds = corner_log_odds(log_rho, L)
-    angles, mirrored = template_angles(em.group)
     parts = []
     for s, micrograph in _micrographs(source):
         score, best_k = copy_evidence(micrograph, templates, log_w, sigma2, log_odds)
@@ -634,23 +646,7 @@ def evidence_candidates(em, source, x, log_rho, sigma2: float, radius: float) ->
         N0, N1 = micrograph.shape
         score = score[L - 1 : N0, L - 1 : N1]
         best_k = best_k[L - 1 : N0, L - 1 : N1]
-        peak, val = _local_peaks(score, max(1, int(radius)))
-        k = best_k.cpu().numpy()[peak[:, 0], peak[:, 1]]
-        n = len(val)
-        parts.append(
-            Picks(
-                centres=peak.astype(np.float64) + (L - 1) / 2,
-                scores=val,
-                selected=np.zeros(n, dtype=bool),
-                micrograph=np.full(n, s, dtype=np.int64),
-                names=list(source.names),
-                angles=np.full(n, np.nan) if angles is None else angles[k],
-                mirrored=np.zeros(n, dtype=bool) if mirrored is None else mirrored[k],
-                templates=k.astype(np.int64),
-                patches=np.full(n, -1, dtype=np.int64),
-                L=L,
-            )
-        )
+        parts.append(_peak_picks(score, best_k, max(1, int(radius)), s, source.names, L, em.group))
     return merge(concatenate(parts, list(source.names), L), radius, p=math.inf)
 
 
@@ -966,7 +962,6 @@ def template_match(
                 f"{name}: the micrograph {tuple(a.shape)} is not 2-D or is smaller than one "
                 f"particle (L = {L})"
             )
-    angles, mirrored = template_angles(group)
     parts = []
     for s, a in enumerate(arrays):
         m = a if torch.is_tensor(a) else torch.from_numpy(np.array(a))
@@ -977,23 +972,8 @@ def template_match(
         # Local maxima over the positions closer than min_distance in both axes: a square as
         # wide as min_distance itself let a neighbour whose box only touches this one's (L
         # apart) hide a copy (measured: one of 30 copies missed at SNR 1).
-        peak, val = _local_peaks(score, max(1, math.ceil(min_distance) - 1))
-        k = best_k.cpu().numpy()[peak[:, 0], peak[:, 1]]
-        n = len(val)
-        parts.append(
-            Picks(
-                centres=peak.astype(np.float64) + (L - 1) / 2,
-                scores=val,
-                selected=np.zeros(n, dtype=bool),
-                micrograph=np.full(n, s, dtype=np.int64),
-                names=names,
-                angles=np.full(n, np.nan) if angles is None else angles[k],
-                mirrored=np.zeros(n, dtype=bool) if mirrored is None else mirrored[k],
-                templates=k.astype(np.int64),
-                patches=np.full(n, -1, dtype=np.int64),
-                L=L,
-            )
-        )
+        r = max(1, math.ceil(min_distance) - 1)
+        parts.append(_peak_picks(score, best_k, r, s, names, L, group))
     picks = concatenate(parts, names, L)
     picks = merge(picks, math.nextafter(min_distance, 0), p=math.inf)  # min_distance apart: kept
     if max_candidates is not None:
