@@ -656,6 +656,7 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
     estimate)."""
     p, res, em = cfg.picking, fits[v], ems[v]
     radius = None if is_none(p.radius) else number(cfg, "picking.radius")
+    draws = integer(cfg, "picking.noise_draws", 1)
     picks, post = picking.pick_posterior(
         em,
         patches,
@@ -668,7 +669,7 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
         number(cfg, "picking.empty_energy"),
         number(cfg, "picking.detect_energy"),
         int(cfg.seed),
-        integer(cfg, "picking.noise_draws", 1),
+        draws,
         p.combine,
     )
     truth = None if meas is None else picking.truth_of(meas)
@@ -681,9 +682,8 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
         group = em.group
         for name, x in (("true", group.from_image(meas.image)), ("estimate", res.estimate)):
             tm = picking.template_match(
-                data, group, x.to(res.estimate), seed=int(cfg.seed),
-                noise_draws=integer(cfg, "picking.noise_draws", 1),
-            )  # fmt: skip
+                data, group, x.to(res.estimate), seed=int(cfg.seed), noise_draws=draws
+            )
             scores = picking.picking_metrics(tm, truth["centres"], radius=radius)
             metrics.update({f"pick_template_{name}/{k}": value for k, value in scores.items()})
     return metrics

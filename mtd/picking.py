@@ -658,12 +658,22 @@ def evidence_noise_score(
     average), drawn on the CPU from ``seed``."""
     from mtd.patches import PatchSource
 
-    gen = torch.Generator().manual_seed(int(seed))
-    std = math.sqrt(sigma2)
-    noise = [torch.randn(*shape, generator=gen, dtype=torch.float64) * std for _ in range(draws)]
+    noise = _noise_micrographs(shape, draws, seed, math.sqrt(sigma2))
     source = PatchSource(noise, em.L, em.dtype, em.device)
     found = evidence_candidates(em, source, x, log_rho, sigma2, radius).scores
     return _draws_th_largest(found, draws)
+
+
+def _mean_shape(arrays) -> tuple[int, int]:
+    """The micrographs' mean shape, rounded: the size of the noise micrographs of a threshold."""
+    return tuple(round(float(np.mean([a.shape[i] for a in arrays]))) for i in (0, 1))
+
+
+def _noise_micrographs(shape, draws: int, seed: int, std: float = 1.0) -> list[torch.Tensor]:
+    """``draws`` micrographs of white noise of ``shape``, float64, drawn on the CPU from
+    ``seed`` (the same threshold on every device)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return [torch.randn(*shape, generator=gen, dtype=torch.float64) * std for _ in range(draws)]
 
 
 def _draws_th_largest(scores: np.ndarray, draws: int) -> float:
@@ -755,48 +765,47 @@ def pick_posterior(
     post = patch_posteriors(em, data, x, log_rho, sigma2, empty_energy)
     if combine == "evidence":
         picks = evidence_candidates(em, data.source, x, log_rho, sigma2, radius)
-        level = float(threshold) if threshold != "noise" else None
-        if level is None:
-            sizes = np.array([a.shape for a in data.source.arrays], dtype=np.float64).mean(0)
-            shape = tuple(round(n) for n in sizes)
-            level = max(0.0, evidence_noise_score(
-                em, x, log_rho, sigma2, shape, radius, seed, int(noise_draws)
-            ))  # fmt: skip
-        picks.selected = picks.scores > level
-        picks.info = {"method": "posterior", "combine": combine, "threshold": level}
-        return picks, post
-    seen = post
-    if detect_energy != empty_energy:
-        seen = patch_posteriors(em, data, x, log_rho, sigma2, detect_energy)
-    mic, origin = patch_origins(data.source)
-    centres = origin + copy_offset(seen.shift, L) + (L - 1) / 2
-    scores = seen.score(empty_rule, _np_dtype(em.dtype))
-    if threshold == "noise":
-        per_micrograph = max(1, round(data.D / len(data.source.names)))
-        noise = noise_score(
-            em, x, log_rho, sigma2, per_micrograph, empty_rule, detect_energy, seed, noise_draws
-        )
-        level = max(0.0, noise)
+
+        def noise() -> float:
+            shape = _mean_shape(data.source.arrays)
+            draws = int(noise_draws)
+            return evidence_noise_score(em, x, log_rho, sigma2, shape, radius, seed, draws)
+
     else:
-        level = float(threshold)
-    angles, mirrored = template_angles(em.group)
-    k = seen.template
-    picks = Picks(
-        centres=centres.astype(np.float64),
-        scores=scores,
-        selected=scores > level,
-        micrograph=mic,
-        names=list(data.source.names),
-        angles=np.full(len(k), np.nan) if angles is None else angles[k],
-        mirrored=np.zeros(len(k), dtype=bool) if mirrored is None else mirrored[k],
-        templates=k,
-        patches=np.arange(data.D),
-        L=L,
-        prob=seen.shift_prob,
-        info={"method": "posterior", "combine": combine, "empty_rule": empty_rule,
-              "threshold": level},
-    )  # fmt: skip
-    return merge(picks, radius), post
+        seen = post
+        if detect_energy != empty_energy:
+            seen = patch_posteriors(em, data, x, log_rho, sigma2, detect_energy)
+        mic, origin = patch_origins(data.source)
+        angles, mirrored = template_angles(em.group)
+        k = seen.template
+        picks = Picks(
+            centres=(origin + copy_offset(seen.shift, L) + (L - 1) / 2).astype(np.float64),
+            scores=seen.score(empty_rule, _np_dtype(em.dtype)),
+            selected=np.zeros(data.D, dtype=bool),
+            micrograph=mic,
+            names=list(data.source.names),
+            angles=np.full(len(k), np.nan) if angles is None else angles[k],
+            mirrored=np.zeros(len(k), dtype=bool) if mirrored is None else mirrored[k],
+            templates=k,
+            patches=np.arange(data.D),
+            L=L,
+            prob=seen.shift_prob,
+        )
+        picks = merge(picks, radius)
+
+        def noise() -> float:
+            per_micrograph = max(1, round(data.D / len(data.source.names)))
+            return noise_score(
+                em, x, log_rho, sigma2, per_micrograph, empty_rule, detect_energy, seed,
+                noise_draws,
+            )  # fmt: skip
+
+    level = max(0.0, noise()) if threshold == "noise" else float(threshold)
+    picks.selected = picks.scores > level
+    picks.info = {"method": "posterior", "combine": combine, "threshold": level}
+    if combine == "nms":
+        picks.info["empty_rule"] = empty_rule
+    return picks, post
 
 
 def _np_dtype(dtype: torch.dtype):
@@ -982,12 +991,9 @@ def template_match(
             keep[np.flatnonzero(picks.micrograph == s)[: int(max_candidates)]] = True
         picks = picks.take(keep)
     if threshold == "noise":
-        shape = tuple(round(float(np.mean([a.shape[i] for a in arrays]))) for i in (0, 1))
-        gen = torch.Generator().manual_seed(int(seed))
-        draws = int(noise_draws)
-        noise = [torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(draws)]
+        noise = _noise_micrographs(_mean_shape(arrays), int(noise_draws), seed)
         found = template_match(noise, group, xt, min_distance, 0.0, None, device, dtype).scores
-        level = _draws_th_largest(found, draws)
+        level = _draws_th_largest(found, noise_draws)
     elif threshold == "auto":
         windows = sum((a.shape[0] - L + 1) * (a.shape[1] - L + 1) for a in arrays)
         level = noise_threshold(windows // len(arrays), K, L)
