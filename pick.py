@@ -25,6 +25,7 @@ import mtd
 from mtd import picking
 from mtd.measurement import write_summary
 from run_checks import USER_ERRORS, integer, is_none, user_error_exit
+from run_checks import threshold as threshold_of
 
 METHODS = ("posterior", "template")
 GROUPS = ("rotations", "dihedral", "steerable")
@@ -90,14 +91,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
         raise ValueError(f"sigma must be a finite number > 0 or null, got {cfg.sigma!r}")
     radius = None if is_none(cfg.radius) else float(cfg.radius)
     named = {"posterior": ("noise",), "template": ("noise", "auto")}[cfg.method]
-    threshold = cfg.threshold
-    if is_none(threshold) or threshold in named:
-        threshold = "noise" if is_none(threshold) else threshold
-    elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        allowed = ", ".join(repr(n) for n in named)
-        raise ValueError(f"threshold must be a number, {allowed} or null, got {threshold!r}")
-    else:
-        threshold = float(threshold)
+    threshold = threshold_of(cfg, "threshold", named)
     noise_draws = integer(cfg, "noise_draws", 1)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -40,6 +40,7 @@ from run_checks import (
     number,
     patch_count,
     register_project_resolver,
+    threshold,
     user_error_exit,
 )
 from wandb_setup import (
@@ -645,8 +646,7 @@ def pick_threshold(cfg: DictConfig) -> float | str:
         value = cfg.picking[key]
         if value not in allowed:
             raise ValueError(f"picking.{key} must be one of {', '.join(allowed)}, got {value!r}")
-    value = cfg.picking.threshold
-    return "noise" if is_none(value) or value == "noise" else number(cfg, "picking.threshold")
+    return threshold(cfg, "picking.threshold")
 
 
 def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data, meas) -> dict:

@@ -77,6 +77,23 @@ def number(cfg: DictConfig, key: str) -> float:
         raise ValueError(f"{key} must be a number, got {value!r}") from None
 
 
+def threshold(cfg: DictConfig, key: str, named: tuple[str, ...] = ("noise",)) -> float | str:
+    """A picker's operating point at the dotted ``key``: one of the rules ``named`` (null: the
+    first), or a finite number; else an error naming the key, the value and what is allowed."""
+    value = OmegaConf.select(cfg, key)
+    if is_none(value):
+        return named[0]
+    if value in named:
+        return value
+    try:
+        if isinstance(value, bool) or not math.isfinite(float(value)):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        allowed = ", ".join(repr(n) for n in named)
+        raise ValueError(f"{key} must be a number, {allowed} or null, got {value!r}") from None
+
+
 # Config values that must be integers (with their least value) or numbers, checked up front so that
 # a typo names its key instead of failing in int() / float() somewhere later.
 INTEGER_KEYS = {

@@ -218,7 +218,10 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("em.K=abc",), "em.K must be an integer, got 'abc'"),
         (("em.iterations=1.5",), "em.iterations must be an integer, got 1.5"),
         (("em.tol=small",), "em.tol must be a number, got 'small'"),
-        (("pick=true", "picking.threshold=high"), "picking.threshold must be a number, got"),
+        (
+            ("pick=true", "picking.threshold=high"),
+            "picking.threshold must be a number, 'noise' or null, got 'high'",
+        ),
         (("pick=true", "picking.noise_draws=0"), "picking.noise_draws must be an integer >= 1"),
         (("pick=true", "picking.combine=vote"), "picking.combine must be one of evidence, nms"),
         (("pick=true", "picking.empty_rule=max"), "picking.empty_rule must be one of half, argm"),
@@ -357,6 +360,19 @@ def test_user_errors_config_parses(tmp_path):
     for key in ("a.c", "a.d"):
         with pytest.raises(ValueError, match=f"{key} must be an integer"):
             run_checks.integer(cfg, key)
+
+
+def test_a_threshold_is_a_named_rule_null_or_a_finite_number():
+    # One parser for reconstruct.py's picking.threshold and pick.py's threshold.
+    cfg = OmegaConf.create({"p": {"none": None, "rule": "auto", "n": 0, "s": "-1.5"}})
+    named = ("noise", "auto")
+    assert run_checks.threshold(cfg, "p.none", named) == "noise"
+    assert run_checks.threshold(cfg, "p.rule", named) == "auto"
+    assert run_checks.threshold(cfg, "p.n") == 0.0 and run_checks.threshold(cfg, "p.s") == -1.5
+    for value in (True, "high", float("inf"), "auto"):
+        cfg.p.bad = value
+        with pytest.raises(ValueError, match=r"p.bad must be a number, 'noise' or null, got "):
+            run_checks.threshold(cfg, "p.bad")
 
 
 @pytest.mark.parametrize(("fraction", "warned"), [(0.1, True), (0.45, True), (0.5, False)])
