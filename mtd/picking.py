@@ -1402,6 +1402,49 @@ def truth_of(measurement, basis=None) -> dict:
     }
 
 
+def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict:
+    """``truth`` with every copy's top-left corner where the templates of ``x`` place it.
+
+    An MTD estimate is the image up to a translation (an image with an empty border leaves it
+    free; measured on MNIST: error 0.36 against 0.02 up to 3 px at SNR 10), and a picker that
+    uses it puts every centre off by that translation, turned with the copy. The paper's shift
+    accuracy (+-1 px) of such a picker is scored in the estimate's own frame: for each planted
+    copy, the (template, offset within ``max_shift`` pixels) whose placement correlates best with
+    the clean micrograph around it. The centres, which F1 matches within L / 2, stay the planted
+    ones. Without a clean micrograph (``truth_of`` of a steerable measurement without its basis,
+    a STAR file's truth) ``truth`` is returned as it is.
+
+    Args:
+        truth: ``truth_of(measurement)``: "corners" (p, 2), "clean" (N0, N1) or a list of them
+            with "micrograph" (p,), the copies' micrographs.
+        x: the estimate (the group's ``shape``).
+        group: the ``TransformSet`` whose templates the picker used.
+        max_shift: the largest offset searched in each axis.
+    """
+    clean = truth.get("clean")
+    if clean is None or max_shift <= 0:
+        return truth
+    cleans = list(clean) if isinstance(clean, (list, tuple)) else [clean]
+    L, s = group.L, int(max_shift)
+    floats = [b.dtype for b in group.buffers() if b.dtype.is_floating_point]
+    xt = torch.as_tensor(x).to(device=group.device, dtype=floats[0] if floats else torch.float64)
+    T = group.templates(xt).detach().cpu().to(torch.float64)[:, None]  # (K, 1, L, L)
+    padded = [
+        torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float64).cpu(), (s,) * 4)
+        for c in cleans
+    ]
+    corners = np.asarray(truth["corners"], dtype=np.int64).reshape(-1, 2)
+    micrograph = truth.get("micrograph")
+    micrograph = np.zeros(len(corners), np.int64) if micrograph is None else micrograph
+    moved = corners.copy()
+    for n, ((r, c), m) in enumerate(zip(corners, micrograph, strict=True)):
+        window = padded[int(m)][r : r + L + 2 * s, c : c + L + 2 * s]
+        corr = torch.nn.functional.conv2d(window[None, None], T)[0]  # (K, 2s + 1, 2s + 1)
+        _, i, j = np.unravel_index(int(corr.argmax()), tuple(corr.shape))
+        moved[n] = (r + i - s, c + j - s)
+    return {**truth, "corners": moved}
+
+
 def picking_outputs(
     out,
     picks: Picks,

@@ -259,6 +259,40 @@ def test_one_pick_per_copy_at_high_snr(digits):
     assert pm["empty_f1_always"] < 1
 
 
+def test_shift_accuracy_of_a_translated_estimate_is_scored_in_its_own_frame(digits):
+    """An MTD estimate is the image up to a translation: picking with the digit moved by d
+    (inside its empty border) finds every copy's shift in the estimate's frame, where each
+    copy's corner moves by -R_k d (its rotation k turns the offset), not in the digit's."""
+    F = digits[4]
+    L = F.shape[0]
+    meas = mtd.simulate(F, 8 * L, density=0.1, snr=20, K=4, seed=2)
+    d = (2, -1)
+    X = torch.roll(F, d, dims=(0, 1))
+    assert float(F[:2].abs().sum() + F[:, :1].abs().sum() + F[-2:].abs().sum()) == 0
+    em = engine(L)
+    data = em.prepare(meas.data)
+    log_rho, s2 = picking.fit_rho_sigma(em, data, X, sigma=meas.sigma, iterations=5)
+    picks, post = picking.pick_posterior(em, data, X, log_rho, s2)
+    truth = picking.truth_of(meas)
+    group = mtd.Rotations(L, 4)
+    seen = picking.in_frame_of(truth, X, group)
+    assert picking.in_frame_of(truth, F, group)["corners"].tolist() == truth["corners"].tolist()
+    # rot90 by k (counter-clockwise) turns a (row, column) offset (a, b) into (-b, a), k times
+    ks = np.rint(meas.angles.numpy() / (math.pi / 2)).astype(int) % 4
+    for corner, moved, k in zip(truth["corners"], seen["corners"], ks, strict=True):
+        a, b = d
+        for _ in range(k):
+            a, b = -b, a
+        assert tuple(moved - corner) == (-a, -b)
+    scores = {}
+    for name, t in (("digit", truth), ("estimate", seen)):
+        pt = picking.patch_truth(data.source, t["corners"], clean=t["clean"], energy=t["energy"])
+        scores[name] = picking.patch_metrics(post.score() <= 0, post.shift, pt, L)
+    assert scores["estimate"]["shift_accuracy"] == 1.0
+    assert scores["digit"]["shift_accuracy"] < 0.5
+    assert picking.picking_metrics(picks, truth["centres"])["f1"] == 1.0
+
+
 def test_posterior_picking_through_steerable_coefficients(digits):
     """The unknown a steerable basis's coefficients, copies at continuous angles: one pick per
     copy at its centre, its angle the nearest of the group's K (within a step)."""

@@ -101,30 +101,6 @@ def _score(picks, truth, source, post=None, templates=None) -> dict:
     return m
 
 
-def in_frame_of(estimate, truth, group, max_shift: int = 3) -> dict:
-    """``truth`` with each copy's top-left corner where the estimate's templates place it.
-
-    An MTD estimate is the image up to a translation (a digit's empty border leaves it free; EM
-    error 0.69 against 0.02 up to 3 px at SNR 10, measured here), so a picker that uses it puts
-    every centre off by that translation, turned with the copy. The paper's shift accuracy (+-1
-    px) is scored in the estimate's own frame: for each planted copy, the (template, offset within
-    ``max_shift``) whose placement correlates best with the clean micrograph around it. The
-    centres, which F1 matches within L / 2, stay the planted ones.
-    """
-    L, s = group.L, int(max_shift)
-    padded = torch.nn.functional.pad(
-        torch.as_tensor(truth["clean"], dtype=torch.float64), (s,) * 4
-    )
-    T = group.templates(torch.as_tensor(estimate, dtype=torch.float64))[:, None]
-    corners = []
-    for r, c in truth["corners"]:
-        window = padded[r : r + L + 2 * s, c : c + L + 2 * s]
-        corr = torch.nn.functional.conv2d(window[None, None], T)[0]  # (K, 2s + 1, 2s + 1)
-        _, i, j = np.unravel_index(int(corr.argmax()), tuple(corr.shape))
-        corners.append((r + i - s, c + j - s))
-    return {**truth, "corners": np.array(corners, dtype=np.int64).reshape(-1, 2)}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--snr", type=float, nargs="+", default=[10, 3, 1, 0.5, 0.2, 0.1, 0.05, 0.02])
@@ -172,7 +148,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             tm = picking.template_match(meas.data, group, meas.image)
             row["tm_true"] = _score(tm, truth, source, templates=group.templates(meas.image))
-            seen = in_frame_of(res.estimate, truth, group)  # the EM pickers' patch truth
+            seen = picking.in_frame_of(truth, res.estimate, group)  # the EM pickers' frame
             tm = picking.template_match(meas.data, group, res.estimate)
             row["tm_em"] = _score(tm, seen, source, templates=group.templates(res.estimate))
             picks, post = picking.pick_posterior(
