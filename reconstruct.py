@@ -673,9 +673,9 @@ def pick_particles(cfg: DictConfig, out: Path, ems, fits, v: str, patches, data,
         p.combine,
     )
     truth = None if meas is None else picking.truth_of(meas)
-    seen = None  # the patch measures in the estimate's own frame (it is the image up to a shift)
-    if truth is not None:
-        seen = picking.in_frame_of(truth, res.estimate, em.group, int(cfg.max_shift))
+    seen = truth  # an image's patch measures in its own frame (it is the image up to a shift)
+    if truth is not None and tuple(em.group.shape) == (em.L, em.L):
+        seen = picking.in_frame_of(truth, res.estimate, em.group, int(cfg.max_shift or 0))
     found = picking.picking_outputs(
         out, picks, data, patches.source, post, seen, radius, p.empty_rule,
         number(cfg, "picking.empty_energy"),

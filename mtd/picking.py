@@ -1410,7 +1410,8 @@ def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict
     uses it puts every centre off by that translation, turned with the copy. The paper's shift
     accuracy (+-1 px) of such a picker is scored in the estimate's own frame: for each planted
     copy, the (template, offset within ``max_shift`` pixels) whose placement correlates best with
-    the clean micrograph around it. The centres, which F1 matches within L / 2, stay the planted
+    the clean micrograph around it (least squares; a symmetric image may fit two ways). The
+    centres, which F1 matches within L / 2, stay the planted
     ones. Without a clean micrograph (``truth_of`` of a steerable measurement without its basis,
     a STAR file's truth) ``truth`` is returned as it is.
 
@@ -1429,6 +1430,7 @@ def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict
     floats = [b.dtype for b in group.buffers() if b.dtype.is_floating_point]
     xt = torch.as_tensor(x).to(device=group.device, dtype=floats[0] if floats else torch.float64)
     T = group.templates(xt).detach().cpu().to(torch.float64)[:, None]  # (K, 1, L, L)
+    energy = T.square().sum((1, 2, 3))
     padded = [
         torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float64).cpu(), (s,) * 4)
         for c in cleans
@@ -1439,8 +1441,12 @@ def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict
     moved = corners.copy()
     for n, ((r, c), m) in enumerate(zip(corners, micrograph, strict=True)):
         window = padded[int(m)][r : r + L + 2 * s, c : c + L + 2 * s]
+        # Least squares, ||W_o - T_k||^2 = ||W_o||^2 - 2 <W_o, T_k> + ||T_k||^2, over the
+        # offsets o and templates k (templates of unequal energy, e.g. projections, included).
         corr = torch.nn.functional.conv2d(window[None, None], T)[0]  # (K, 2s + 1, 2s + 1)
-        _, i, j = np.unravel_index(int(corr.argmax()), tuple(corr.shape))
+        seen = torch.nn.functional.avg_pool2d(window[None, None].square(), L, 1)[0] * L * L
+        misfit = seen - 2 * corr + energy.view(-1, 1, 1)
+        _, i, j = np.unravel_index(int(misfit.argmin()), tuple(misfit.shape))
         moved[n] = (r + i - s, c + j - s)
     return {**truth, "corners": moved}
 

@@ -710,13 +710,19 @@ def test_autocorrelation_needs_a_steerable_unknown(tmp_path, no_em):
     _bad(tmp_path, "needs em/group=steerable", "ckpt=none", "autocorrelation=true")
 
 
-def test_pick_after_em_writes_one_star_row_per_copy(tmp_path):
+@pytest.mark.parametrize("max_shift", ["3", "null"])
+def test_pick_after_em_writes_one_star_row_per_copy(tmp_path, max_shift):
     # pick=true: posterior picking at the run's estimate; at high SNR every planted copy is
-    # picked once (no duplicates across patch borders) at its true centre.
+    # picked once (no duplicates across patch borders) at its true centre. max_shift=null (no
+    # search for the estimate's frame) runs too.
     import starfile
 
-    cfg = compose_rec(tmp_path, "ckpt=none", "measurement.snr=50", "em.iterations=5", "pick=true")
+    cfg = compose_rec(
+        tmp_path, "ckpt=none", "measurement.snr=50", "em.iterations=5", "pick=true",
+        f"max_shift={max_shift}",
+    )  # fmt: skip
     metrics = rec.reconstruct(cfg)
+    assert metrics["pick/shift_accuracy"] == 1.0
     out = tmp_path / "out"
     star = starfile.read(out / "picks.star")
     assert {"rlnCoordinateX", "rlnCoordinateY", "rlnAnglePsi"} <= set(star.columns)
