@@ -898,6 +898,12 @@ def noise_threshold(windows: int, K: int, L: int) -> float:
     return math.sqrt(2 * math.log(n) / max(L * L - 1, 1))
 
 
+def _on_group(group: TransformSet, x) -> torch.Tensor:
+    """x on the group's tables' device and in their float dtype (float64 for a group with none)."""
+    floats = [b.dtype for b in group.buffers() if b.dtype.is_floating_point]
+    return torch.as_tensor(x).to(device=group.device, dtype=floats[0] if floats else torch.float64)
+
+
 def template_match(
     data,
     group: TransformSet,
@@ -953,9 +959,7 @@ def template_match(
     if not min_distance >= 0:
         raise ValueError(f"min_distance must be >= 0, got {min_distance!r}")
     device = group.device if device is None else torch.device(device)
-    floats = [b.dtype for b in group.buffers() if b.dtype.is_floating_point]
-    gdtype = floats[0] if floats else torch.float64
-    xt = torch.as_tensor(x, dtype=gdtype, device=group.device)
+    xt = _on_group(group, x)
     if tuple(xt.shape) != tuple(group.shape):
         raise ValueError(
             f"estimate has shape {tuple(xt.shape)}; the group {type(group).__name__} (L = {L}) "
@@ -1409,11 +1413,11 @@ def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict
     free; measured on MNIST: error 0.36 against 0.02 up to 3 px at SNR 10), and a picker that
     uses it puts every centre off by that translation, turned with the copy. The paper's shift
     accuracy (+-1 px) of such a picker is scored in the estimate's own frame: for each planted
-    copy, the (template, offset within ``max_shift`` pixels) whose placement correlates best with
-    the clean micrograph around it (least squares; a symmetric image may fit two ways). The
-    centres, which F1 matches within L / 2, stay the planted
-    ones. Without a clean micrograph (``truth_of`` of a steerable measurement without its basis,
-    a STAR file's truth) ``truth`` is returned as it is.
+    copy, the (template, offset within ``max_shift`` pixels) whose placement fits the clean
+    micrograph around it best in least squares (a symmetric image may fit two ways). The
+    centres, which F1 matches within L / 2, stay the planted ones. Without a clean micrograph
+    (``truth_of`` of a steerable measurement without its basis, a STAR file's truth) ``truth``
+    is returned as it is.
 
     Args:
         truth: ``truth_of(measurement)``: "corners" (p, 2), "clean" (N0, N1) or a list of them
@@ -1427,9 +1431,7 @@ def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict
         return truth
     cleans = list(clean) if isinstance(clean, (list, tuple)) else [clean]
     L, s = group.L, int(max_shift)
-    floats = [b.dtype for b in group.buffers() if b.dtype.is_floating_point]
-    xt = torch.as_tensor(x).to(device=group.device, dtype=floats[0] if floats else torch.float64)
-    T = group.templates(xt).detach().cpu().to(torch.float64)[:, None]  # (K, 1, L, L)
+    T = group.templates(_on_group(group, x)).detach().cpu().double()[:, None]  # (K, 1, L, L)
     energy = T.square().sum((1, 2, 3))
     padded = [
         torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float64).cpu(), (s,) * 4)
