@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import mtd
-from mtd.measurement import write_summary
+from mtd.io.files import write_summary
 from priors.denoise import (
     MicrographDenoiser,
     ReferenceDensity,

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mtd
 from mtd import picking
-from mtd.measurement import write_summary
+from mtd.io.files import write_summary
 from run_checks import USER_ERRORS, integer, is_none, user_error_exit
 from run_checks import threshold as threshold_of
 
@@ -37,14 +37,14 @@ def build_group(name: str, L: int, K: int) -> mtd.TransformSet:
     if name == "dihedral":
         return mtd.Dihedral(L, K)
     if name == "steerable":
-        return mtd.steerable.steerable(L, K)
+        return mtd.groups.steerable(L, K)
     raise ValueError(f"group must be one of {GROUPS}, got {name!r}")
 
 
 def read_truth(path, names: list[str]) -> dict:
     """True centres from a STAR file (rlnCoordinateY the row); rlnMicrographName, when there,
     says which micrograph (matched by file name)."""
-    table = picking.read_star(path)
+    table = mtd.io.read_star(path)
     if "rlnCoordinateX" not in table or "rlnCoordinateY" not in table:
         raise ValueError(f"truth: {path} has no rlnCoordinateX / rlnCoordinateY columns")
     centres = np.stack([table["rlnCoordinateY"], table["rlnCoordinateX"]], 1).astype(float)
@@ -69,7 +69,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     if cfg.combine not in picking.COMBINE:
         raise ValueError(f"combine must be one of {picking.COMBINE}, got {cfg.combine!r}")
     spec = list(cfg.micrograph) if OmegaConf.is_list(cfg.micrograph) else str(cfg.micrograph)
-    paths = mtd.measurement.expand_paths(spec, "micrograph")
+    paths = mtd.io.files.expand_paths(spec, "micrograph")
     shapes = [tuple(mtd.open_micrograph(p).shape) for p in paths]
     stack = mtd.read_images(cfg.estimate)
     x = stack[0]
@@ -82,7 +82,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
     K = int(cfg.K)
     group = build_group(cfg.group, L, K)
     out.mkdir(parents=True, exist_ok=True)
-    star = picking.check_star_path(out / cfg.star)
+    star = mtd.io.check_star_path(out / cfg.star)
     truth = None if is_none(cfg.truth) else read_truth(cfg.truth, paths)
     if truth is not None:  # the copies' L x L frames, for the patch-level measures
         truth["corners"] = np.rint(truth["centres"] - (L - 1) / 2).astype(np.int64)
@@ -119,7 +119,7 @@ def pick(cfg: DictConfig, out_dir=None) -> dict:
         )  # fmt: skip
         info = {
             "sigma": math.sqrt(sigma2),
-            "empty_mass": float(log_rho.exp()[picking.empty_shifts(L)].sum()),
+            "empty_mass": float(log_rho.exp()[mtd.em.empty_shifts(L)].sum()),
             "threshold": picks.info["threshold"],
         }
     else:

@@ -4,7 +4,7 @@ Hydra composes ``configs/reconstruct.yaml``; ``reconstruct(cfg)`` does the work 
 from tests. It loads the score prior (``priors``), simulates a measurement of a held-out target or
 reads one from disk, runs approximate EM (``mtd``) with and without the prior from the same initial
 guess, logs the iterations to W&B (``wandb_setup``) and writes the estimates, a figure and
-``summary.json`` into the run directory (``mtd.outputs``).
+``summary.json`` into the run directory (``mtd.io.outputs``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import mtd
-import mtd.volume
-from mtd import picking, volume_metrics, volume_outputs
-from mtd.measurement import write_summary
-from mtd.outputs import crop_window, write_outputs
+import mtd.forward.volumes
+from mtd import picking
+from mtd.io.files import write_summary
+from mtd.io.outputs import write_outputs
+from mtd.metrics import volumes as volume_metrics
+from mtd.plots import volumes as volume_outputs
+from mtd.plots.images import crop_window
 from priors import ScorePrior
 from priors import denoise as denoising
 from run_checks import (
@@ -168,7 +171,7 @@ def measurement_files(cfg: DictConfig) -> tuple:
     """
     m = cfg.measurement
     spec = list(m.path) if OmegaConf.is_list(m.path) else str(m.path)
-    paths = mtd.measurement.expand_paths(spec, "measurement.path")
+    paths = mtd.io.files.expand_paths(spec, "measurement.path")
     shapes = [list(mtd.open_micrograph(p).shape) for p in paths]
     info = {"target": paths, "N": shapes, "L": integer(cfg, "measurement.L", 1)}
     return paths if len(paths) > 1 else paths[0], info
@@ -390,7 +393,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
         pick_threshold(cfg)
     if cfg.pick and rank == 0:  # a folder that cannot take picks.star fails before EM
         out.mkdir(parents=True, exist_ok=True)
-        picking.check_star_path(out / "picks.star")
+        mtd.io.check_star_path(out / "picks.star")
     run = start_reconstruction(cfg, tags, run_name(cfg, info)) if rank == 0 else None
     results, fits = {}, {}
     exit_code = 1  # what W&B records if the loop does not finish: failed (130: interrupted)
@@ -490,9 +493,9 @@ def volume_measurement(cfg: DictConfig):
     if where == "default":  # the phantom for simulations; a file's volume is not known
         where = "shepp_logan" if m.source == "simulate" else None
     if where == "shepp_logan":  # the standard test volume, built from its ellipsoid table
-        truth = mtd.volume.shepp_logan(L)
+        truth = mtd.forward.volumes.shepp_logan(L)
     elif where is not None:
-        array, voxel_file = volume_outputs.read_volume(where)
+        array, voxel_file = mtd.io.read_volume(where)
         truth = torch.from_numpy(array)
         voxel = voxel_file or voxel
         if tuple(truth.shape) != (L, L, L):
@@ -508,7 +511,7 @@ def volume_measurement(cfg: DictConfig):
     if truth is None:
         raise ValueError("a simulated volume run needs measurement.truth (shepp_logan or a PATH)")
     N = 11 * L if is_none(m.N) else integer(cfg, "measurement.N", L)
-    meas = mtd.volume.simulate_volume(
+    meas = mtd.forward.volumes.simulate_volume(
         truth,
         N,
         density=number(cfg, "measurement.density"),
@@ -523,9 +526,9 @@ def volume_measurement(cfg: DictConfig):
 
 def reconstruct_volume(cfg: DictConfig, out: Path, device, comm=None, rank: int = 0) -> dict:
     """A 3-D volume from micrographs (the stochastic-EM paper): EM over the projections of the
-    volume at an SO(3) grid (``em=volume``, ``mtd.projection.Projections``), stochastic EM and
+    volume at an SO(3) grid (``em=volume``, ``mtd.groups.tomography.Projections``), stochastic EM and
     frequency marching as configured; with a truth, the estimate aligned over SO(3), the mirror
-    and small shifts (``mtd.volume_metrics``), its error and FSC curve.
+    and small shifts (``mtd.metrics.volumes``), its error and FSC curve.
 
     Writes estimate_no_prior.mrc/.npy (aligned when the truth is known), truth.mrc, volume.png,
     fsc.png, measurement.mrc (simulated), summary.json last.
@@ -559,7 +562,7 @@ def reconstruct_volume(cfg: DictConfig, out: Path, device, comm=None, rank: int 
             "runs": {"no_prior": run_record(res, seconds, em, group.K)},
         }
         if truth is not None:
-            aligned, curve = volume_metrics.measure_volume(truth, estimate, voxel)
+            aligned, curve = mtd.metrics.measure_volume(truth, estimate, voxel)
             estimate = aligned.aligned
             metrics["error/no_prior"] = aligned.error
             for level in (0.5, 0.143):
@@ -567,10 +570,10 @@ def reconstruct_volume(cfg: DictConfig, out: Path, device, comm=None, rank: int 
             summary["alignment"], summary["fsc"] = aligned.to_dict(), curve.to_dict()
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            volume_outputs.write_volume(out / "estimate_no_prior.mrc", estimate, voxel)
-            volume_outputs.write_volume(out / "estimate_no_prior.npy", estimate, voxel)
+            mtd.io.write_volume(out / "estimate_no_prior.mrc", estimate, voxel)
+            mtd.io.write_volume(out / "estimate_no_prior.npy", estimate, voxel)
             if truth is not None:
-                volume_outputs.write_volume(out / "truth.mrc", truth, voxel)
+                mtd.io.write_volume(out / "truth.mrc", truth, voxel)
                 volume_outputs.save_volume_figure(
                     out / "volume.png", truth, {"EM": estimate}, {"EM": metrics["error/no_prior"]}
                 )

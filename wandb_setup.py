@@ -165,7 +165,7 @@ def log_results(run, out: Path, estimates: dict, truth, crop) -> None:
 
     Args:
         run: the W&B run.
-        out: the run directory, its files written (``mtd.outputs.write_outputs``).
+        out: the run directory, its files written (``mtd.io.outputs.write_outputs``).
         estimates: {variant: (L, L) estimate}.
         truth: (L, L) true image, or None.
         crop: (n, n) crop of the measurement around a copy, or None.

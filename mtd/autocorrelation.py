@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from scipy import optimize
 
-from mtd.measurement import open_micrograph
+from mtd.io.files import open_micrograph
 
 
 def _layout(L: int) -> tuple[torch.Tensor, torch.Tensor]:

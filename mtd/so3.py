@@ -1,13 +1,13 @@
 """Rotations in 3-D: a near-uniform SO(3) grid, Haar-random rotations, trilinear rotation of
-volumes, and Euler angles in RELION's convention (DESIGN section 9; /tmp/spec volume conventions).
+volumes, and Euler angles in RELION's convention (docs/design.md).
 
-Conventions (shared with ``mtd.projection`` and the volume metrics):
+Conventions (shared with ``mtd.groups.projections`` and the volume metrics):
 
 - A volume V is a real (L, L, L) tensor; array axis a is coordinate axis a: voxel [i0, i1, i2] sits
   at p = (i0 - c, i1 - c, i2 - c), c = (L - 1) / 2. Its support is the ball |p| <= L / 2.
 - A rotation R is a (3, 3) float64 orthogonal matrix with det +1 acting on coordinate vectors p in
   that axis order; the rotated volume is (R . V)(p) = V(R^T p).
-- The projection at R integrates (R . V) along axis 0 (``mtd.projection``); image rows are axis 1,
+- The projection at R integrates (R . V) along axis 0 (``mtd.groups.projections``); image rows are axis 1,
   columns axis 2. So the rotation by phi about axis 0,
 
       R_phi = [[1, 0, 0], [0, cos phi, -sin phi], [0, sin phi, cos phi]],
@@ -230,11 +230,38 @@ def grid_points(L: int) -> torch.Tensor:
     return torch.stack([a.reshape(-1) for a in g], 1)
 
 
+def voxel_coordinates(L: int, device=None) -> torch.Tensor:
+    """(L, L, L, 3) float64 coordinates p of every voxel (``mtd.so3.grid_points``, reshaped)."""
+    return grid_points(L).to(device).reshape(L, L, L, 3)
+
+
+def ball_mask(L: int, radius: float | None = None, edge: float = 0.0, device=None) -> torch.Tensor:
+    """(L, L, L) float64 spherical mask: 1 for |p| <= radius - edge, 0 for |p| >= radius, and a
+    raised-cosine fall 0.5 (1 + cos(pi (|p| - radius + edge) / edge)) between.
+
+    Args:
+        L: side of the volume.
+        radius: outer radius in voxels; None is L / 2 (the ball a volume lives in).
+        edge: width of the cosine edge in voxels; 0 is the hard ball |p| <= radius.
+        device: where to build it.
+    """
+    radius = L / 2 if radius is None else float(radius)
+    if not radius > 0 or not 0 <= edge <= radius:
+        raise ValueError(
+            f"mask radius must be > 0 and edge in [0, radius], got radius={radius}, edge={edge}"
+        )
+    r = torch.linalg.vector_norm(voxel_coordinates(L, device), dim=-1)
+    if edge == 0:
+        return (r <= radius).to(torch.float64)
+    t = ((r - (radius - edge)) / edge).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))
+
+
 def trilinear_table(L: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather tables of (R . V)(p) = V(R^T p) at every voxel p, trilinear, zero outside the cube.
 
     Sample positions within 1e-9 of the grid are snapped to it, so rotations by multiples of pi/2
-    about an axis are exact permutations (as ``mtd.rotations``).
+    about an axis are exact permutations (as ``mtd.groups.rotations``).
 
     Args:
         L: volume side.

@@ -93,7 +93,7 @@ def test_logit_bounds_hold_and_every_log_sum_exp_path_is_exact(
     top, bottom = logits.amax(1), logits.amin(1)
     assert low - 1e-9 <= float(top.min()) and float(top.max()) <= high + 1e-9
     assert float((top - bottom).max()) <= spread * (1 + 1e-12)
-    passes = mtd.estep._log_sum_exp_passes(torch.float64, K * 4 * L * L, low, high, spread)
+    passes = mtd.em.estep._log_sum_exp_passes(torch.float64, K * 4 * L * L, low, high, spread)
     assert passes[:2] == (shift, clamp)
     stats = em.e_step(patches, F_t, log_rho, sigma**2)
     w, loglik = ref.e_step(ref.patches(data, L), F, rho, sigma, K)

@@ -298,7 +298,7 @@ def test_posterior_picking_through_steerable_coefficients(digits):
     copy at its centre, its angle the nearest of the group's K (within a step)."""
     F = digits[3]
     L = F.shape[0]
-    group = mtd.steerable.steerable(L, 16)
+    group = mtd.groups.steerable(L, 16)
     F = group.to_image(group.from_image(F))  # in the basis's span
     meas = mtd.simulate(F, 8 * L, density=0.1, snr=20, K=4, rotation="continuous", seed=3)
     em = mtd.ApproximateEM(group, dtype=torch.float64)
@@ -439,18 +439,18 @@ def test_star_round_trip(tmp_path):
         patches=np.array([-1, -1, -1]),
         L=28,
     )
-    path = picking.write_star(tmp_path / "picks.star", picks)
+    path = mtd.io.write_star(tmp_path / "picks.star", picks)
     df = starfile.read(path)
-    assert list(df.columns) == [*picking.STAR_COLUMNS, "rlnMicrographName"]
+    assert list(df.columns) == [*mtd.io.star.STAR_COLUMNS, "rlnMicrographName"]
     np.testing.assert_allclose(df["rlnCoordinateX"], [20.5, 8.0])  # the column
     np.testing.assert_allclose(df["rlnCoordinateY"], [10.5, 7.0])  # the row
     np.testing.assert_allclose(df["rlnAnglePsi"], [0.0, 90.0])
     np.testing.assert_allclose(df["rlnAutopickFigureOfMerit"], [5.0, 2.0])
     assert list(df["rlnMicrographName"]) == ["a.mrc", "b.mrc"]
-    back = picking.read_star(path)
+    back = mtd.io.read_star(path)
     np.testing.assert_allclose(back["rlnCoordinateX"], [20.5, 8.0])
     with pytest.raises(ValueError, match="does not exist"):
-        picking.write_star(tmp_path / "missing" / "picks.star", picks)
+        mtd.io.write_star(tmp_path / "missing" / "picks.star", picks)
     assert not (tmp_path / "missing").exists()
 
 
@@ -515,7 +515,7 @@ def test_pick_py_writes_the_star_of_the_planted_centres(small_case, method):
     )  # fmt: skip
     metrics = entry.pick(cfg)
     assert metrics["f1"] == 1.0 and metrics["ap"] == 1.0
-    table = picking.read_star(d / "out" / "picks.star")
+    table = mtd.io.read_star(d / "out" / "picks.star")
     got = np.stack([table["rlnCoordinateY"], table["rlnCoordinateX"]], 1)
     np.testing.assert_allclose(np.sort(got, 0), np.sort(centres, 0))
     assert (d / "out" / "picks.png").stat().st_size > 0
@@ -547,11 +547,11 @@ def test_pick_py_bad_input_fails_before_writing(small_case):
 
 @pytest.mark.slow
 def test_posterior_picking_of_volume_projections():
-    """Through the TransformSet seam only: the projections of a volume (mtd.projection), one pick
+    """Through the TransformSet seam only: the projections of a volume (mtd.groups.tomography), one pick
     per planted projection at high SNR, template indices in the STAR where there is no angle."""
-    from mtd.projection import projections
+    from mtd.forward.volumes import shepp_logan, simulate_volume
+    from mtd.groups.tomography import projections
     from mtd.so3 import hopf_grid
-    from mtd.volume import shepp_logan, simulate_volume
 
     L = 11
     V = shepp_logan(L)

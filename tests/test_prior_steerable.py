@@ -1,7 +1,7 @@
 """A pixel-space prior in the M-step of an unknown that is not an image (mtd.Steerable).
 
 The image of the coefficients alpha is B alpha (``to_image``), the unknown of an image y is
-B^+ y (``from_image``); the M-steps of ``mtd.msteps`` use the prior through these only.
+B^+ y (``from_image``); the M-steps of ``mtd.em.msteps`` use the prior through these only.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_projected_denoise_step_is_the_map_step_in_the_coefficients(L):
     assert info["noise"] == pytest.approx(math.sqrt(sigma2 / (4 * 2.5)), rel=1e-12)
     # gamma blends the closed form in the coefficients with the projected denoised image.
     half, _ = mtd.Denoise(mtd.ConstantGamma(0.5)).step(group, stats, a0, sigma2, 0, 1, prior)
-    ml = mtd.msteps.closed_form(group, stats, a0)
+    ml = mtd.em.msteps.closed_form(group, stats, a0)
     q_grad = torch.autograd.functional.jacobian(lambda a: _q(group, stats, a, sigma2), ml)
     assert q_grad.abs().max() < 1e-9  # the closed form is argmax Q in the coefficients
     torch.testing.assert_close(half, 0.5 * (expected + ml), rtol=0, atol=1e-9)
@@ -147,7 +147,7 @@ def test_completion_averages_the_denoiser_over_draws_and_leaves_image_unknowns_a
     a0 = group.from_image(_image(L, 5))
     m_step = mtd.Denoise(complete_draws=2, seed=3)
     step, info = m_step.step(group, stats, a0, sigma2, 6, 10, prior)
-    ml = mtd.msteps.closed_form(group, stats, a0)
+    ml = mtd.em.msteps.closed_form(group, stats, a0)
     span = m_step.denoise_span(group, prior, group.to_image(ml), info["noise"], 6)
     torch.testing.assert_close(step, group.from_image(span), rtol=0, atol=1e-12)
     plain, _ = mtd.Denoise().step(group, stats, a0, sigma2, 6, 10, prior)

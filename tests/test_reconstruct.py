@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mtd
-import mtd.outputs
+import mtd.io.outputs
 import reconstruct as rec
 from priors.nets import build_net
 
@@ -424,7 +424,7 @@ def test_interrupted_run_leaves_no_half_written_file(tmp_path, gauss_ckpt, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(
-        mtd.outputs, "save_figure", lambda path, *a: mtd.measurement.atomic_write(path, figure)
+        mtd.io.outputs, "save_figure", lambda path, *a: mtd.io.files.atomic_write(path, figure)
     )
     with pytest.raises(KeyboardInterrupt):
         rec.reconstruct(cfg)
@@ -740,7 +740,7 @@ def test_volume_experiment_writes_the_aligned_volume_and_its_fsc(tmp_path):
     # object=volume (experiment=volume): the same entry point estimates a 3-D volume from a
     # micrograph of its projections; the estimate is written aligned to the truth (rotation,
     # mirror, shift), its error is that aligned volume's error, and the FSC crossings are recorded.
-    from mtd import volume_metrics, volume_outputs
+    from mtd.metrics import volumes as volume_metrics
 
     cfg = compose_rec(
         tmp_path,
@@ -755,8 +755,8 @@ def test_volume_experiment_writes_the_aligned_volume_and_its_fsc(tmp_path):
     )
     metrics = rec.reconstruct(cfg)
     out = tmp_path / "out"
-    est, voxel = volume_outputs.read_volume(out / "estimate_no_prior.mrc")
-    truth, _ = volume_outputs.read_volume(out / "truth.mrc")
+    est, voxel = mtd.io.read_volume(out / "estimate_no_prior.mrc")
+    truth, _ = mtd.io.read_volume(out / "truth.mrc")
     assert est.shape == (11, 11, 11) and voxel == 1.0
     error = volume_metrics.volume_error(torch.from_numpy(truth), torch.from_numpy(est))
     assert error == pytest.approx(metrics["error/no_prior"], rel=1e-5)  # (float32 .mrc)
@@ -786,10 +786,10 @@ def test_volume_from_a_micrograph_file_scored_against_the_named_truth(tmp_path):
     # object=volume on a user's micrograph file: measurement=file with the volume it was made of
     # (measurement.truth=shepp_logan, or a .mrc) gives the aligned error; by default a file's
     # volume is not known (not the simulator's phantom): no error.
-    import mtd.volume
+    import mtd.forward.volumes
 
-    meas = mtd.volume.simulate_volume(
-        mtd.volume.shepp_logan(11), 220, density=0.15, snr=50, seed=3
+    meas = mtd.forward.volumes.simulate_volume(
+        mtd.forward.volumes.shepp_logan(11), 220, density=0.15, snr=50, seed=3
     )
     np.save(tmp_path / "mic.npy", meas.data.numpy())
     common = [
@@ -815,9 +815,9 @@ def test_volume_log_records_the_aligned_error_every_few_iterations():
     # The W&B curve of a volume run: every `every` iterations the estimate is aligned to the truth
     # (the first time by the full search, then from the last alignment) and its error logged; the
     # image logged is the central slice.
-    import mtd.volume
+    import mtd.forward.volumes
 
-    truth = mtd.volume.shepp_logan(11)  # (at 9^3 its small features, which tell the hands
+    truth = mtd.forward.volumes.shepp_logan(11)  # (at 9^3 its small features, which tell the hands
     # apart, are gone: the other hand is within 0.05)
     turned = torch.rot90(truth, 1, dims=(1, 2)).flip(0)  # a quarter turn and a mirror
     rows = []

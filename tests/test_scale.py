@@ -196,7 +196,7 @@ def test_stochastic_em_scores_every_restart_on_one_subset_of_patches():
 
     em._subset = recording
     res = em.fit(data, torch.stack([mu, mu.flip(0)]))
-    shared = 3 + mtd.em._EVAL
+    shared = 3 + mtd.em.loop._EVAL
     assert seeds == [3, 3, 3, 3, shared, 4, 4, 4, 4, shared]
     subset = draw(data, torch.Generator().manual_seed(shared))
     assert len(subset) == int(0.3 * data.D)

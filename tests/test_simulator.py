@@ -1,7 +1,7 @@
 """The simulator against hand-made measurements: SNR, planted copies, and EM on data it never made.
 
 Every expected value here comes from NumPy (np.rot90, scipy's bilinear rotation in
-``tests.reference.rotate``, a placement written out by hand), never from ``mtd.measurement``'s own
+``tests.reference.rotate``, a placement written out by hand), never from ``mtd.forward.images``'s own
 rebuild (``Measurement.clean``) or its operators.
 """
 

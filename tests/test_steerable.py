@@ -1,4 +1,4 @@
-"""The steerable Fourier-Bessel basis and the E-step over its exact rotations (mtd.steerable)."""
+"""The steerable Fourier-Bessel basis and the E-step over its exact rotations (mtd.groups.fourier_bessel)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mtd.threads: the E-step's intra-op thread policy, its context manager and its validation."""
+"""mtd.em.threads: the E-step's intra-op thread policy, its context manager and its validation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import mtd
-from mtd import threads
-from mtd.threads import chunk_work, limit_threads, resolve_threads, threads_for
+from mtd.em import threads
+from mtd.em.threads import chunk_work, limit_threads, resolve_threads, threads_for
 
 
 @pytest.fixture(autouse=True)
@@ -102,9 +102,9 @@ def test_threads_for_leaves_other_devices_alone(default3):
 
 def test_default_threads_is_torchs_default_at_import():
     # A fresh interpreter with OMP_NUM_THREADS=2 starts torch at 2 threads; lowering the count
-    # after importing mtd.threads does not change what it captured.
+    # after importing mtd.em.threads does not change what it captured.
     code = (
-        "import torch, mtd.threads as t; d = torch.get_num_threads(); torch.set_num_threads(1); "
+        "import torch, mtd.em.threads as t; d = torch.get_num_threads(); torch.set_num_threads(1); "
         "print(d, t.DEFAULT_THREADS, t.threads_for(t.PARALLEL_WORK, 'cpu'))"
     )
     env = {"OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mtd
-import mtd.outputs
+import mtd.io.outputs
 import reconstruct as rec
 import run_checks
 

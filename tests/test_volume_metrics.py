@@ -15,22 +15,27 @@ import numpy as np
 import pytest
 import torch
 
-from mtd.so3 import axis_rotation, geodesic_distance, grid_points, random_rotations, rotate_volume
-from mtd.volume import shepp_logan
-from mtd.volume_metrics import (
+from mtd.forward.volumes import shepp_logan
+from mtd.io.files import read_volume, write_volume
+from mtd.metrics.fsc import fsc, fsc_crossing, shell_index
+from mtd.metrics.volumes import (
     VolumeAlignment,
     _padded_size,
     _shift_errors,
     align_volume,
-    ball_mask,
-    fsc,
-    fsc_crossing,
     mirror_volume,
-    shell_index,
     transform_volume,
     volume_error,
 )
-from mtd.volume_outputs import read_volume, save_fsc_plot, save_volume_figure, write_volume
+from mtd.plots.volumes import save_fsc_plot, save_volume_figure
+from mtd.so3 import (
+    axis_rotation,
+    ball_mask,
+    geodesic_distance,
+    grid_points,
+    random_rotations,
+    rotate_volume,
+)
 
 L = 11
 

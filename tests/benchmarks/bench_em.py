@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import mtd
-from mtd.likelihood import choose_method
+from mtd.em.likelihood import choose_method
 from tests import reference as ref
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"

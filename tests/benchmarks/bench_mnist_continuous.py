@@ -19,7 +19,7 @@ mean of ten training digits, none a target) and with the same M-step and iterati
 - ``steerable``: ``mtd.Steerable(mtd.FBBasis(28, n or bandlimit), K)``, the unknown the digit's
   Fourier-Bessel coefficients, rotated exactly by 2 pi k / K; the prior's denoiser acts on the
   evaluated image, its missing noise outside the basis's span completed by ``--complete-draws``
-  white draws (em=steerable_mnist's), and is projected back onto the basis (``mtd.msteps``);
+  white draws (em=steerable_mnist's), and is projected back onto the basis (``mtd.em.msteps``);
 - ``bilinear``: ``mtd.Rotations(28, K)``, today's pixel unknown with K bilinear rotations.
 
 Errors, the same rule for both: the relative pixel error against the raw digit, minimised over

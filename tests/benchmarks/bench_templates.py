@@ -4,7 +4,7 @@
     python -m tests.benchmarks.bench_templates --K 16 2000 --N 550
 
 When K x 4L^2 exceeds the correlation form's chunk budget the E-step cuts the templates into
-blocks and streams each patch's log-sum-exp across them (``mtd.estep``), so the per-chunk work
+blocks and streams each patch's log-sum-exp across them (``mtd.em.estep``), so the per-chunk work
 buffer stays within the budget whatever K. Each K runs in a fresh process; printed per K: the
 template blocks, patches per chunk, the work buffer's peak size (the chunk memory), the
 process's peak resident memory above its baseline after the measurement is made (which adds the

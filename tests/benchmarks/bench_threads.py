@@ -1,4 +1,4 @@
-"""Intra-op threads of the E-step: 1 thread, 2 threads and mtd.threads' policy, quiet and loaded.
+"""Intra-op threads of the E-step: 1 thread, 2 threads and mtd.em.threads' policy, quiet and loaded.
 
     python -m tests.benchmarks.bench_threads                 # the two cases of issue 11
     python -m tests.benchmarks.bench_threads --sweep         # chunk sizes: places PARALLEL_WORK
@@ -11,7 +11,7 @@ closed-form M-step (``em.closed_form``) on a prepared in-memory measurement, flo
 - (b) L = 5, N = 1000, K = 8, a U[0, 1] image: GEMM form, 40,000 patches.
 
 Each case runs at a fixed 1 thread, a fixed 2 threads (``torch.set_num_threads``) and the policy
-(``mtd.threads.resolve_threads("auto", work of one chunk, "cpu")``), each "quiet" and "loaded":
+(``mtd.em.threads.resolve_threads("auto", work of one chunk, "cpu")``), each "quiet" and "loaded":
 with ``--spinners`` processes that this benchmark starts, each spinning on one core
 (``python -c "while True: pass"``), paused (SIGSTOP) for the quiet rounds and resumed (SIGCONT)
 for the loaded ones, killed at the end. The variants and cases run in a new random order in every
@@ -44,7 +44,13 @@ import numpy as np
 import torch
 
 import mtd
-from mtd.threads import DEFAULT_THREADS, PARALLEL_WORK, chunk_work, limit_threads, resolve_threads
+from mtd.em.threads import (
+    DEFAULT_THREADS,
+    PARALLEL_WORK,
+    chunk_work,
+    limit_threads,
+    resolve_threads,
+)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
@@ -216,7 +222,7 @@ def main_cases(spinners: Spinners, repeats: int) -> None:
     print(
         f"ms per EM iteration (E-step + closed-form M-step), float64, median [min-max] of "
         f"{repeats} rounds; loaded: {len(spinners.procs)} spinning process(es). policy: "
-        f"threads='auto' (mtd.threads, EStep.workers) on the default chunks; big chunks: "
+        f"threads='auto' (mtd.em.threads, EStep.workers) on the default chunks; big chunks: "
         f"the policy on chunks of >= PARALLEL_WORK elements (where the case has >= 4 of them)"
     )
     for c in cases:

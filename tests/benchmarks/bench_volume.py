@@ -24,7 +24,7 @@ e2e: the paper's Shepp-Logan experiment scaled to this machine: the 3-D Shepp-Lo
 rotations, stochastic EM with S = 0.05 (Algorithm 1), sigma known, frequency marching lmax 6 -> 8
 -> 10, from N(0, 1) random starts (the best log-likelihood kept) and from the true volume. The
 error is after alignment over SO(3), the mirror image and shifts
-(``mtd.volume_metrics.measure_volume``) when that module is importable, else the unaligned error,
+(``mtd.metrics.measure_volume``) when that module is importable, else the unaligned error,
 and the FSC crossings. ``--bandlimited-truth`` plants the phantom projected onto the last band
 (l <= 10), the paper's "second method"; without it the phantom itself, whose best approximation in
 that band is ``phantom_band_error`` away (the floor of the error).
@@ -48,10 +48,10 @@ def speed(patches: int, K: int, repeats: int, dtype: str, method: str, target: i
     import torch
 
     import mtd
-    from mtd import projection as pj
     from mtd import so3
-    from mtd import volume as mv
-    from mtd.threads import limit_threads
+    from mtd.em.threads import limit_threads
+    from mtd.forward import volumes as mv
+    from mtd.groups import tomography as pj
 
     L = 11
     dt = getattr(torch, dtype)
@@ -147,12 +147,12 @@ def e2e(args) -> dict:
     import torch
 
     import mtd
-    from mtd import projection as pj
     from mtd import so3
-    from mtd import volume as mv
+    from mtd.forward import volumes as mv
+    from mtd.groups import tomography as pj
 
     try:
-        from mtd.volume_metrics import measure_volume
+        from mtd.metrics.measure import measure_volume
     except ImportError:  # the metrics helper's module, when committed
         measure_volume = None
     L = 11

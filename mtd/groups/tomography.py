@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from scipy import optimize, special
 
-from mtd.group import TransformSet
-from mtd.so3 import grid_points, trilinear_table
+from mtd.groups.base import Poses, TransformSet
+from mtd.so3 import ball_mask, grid_points, hopf_grid, rotate_volume, trilinear_table
 
 _TABLE_BYTES_PER_ENTRY = 16  # an int64 index and a float64 weight
 
@@ -98,11 +98,6 @@ def back_project(images: torch.Tensor, R) -> torch.Tensor:
 def _check_volume(V: torch.Tensor) -> None:
     if V.ndim != 3 or len(set(V.shape)) != 1:
         raise ValueError(f"a volume must be cubic (L, L, L), got shape {tuple(V.shape)}")
-
-
-def ball_mask(L: int) -> torch.Tensor:
-    """(L, L, L) bool: the voxels with |p| <= L / 2."""
-    return (grid_points(L).square().sum(1) <= (L / 2) ** 2).reshape(L, L, L)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +230,7 @@ class Projections(TransformSet):
         self.cg_history: list[int] = []  # CG iterations of every normal_solve, for reports
         self.register_buffer("rotations", R)
         self.register_buffer("log_w", w.log())
-        self.register_buffer("mask", ball_mask(L))
+        self.register_buffer("mask", ball_mask(L) > 0)
         self.cached = K * 8 * L**3 * _TABLE_BYTES_PER_ENTRY <= cache_bytes
         if self.cached:
             index, weight = ray_table(L, R)
@@ -394,10 +389,27 @@ class Projections(TransformSet):
         self.cg_history.append(done)
         return v
 
+    costly_nearest = True  # an alignment over SO(3), the mirror and shifts: seconds
+
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
-        """x itself, (1, L, L, L): alignment over SO(3) and the mirror image is the metrics'
-        (``mtd.volume_metrics``), too costly for an error recorded at every iteration."""
-        return x[None]
+        """x rotated by every rotation of the grid, then its mirror image (p -> -p) rotated
+        alike: (2K, L, L, L), trilinear (``mtd.so3.rotate_volume``). Projections cannot tell a
+        volume from these (nor from small translations of it)."""
+        inverted = torch.flip(x, dims=(-3, -2, -1))
+        R = self.rotations.to(device=x.device, dtype=torch.float64)
+        return torch.cat([rotate_volume(v, R) for v in (x, inverted)]).to(x.dtype)
+
+    def nearest(self, truth: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x aligned to ``truth`` over SO(3), the mirror image and translations of up to two
+        voxels (``mtd.metrics.volumes.align_volume``: the grid search, then a continuous
+        refinement)."""
+        from mtd.metrics.volumes import align_volume
+
+        return align_volume(truth, x).aligned.to(x)
+
+    def poses(self) -> Poses:
+        """No in-plane angle: template k is the projection at the grid's rotation k."""
+        return Poses(angles=None, mirrored=np.zeros(self.K, bool), rotations=self.rotations)
 
     def to_image(self, x: torch.Tensor) -> torch.Tensor:
         """A volume is its own object (there is no image it stands for): x itself."""
@@ -439,8 +451,6 @@ def projections(
         bandlimit, schedule, radial, cg_tol, cg_iterations: as ``Projections`` (a schedule of
             lists, a config's [[0, 6], [8, 8], [14, 10]], is read as (iteration, lmax) pairs).
     """
-    from mtd.so3 import hopf_grid
-
     R, w = hopf_grid(resolution)
     return Projections(
         L,

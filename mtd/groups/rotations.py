@@ -1,6 +1,6 @@
 """In-plane rotations (and reflections) of L x L images about their centre ((L-1)/2, (L-1)/2).
 
-The first ``TransformSet`` implementations (``mtd.group``): ``Rotations``, the K rotations by
+The first ``TransformSet`` implementations (``mtd.groups.base``): ``Rotations``, the K rotations by
 k * 2*pi/K, and ``Dihedral``, the same K rotations of the image and of its mirror image.
 
 One operator serves the simulator and the EM (DESIGN section 3): bilinear interpolation,
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from mtd.group import TransformSet, solve_normal
+from mtd.groups.base import Poses, TransformSet, solve_normal
 
 
 def _bilinear_table(
@@ -163,6 +164,11 @@ class GatherTransforms(TransformSet):
 
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
         return self.templates(x)
+
+    def poses(self) -> Poses:
+        """Template k is R_(k mod r) (of the mirror image for k >= r), r = ``rotations``."""
+        k, r = np.arange(self.K), self.rotations
+        return Poses(angles=2 * math.pi * (k % r) / r, mirrored=k >= r)
 
 
 def _sizes(L, K) -> tuple[int, int]:

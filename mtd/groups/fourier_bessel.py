@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from mtd.group import TransformSet, solve_normal
+from mtd.groups.base import Poses, TransformSet, solve_normal
 
 
 def _zeros(nu: int, count: int) -> np.ndarray:
@@ -291,6 +291,13 @@ class Steerable(TransformSet):
 
     def from_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.basis.expand(image)
+
+    def poses(self) -> Poses:
+        return Poses(angles=2 * math.pi * np.arange(self.K) / self.K, mirrored=np.zeros(self.K, bool))
+
+    @property
+    def steerable_basis(self) -> FBBasis:
+        return self.basis
 
 
 def steerable(

@@ -3,8 +3,8 @@
 The model (approximate-EM paper, eqs. 5-7; score-prior paper, eq. 9): every L x L patch of the
 measurement is ``M_m = C T_l Z T_k(x) + noise`` with an unknown shift l in {0..2L-1}^2 and
 template k of a ``TransformSet`` (the K rotations of an image, rotations and reflections, ...).
-The E-step (``mtd.estep``) streams the posterior of (l, k) for every patch (eq. 11 / 14) into the
-sufficient statistics of DESIGN section 4; the M-step (``mtd.msteps``) needs nothing else. This
+The E-step (``mtd.em.estep``) streams the posterior of (l, k) for every patch (eq. 11 / 14) into the
+sufficient statistics of DESIGN section 4; the M-step (``mtd.em.msteps``) needs nothing else. This
 module runs the loop: restarts, rho (eq. 18), sigma, stochastic EM, the stopping rule.
 """
 
@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mtd.estep import Compute, EStep, Patches, PatchSummaries, Statistics, empty_shifts
-from mtd.group import TransformSet
+from mtd.em.estep import Compute, EStep, Patches
+from mtd.em.msteps import ClosedForm, MStep, closed_form, grad_q, residual
+from mtd.em.statistics import PatchSummaries, Statistics, empty_shifts
+from mtd.groups.base import TransformSet
 from mtd.metrics import relative_error
-from mtd.msteps import ClosedForm, MStep, closed_form, grad_q, residual
 
 Prior = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -118,7 +119,7 @@ class ApproximateEM(torch.nn.Module):
     Args:
         group: the ``TransformSet`` searched (``mtd.Rotations(L, K)``, ``mtd.Dihedral(L, K)``,
             ...); the engine works on a copy moved to ``device`` and ``dtype``.
-        m_step: an ``mtd.msteps`` M-step (``ClosedForm()``, ``Gradient(...)``,
+        m_step: an ``mtd.em.msteps`` M-step (``ClosedForm()``, ``Gradient(...)``,
             ``Denoise(...)``); None is ``ClosedForm()``.
         sigma: noise standard deviation; None estimates sigma^2 in every M-step.
         rho: "estimate" (eq. 18 of the approximate-EM paper) or "uniform" (the score-prior paper).
@@ -181,7 +182,7 @@ class ApproximateEM(torch.nn.Module):
         return self.iterations + (self.stochastic.polish if self.stochastic else 0)
 
     # --------------------------------------------------------------------------------------------
-    # The E-step (mtd.estep) and the M-step's pieces (mtd.msteps), for callers and tests
+    # The E-step (mtd.em.estep) and the M-step's pieces (mtd.em.msteps), for callers and tests
     # --------------------------------------------------------------------------------------------
     def prepare(self, data) -> Patches:
         """Validate the measurement(s) and get the patches ready (``EStep.prepare``)."""
@@ -266,7 +267,7 @@ class ApproximateEM(torch.nn.Module):
             prior: callable ``score(x: (B, 1, L, L), t: float) -> (B, 1, L, L)`` in measurement
                 units; needs a ``Gradient`` M-step, or ``Denoise`` with a
                 ``posterior_mean(y, noise)`` method as ``priors.ScorePrior`` has. It acts on the
-                image ``group.to_image(x)`` of an unknown that is not one (``mtd.msteps``).
+                image ``group.to_image(x)`` of an unknown that is not one (``mtd.em.msteps``).
             truth: the true unknown, to record the error along the iterations.
             callback: called after every iteration with that iteration's history dict: ``restart``,
                 ``iteration``, ``loglik`` (at the E-step's estimate), ``delta`` (||x_new - x||),

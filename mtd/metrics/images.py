@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mtd.rotations import Rotations
+from mtd.groups.rotations import Rotations
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -45,10 +45,9 @@ def _candidates(truth, estimate, K: int, max_shift: int, group):
         group = Rotations(truth.shape[-1], K).to(device=truth.device, dtype=torch.float64)
     # The group as it is (an engine's may be float32 or on a GPU: its tables are already rounded
     # to its dtype, so a float64 copy would gain nothing), the orbit back in float64.
-    dtype = next((b.dtype for b in group.buffers() if b.is_floating_point()), torch.float64)
-    estimate = estimate.to(device=group.device, dtype=dtype)
+    estimate = group.on_tables(estimate)
     if not image:  # a continuous group's orbit is a grid: its own refinement (eq. 19)
-        nearest = group.nearest(truth.to(device=group.device, dtype=dtype), estimate)
+        nearest = group.nearest(group.on_tables(truth), estimate)
         return truth, nearest.to(device=truth.device, dtype=torch.float64)[None]
     orbit = group.orbit(estimate).to(device=truth.device, dtype=torch.float64)
     r = range(-max_shift, max_shift + 1)

@@ -8,19 +8,16 @@ machine.
 
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mtd.rotations import Rotations, _bilinear_table, mirror
-
-MRC_SUFFIXES = (".mrc", ".mrcs", ".map")
+from mtd.forward.placement import max_copies, place, plant
+from mtd.groups.rotations import Rotations, _bilinear_table, mirror
+from mtd.io.files import write_micrograph
 
 
 @dataclass
@@ -74,56 +71,12 @@ class Measurement:
             )
         out = torch.zeros_like(self.data)
         copies = _copies(self.image, self.angles, self.K, self.rotation, self.reflections, basis)
-        _plant(out, copies, self.positions)
+        plant(out, copies, self.positions)
         return out
 
     def save(self, path) -> Path:
         """Write the measurement (not the truth) as .npy or .mrc; see ``write_micrograph``."""
         return write_micrograph(path, self.data)
-
-
-def _max_copies(N: int, L: int, gap: int) -> int:
-    """How many corners in {0..N-L}^2 fit at pairwise Chebyshev distance >= gap (a lattice)."""
-    return ((N - L) // gap + 1) ** 2
-
-
-def _place(N: int, L: int, p: int, gap: int, rng: np.random.Generator) -> np.ndarray:
-    """Random sequential placement of p corners whose pairs differ by >= gap in row or in column.
-
-    Candidates are uniform on {0..N-L}^2; a bucket grid of cell side ``gap`` holds at most one
-    corner per cell, so a candidate is checked against the 3 x 3 neighbouring cells only. If random
-    placement jams, it falls back to a random subset of the densest lattice, shifted at random.
-    """
-    W = N - L + 1
-    cells = (W + gap - 1) // gap
-    owner = -np.ones(
-        (cells + 2, cells + 2), dtype=np.int64
-    )  # one-cell border avoids bounds checks
-    pos = np.empty((p, 2), dtype=np.int64)
-    n, misses = 0, 0
-    max_misses = 200 * max(p, 100)
-    while n < p and misses < max_misses:
-        for r, c in rng.integers(0, W, size=(4096, 2)):
-            cr, cc = r // gap + 1, c // gap + 1
-            near = owner[cr - 1 : cr + 2, cc - 1 : cc + 2].ravel()
-            near = near[near >= 0]
-            if near.size and np.any(
-                (np.abs(pos[near, 0] - r) < gap) & (np.abs(pos[near, 1] - c) < gap)
-            ):
-                misses += 1
-                continue
-            owner[cr, cc] = n
-            pos[n] = r, c
-            n += 1
-            if n == p:
-                break
-    if n == p:
-        return pos
-    per_axis = (N - L) // gap + 1
-    cells_idx = rng.choice(per_axis * per_axis, size=p, replace=False)
-    slack = (N - L) - (per_axis - 1) * gap
-    offset = rng.integers(0, slack + 1, size=2)
-    return np.stack([cells_idx // per_axis, cells_idx % per_axis], 1) * gap + offset
 
 
 def _copies(
@@ -156,14 +109,6 @@ def _copies(
         index, weight = _bilinear_table(L, angles[s : s + 4096])
         out[s : s + 4096] = (flat[index] * weight.to(image.dtype)).sum(-1).reshape(-1, L, L)
     return out
-
-
-def _plant(data: torch.Tensor, copies: torch.Tensor, positions: torch.Tensor) -> None:
-    L = copies.shape[-1]
-    ar = torch.arange(L, device=positions.device)
-    rows = (positions[:, 0, None, None] + ar[None, :, None]).expand(-1, L, L)
-    cols = (positions[:, 1, None, None] + ar[None, None, :]).expand(-1, L, L)
-    data.index_put_((rows, cols), copies, accumulate=True)
 
 
 def simulate(
@@ -244,7 +189,7 @@ def simulate(
         raise ValueError("image is all zeros: its SNR is undefined")
     p = round(density * N * N / (L * L))
     gap = 2 * L - 1 if separation == "well" else L
-    cap = _max_copies(N, L, gap)
+    cap = max_copies(N, L, gap)
     if p > cap:
         raise ValueError(
             f"density {density} asks for p = {p} copies of a {L} x {L} image in {N} x {N}, but "
@@ -252,7 +197,7 @@ def simulate(
             f"{cap} fit with separation={separation!r} (density <= {cap * L * L / (N * N):.4g})"
         )
     rng = np.random.default_rng(seed)
-    positions = torch.from_numpy(_place(N, L, p, gap, rng))
+    positions = torch.from_numpy(place(N, L, p, gap, rng))
     if rotation == "discrete":
         angles = torch.from_numpy(rng.integers(0, K, size=p)).double() * (2 * math.pi / K)
     else:
@@ -261,7 +206,7 @@ def simulate(
     sigma = math.sqrt(energy / (snr * L * L))
     data = torch.from_numpy(rng.standard_normal((N, N)))
     data.mul_(sigma)
-    _plant(data, _copies(image, angles, K, rotation, reflections, basis), positions)
+    plant(data, _copies(image, angles, K, rotation, reflections, basis), positions)
     return Measurement(
         data,
         sigma,
@@ -295,154 +240,3 @@ def random_image(L: int, seed: int = 0, norm: float = 10.0) -> torch.Tensor:
     return image * (norm / float(image.norm()))
 
 
-def expand_paths(spec, key: str = "path") -> list[str]:
-    """The files of a path, a list of paths, or glob patterns (each sorted), in order.
-
-    Args:
-        spec: a path or a sequence of paths / patterns.
-        key: the config key named when a pattern matches nothing.
-    """
-    items = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
-    paths = []
-    for item in map(str, items):
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not found:
-            raise FileNotFoundError(f"{key}: no file matches {item}")
-        paths += found
-    return paths
-
-
-def read_micrograph(path) -> torch.Tensor:
-    """Read a 2-D measurement from .npy or .mrc (.mrcs, .map).
-
-    Returns:
-        (N0, N1) tensor in the file's floating dtype (float32 for MRC).
-    """
-    array = np.array(open_micrograph(path))  # the checks of the file, then one read
-    if not np.isfinite(array).all():
-        raise ValueError(f"{path} has {int((~np.isfinite(array)).sum())} non-finite values")
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def open_array(path, what: str = "measurement") -> np.ndarray:
-    """Memory-map a .npy or .mrc file read-only, of any shape: nothing is read until it is sliced.
-
-    Args:
-        what: what the file should hold, for the error messages.
-
-    Returns:
-        read-only ``numpy.memmap`` (an MRC file stays open while it is referenced).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {what} file at {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, EOFError, OSError) as e:  # empty, truncated or not a .npy file
-            raise ValueError(
-                f"{path} is not a readable .npy file ({type(e).__name__}: {e})"
-            ) from e
-    if suffix in MRC_SUFFIXES:
-        import mrcfile
-
-        try:
-            mrc = mrcfile.mmap(path, mode="r", permissive=True)
-        except ValueError as e:
-            raise ValueError(f"{path} is not a readable MRC file ({e})") from e
-        if mrc.data is None:
-            raise ValueError(f"{path} is not a readable MRC file")
-        return mrc.data
-    raise ValueError(f"unknown {what} format {suffix!r} of {path}: use .npy or .mrc")
-
-
-def read_images(path) -> torch.Tensor:
-    """(n, L, L) float64 images from a .npy / .mrc holding one (L, L) image or an (n, L, L) stack.
-
-    Raises:
-        ValueError: another shape, or non-finite values (the message names the file).
-    """
-    array = open_array(path, what="image")
-    if array.size == 0:
-        raise ValueError(f"{path} holds no values (shape {array.shape})")
-    array = np.array(array)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or array.shape[1] != array.shape[2]:
-        raise ValueError(f"{path} holds shape {array.shape}; expected (L, L) or (n, L, L) images")
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"{path} holds dtype {array.dtype}; images hold real numbers")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{path} has non-finite values")
-    return torch.from_numpy(array.astype(np.float64))
-
-
-def open_micrograph(path) -> np.ndarray:
-    """Memory-map a 2-D .npy or .mrc measurement read-only: nothing is read until it is sliced.
-
-    The checks of ``read_micrograph`` that need no pass over the data (2-D, real numbers) are done
-    here; non-finite values are found when the patches are streamed (``mtd.PatchSource``).
-
-    Returns:
-        (N0, N1) read-only ``numpy.memmap`` (an MRC file stays open while it is referenced).
-    """
-    array = open_array(path)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise ValueError(f"{path} holds an array of shape {array.shape}; a measurement is 2-D")
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"{path} holds dtype {array.dtype}; a measurement holds real numbers")
-    return array
-
-
-def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
-    """Write a 2-D measurement as .npy (its dtype) or .mrc (float32), atomically.
-
-    The file appears whole or not at all: it is written next to ``path`` and renamed.
-    """
-    path = Path(path)
-    array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    if array.ndim != 2:
-        raise ValueError(f"a measurement is 2-D, got shape {array.shape}")
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", *MRC_SUFFIXES):
-        raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
-
-    def write_mrc(tmp: Path) -> None:
-        import mrcfile
-
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(array.astype(np.float32))
-            mrc.voxel_size = voxel_size
-            # mrcfile labels new files with the time; a fixed label keeps runs byte-identical.
-            mrc.header.label[0] = b"written by mtd"
-            mrc.header.nlabl = 1
-
-    atomic_write(path, (lambda tmp: np.save(tmp, array)) if suffix == ".npy" else write_mrc)
-    return path
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename: whole or absent.
-
-    The temporary file is opened plainly (not by mkstemp, which makes 0600 files), so the file gets
-    the user's umask; its suffix stays last because np.save appends .npy to any other name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_summary(path, summary: dict) -> None:
-    """A run's summary as indented JSON (anything not JSON as its str), written whole."""
-    text = json.dumps(summary, indent=2, default=str)
-    atomic_write(path, lambda p: p.write_text(text))

@@ -41,7 +41,7 @@ class PatchSource:
     """
 
     def __init__(self, sources, L: int, dtype=torch.float64, device="cpu"):
-        from mtd.measurement import open_micrograph
+        from mtd.io.files import open_micrograph
 
         items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
         if not items:

@@ -1,87 +1,21 @@
 """A volume reconstruction's files: the volume (.mrc with its voxel size, or .npy), a figure of
 central slices and projections beside the truth, and the FSC plot.
 
-Each file is written whole or not at all (``mtd.measurement.atomic_write``), as ``mtd.outputs``
+Each file is written whole or not at all (``mtd.io.files.atomic_write``), as ``mtd.io.outputs``
 does for images. The array axis order (0, 1, 2) is the MRC file's (z, y, x), as ``mrcfile`` reads
 and writes it (``mtd.so3``), so a volume read back has the same voxels on the same axes.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
-import torch
 
-from mtd.measurement import MRC_SUFFIXES, atomic_write
-
-VOLUME_SUFFIXES = (".npy", *MRC_SUFFIXES)
-
-
-def _array(V, name: str = "volume") -> np.ndarray:
-    V = V.detach().double().cpu().numpy() if torch.is_tensor(V) else np.asarray(V, np.float64)
-    if V.ndim != 3 or len(set(V.shape)) != 1:
-        raise ValueError(f"{name} must be a cubic (L, L, L) volume, got shape {V.shape}")
-    return V
-
-
-def write_volume(path, V, voxel_size: float = 1.0) -> None:
-    """Write an (L, L, L) volume as .mrc / .mrcs / .map (float32, with ``voxel_size``) or .npy
-    (float64), atomically.
-
-    Args:
-        path: the file; its suffix chooses the format.
-        V: (L, L, L) tensor or array.
-        voxel_size: Angstrom per voxel (> 0), the MRC header's voxel size (unused for .npy).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in VOLUME_SUFFIXES:
-        raise ValueError(f"unknown volume format {suffix!r} of {path}: use .npy or .mrc")
-    if not (isinstance(voxel_size, int | float) and math.isfinite(voxel_size) and voxel_size > 0):
-        raise ValueError(f"voxel_size must be a finite number > 0 (Angstrom), got {voxel_size!r}")
-    array = _array(V)
-
-    def write_mrc(tmp: Path) -> None:
-        import mrcfile
-
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(array.astype(np.float32))
-            mrc.voxel_size = float(voxel_size)
-            # mrcfile labels new files with the time; a fixed label keeps runs byte-identical.
-            mrc.header.label[0] = b"written by mtd"
-            mrc.header.nlabl = 1
-
-    atomic_write(path, (lambda tmp: np.save(tmp, array)) if suffix == ".npy" else write_mrc)
-
-
-def read_volume(path) -> tuple[np.ndarray, float | None]:
-    """Read an (L, L, L) volume from .npy or .mrc.
-
-    Returns:
-        (volume as float64, voxel size in Angstrom: the MRC header's x spacing, None for .npy
-        or an MRC file whose header holds 0).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in VOLUME_SUFFIXES:
-        raise ValueError(f"unknown volume format {suffix!r} of {path}: use .npy or .mrc")
-    if suffix == ".npy":
-        return _array(np.load(path), f"the volume in {path}"), None
-    import mrcfile
-
-    with mrcfile.open(path, mode="r", permissive=True) as mrc:
-        if mrc.data is None:
-            raise ValueError(f"{path} holds no data")
-        V = _array(np.array(mrc.data), f"the volume in {path}")
-        size = float(mrc.voxel_size.x)
-    return V, (size if size > 0 else None)
+from mtd.io.files import atomic_write, volume_array
 
 
 def _panels(V: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """Central slices along axes 0, 1, 2 (index L // 2: the centre for odd L, the voxel after it
-    for even L) and the projection along axis 0 (sum over i0: ``mtd.projection.project`` at
+    for even L) and the projection along axis 0 (sum over i0: ``mtd.groups.tomography.project`` at
     R = I)."""
     c = V.shape[0] // 2
     return [
@@ -101,7 +35,7 @@ def save_volume_figure(path, truth, estimates, errors: dict | None = None) -> No
         path: the PNG to write.
         truth: (L, L, L) true volume, or None.
         estimates: an (L, L, L) volume, or {name: (L, L, L) volume}; pass them aligned to the
-            truth (``mtd.volume_metrics.align_volume(...).aligned``): the figure does not align.
+            truth (``mtd.metrics.volumes.align_volume(...).aligned``): the figure does not align.
         errors: {name: error after alignment} shown in the row titles, or None.
     """
     import matplotlib
@@ -111,8 +45,8 @@ def save_volume_figure(path, truth, estimates, errors: dict | None = None) -> No
 
     if not isinstance(estimates, dict):
         estimates = {"estimate": estimates}
-    rows = [] if truth is None else [("truth", _array(truth, "truth"))]
-    rows += [(name, _array(V, f"estimate {name!r}")) for name, V in estimates.items()]
+    rows = [] if truth is None else [("truth", volume_array(truth, "truth"))]
+    rows += [(name, volume_array(V, f"estimate {name!r}")) for name, V in estimates.items()]
     if len({V.shape for _, V in rows}) != 1:
         raise ValueError(f"volumes of different shapes: {[V.shape for _, V in rows]}")
     errors = errors or {}
@@ -141,7 +75,7 @@ def save_fsc_plot(path, curves, title: str | None = None) -> None:
 
     Args:
         path: the PNG to write.
-        curves: an ``mtd.volume_metrics.FSCCurve``, or {name: FSCCurve}.
+        curves: an ``mtd.metrics.fsc.FSCCurve``, or {name: FSCCurve}.
         title: the figure's title; None states the mask.
     """
     import matplotlib

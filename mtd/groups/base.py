@@ -11,17 +11,44 @@ distributed sums are shared.
     adjoint       sum_k T_k^T Y_k                                  shape of x
     normal_solve  x with sum_k T_k^T diag(c_k) T_k x = rhs          shape of x
     log_weights   log pi_k, the prior of template k (uniform: -log K)
+    poses         what template k is in the field's terms: in-plane angle, mirror, 3-D rotation
     orbit         x under every group element, to measure errors up to the group's symmetry
+    nearest       the element of x's orbit closest to a truth (the error's alignment)
+    to_image      the object x stands for: an (L, L) image, or an (L, L, L) volume
+
+Everything after the E-step (metrics, outputs, picking, the reconstruction's pipeline) asks the
+group what it is through these, never by its type: a new kind of unknown is a new subclass here
+and a config file in ``configs/em/group/`` (docs/design.md).
 """
 
 from __future__ import annotations
 
+import abc
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
-class TransformSet(torch.nn.Module):
+@dataclass
+class Poses:
+    """What each of the K templates is, in the terms of the field (for STAR files and picks).
+
+    Attributes:
+        angles: (K,) in-plane angle in radians (counter-clockwise, as ``mtd.simulate``), or
+            None where the templates have no in-plane reading.
+        mirrored: (K,) bool, template k is of the mirror image.
+        rotations: (K, 3, 3) the 3-D rotation of each template (projections of a volume), or
+            None.
+    """
+
+    angles: np.ndarray | None
+    mirrored: np.ndarray
+    rotations: torch.Tensor | None = None
+
+
+class TransformSet(torch.nn.Module, metaclass=abc.ABCMeta):
     """K linear maps from an unknown x to L x L templates, with their prior weights.
 
     Implementations hold their tables as buffers, built in float64 on the CPU; the engine moves
@@ -31,11 +58,14 @@ class TransformSet(torch.nn.Module):
         L: template side in pixels.
         K: number of templates.
         shape: shape of the unknown x.
+        costly_nearest: ``nearest`` is a search that takes seconds (a volume's alignment over
+            SO(3)): callers measure errors at the end, not at every EM iteration.
     """
 
     L: int
     K: int
     shape: tuple[int, ...]
+    costly_nearest: bool = False
 
     def log_weights(self) -> torch.Tensor:
         """(K,) log prior weight of every template, float64 on the tables' device (uniform)."""
@@ -46,6 +76,7 @@ class TransformSet(torch.nn.Module):
         buffers = list(self.buffers())
         return buffers[0].device if buffers else torch.device("cpu")
 
+    @abc.abstractmethod
     def templates(self, x: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         """T_k(x) for the templates in ``block`` (all when None).
 
@@ -58,6 +89,7 @@ class TransformSet(torch.nn.Module):
         """
         raise NotImplementedError
 
+    @abc.abstractmethod
     def adjoint(self, images: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         """sum_k T_k^T images_k over the templates in ``block``.
 
@@ -69,6 +101,7 @@ class TransformSet(torch.nn.Module):
         """
         raise NotImplementedError
 
+    @abc.abstractmethod
     def normal_solve(self, c: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Solve sum_k T_k^T diag(c_k) T_k x' = rhs (the closed-form M-step, eq. 16 set to zero).
 
@@ -82,8 +115,14 @@ class TransformSet(torch.nn.Module):
         """
         raise NotImplementedError
 
+    @abc.abstractmethod
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
         """x under every element of the symmetry the data cannot resolve, (n, *shape)."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def poses(self) -> Poses:
+        """The in-plane angle, mirror flag (and 3-D rotation) of every template."""
         raise NotImplementedError
 
     def start_iteration(self, tau: int) -> None:
@@ -107,6 +146,33 @@ class TransformSet(torch.nn.Module):
     def from_image(self, image: torch.Tensor) -> torch.Tensor:
         """The unknown closest to (..., L, L) images (themselves where the unknown is an image)."""
         return image
+
+    @property
+    def object_shape(self) -> tuple[int, ...]:
+        """The shape of the object an unknown stands for (``to_image``): (L, L) for an image,
+        (L, L, L) for a volume."""
+        return (self.L,) * (3 if len(self.shape) == 3 else 2)
+
+    @property
+    def is_image(self) -> bool:
+        """The unknown is the (L, L) image itself (pixels), not coefficients of a basis."""
+        return tuple(self.shape) == (self.L, self.L)
+
+    @property
+    def steerable_basis(self):
+        """The ``FBBasis`` whose coefficients the unknown is (the autocorrelation analysis needs
+        one), or None."""
+        return None
+
+    def real_dtype(self) -> torch.dtype:
+        """The float dtype of the tables (float64 for a group with none)."""
+        floats = [b.dtype for b in self.buffers() if b.dtype.is_floating_point]
+        return floats[0] if floats else torch.float64
+
+    def on_tables(self, x) -> torch.Tensor:
+        """x on the tables' device and in their float dtype (an engine's group may be float32 or
+        on a GPU)."""
+        return torch.as_tensor(x, dtype=self.real_dtype(), device=self.device)
 
     def extra_repr(self) -> str:
         return f"L={self.L}, K={self.K}"

@@ -4,7 +4,7 @@ schedule, which the EM loop advances through ``TransformSet.start_iteration``.)
 
 The simulator draws from one ``numpy.random.Generator`` (PCG64) seeded by ``seed``, in a fixed
 order (positions, rotations, noise) and in float64, so the same seed gives the same bytes
-everywhere. It plants the projections with the EM's own operator (``mtd.projection.project``):
+everywhere. It plants the projections with the EM's own operator (``mtd.groups.tomography.project``):
 the paper's "second method", which follows the model of Section II exactly.
 """
 
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtd.measurement import _max_copies, _place, _plant, write_micrograph
-from mtd.projection import ball_mask, project
-from mtd.so3 import _haar, grid_points, matrix_to_euler
+from mtd.forward.placement import max_copies, place, plant
+from mtd.groups.tomography import project
+from mtd.io.files import write_micrograph
+from mtd.so3 import _haar, ball_mask, grid_points, matrix_to_euler
 
 # The 3-D Shepp-Logan head phantom with Toft's higher-contrast intensities ("Modified
 # Shepp-Logan"), the table of M. Schabel's phantom3d (MATLAB Central File Exchange 9416, after
@@ -160,7 +161,7 @@ def _plant_projections(out, volume, rotations, positions, block: int = 2048) -> 
     for s in range(0, len(rotations), block):  # bounded memory for many copies
         images = project(volume, rotations[s : s + block])
         norms.append(images.square().sum((1, 2)))
-        _plant(out, images, positions[s : s + block])
+        plant(out, images, positions[s : s + block])
     return torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64)
 
 
@@ -177,7 +178,7 @@ def simulate_volume(
     Haar-random rotations, at random positions, in white Gaussian noise.
 
     Exactly T = round(density N^2 / L^2) projections are placed one by one at uniform positions
-    (``mtd.measurement._place``). separation="well": any two top-left corners differ by at least
+    (``mtd.forward.placement.place``). separation="well": any two top-left corners differ by at least
     2L - 1 pixels in row or in column, so no L x L patch meets two projections (what the patch
     model needs; eq. (5) asks it in both axes); "arbitrary": projections only do not overlap (the
     paper's Section IV-C). sigma = sqrt(mean_t ||I_t||^2 / (snr L^2)) (eq. 4) over the planted
@@ -213,7 +214,7 @@ def simulate_volume(
         raise ValueError(f"snr must be > 0 (inf for no noise), got {snr!r}")
     T = round(density * N * N / (L * L))
     gap = 2 * L - 1 if separation == "well" else L
-    cap = _max_copies(N, L, gap)
+    cap = max_copies(N, L, gap)
     if T < 1:
         raise ValueError(
             f"density {density} places no projection of side {L} in {N} x {N} (T = 0): the SNR "
@@ -232,7 +233,7 @@ def simulate_volume(
                 f"grid must be (K, 3, 3) rotations with K >= 1, got {tuple(grid.shape)}"
             )
     rng = np.random.default_rng(seed)
-    positions = torch.from_numpy(_place(N, L, T, gap, rng))
+    positions = torch.from_numpy(place(N, L, T, gap, rng))
     if grid is None:
         rotations = torch.from_numpy(_haar(rng, T))
     else:

@@ -1,0 +1,18 @@
+"""Errors that respect the symmetry of MTD: an estimate is known up to its group's action (and a
+small translation); volumes after alignment over SO(3) and the mirror, with their FSC."""
+
+from mtd.metrics.fsc import FSCCurve, fsc
+from mtd.metrics.images import align, relative_error
+from mtd.metrics.measure import measure_volume
+from mtd.metrics.volumes import VolumeAlignment, align_volume, volume_error
+
+__all__ = [
+    "FSCCurve",
+    "VolumeAlignment",
+    "align",
+    "align_volume",
+    "fsc",
+    "measure_volume",
+    "relative_error",
+    "volume_error",
+]
