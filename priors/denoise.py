@@ -56,8 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtd.measurement import atomic_write, write_micrograph
-from mtd.rotations import Rotations
+from mtd.groups.rotations import Rotations
+from mtd.io.files import atomic_write, write_micrograph
 from priors.prior import ScorePrior
 
 
