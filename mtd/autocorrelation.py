@@ -49,7 +49,6 @@ of the data's size; all pairs within the box make a3 grow as L^4, so this is for
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -57,7 +56,7 @@ import numpy as np
 import torch
 from scipy import optimize
 
-from mtd.io.files import open_micrograph
+from mtd.io.source import MicrographSource
 
 
 def _layout(L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,21 +102,6 @@ class Autocorrelations:
         return self.a1, self.a2 - s2 * self.bias2, self.a3 - s2 * self.bias3
 
 
-def _as_list(micrographs) -> list:
-    if isinstance(micrographs, (list, tuple)):
-        items = list(micrographs)
-    else:
-        items = [micrographs]
-    if not items:
-        raise ValueError("micrographs is an empty list: give at least one 2-D measurement")
-    items = [open_micrograph(m) if isinstance(m, (str, os.PathLike)) else m for m in items]
-    for k, m in enumerate(items):
-        shape = tuple(m.shape) if hasattr(m, "shape") else None
-        if shape is None or len(shape) != 2:
-            raise ValueError(f"micrographs[{k}] must be a 2-D array (N0, N1), got shape {shape}")
-    return items
-
-
 def autocorrelations(
     micrographs,
     L: int,
@@ -133,8 +117,9 @@ def autocorrelations(
     (S = 2 L^2 - 2 L + 1 = 41 for L = 5).
 
     Args:
-        micrographs: one (N0, N1) tensor / array (a memory map is read a band at a time), a
-            .npy / .mrc path (memory-mapped), or a list of these (sizes may differ).
+        micrographs: a ``mtd.io.MicrographSource`` or what makes one: an (N0, N1) tensor /
+            array (a memory map is read a band at a time), a .npy / .mrc path (memory-mapped),
+            a glob, or a list of these (sizes may differ).
         L: image side; shifts run over |r|, |c| <= L - 1.
         rows: rows per band (None: about 1M values of X per band).
         device: where the sums are computed (None: a tensor's own device, else the CPU).
@@ -142,7 +127,7 @@ def autocorrelations(
     Returns:
         ``Autocorrelations`` (raw sums and the noise-bias coefficients).
     """
-    items = _as_list(micrographs)
+    items = MicrographSource.of(micrographs).arrays
     if int(L) != L or L < 1:
         raise ValueError(f"L must be an integer >= 1, got {L!r}")
     L = int(L)

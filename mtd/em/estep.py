@@ -22,7 +22,6 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -207,8 +206,9 @@ class EStep:
         checks every value and computes ||M_m||^2.
 
         Args:
-            data: an (N0, N1) measurement (tensor or array), the path of a .npy / .mrc file
-                (memory-mapped), or a list of these treated as one data set.
+            data: a ``mtd.io.MicrographSource``, or what makes one: an (N0, N1) measurement
+                (tensor or array), the path of a .npy / .mrc file (memory-mapped), a glob, or a
+                list of these treated as one data set.
 
         Returns:
             ``Patches``.
@@ -216,10 +216,7 @@ class EStep:
         source = PatchSource(data, self.L, self.dtype, self.device)
         stream = self.compute.stream
         if stream is None:
-            stream = any(
-                isinstance(x, (str, Path))
-                for x in (data if isinstance(data, (list, tuple)) else [data])
-            )
+            stream = source.micrographs.on_disk
         if not stream:
             patches = source.read(slice(0, source.D))
             _check_finite(patches)

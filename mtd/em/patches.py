@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
+
+from mtd.io.source import MicrographSource
 
 
 def extract_patches(data: torch.Tensor, L: int) -> torch.Tensor:
@@ -34,46 +34,23 @@ class PatchSource:
     set, micrograph after micrograph, each row-major; a remainder strip of each is dropped.
 
     Args:
-        sources: one micrograph or a list of them: (N0, N1) tensors or arrays, or paths of 2-D
-            .npy / .mrc files.
+        micrographs: a ``MicrographSource``, or what makes one (an (N0, N1) tensor or array, a
+            path, a glob, a list of these).
         L: patch side.
         dtype, device: of the patches ``read`` returns.
     """
 
-    def __init__(self, sources, L: int, dtype=torch.float64, device="cpu"):
-        from mtd.io.files import open_micrograph
-
-        items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
-        if not items:
-            raise ValueError("no micrographs given")
+    def __init__(self, micrographs, L: int, dtype=torch.float64, device="cpu"):
+        self.micrographs = MicrographSource.of(micrographs)
         self.L, self.dtype, self.device = L, dtype, torch.device(device)
-        self.arrays, self.names, self.grid, self.dropped = [], [], [], []
-        for i, item in enumerate(items):
-            if isinstance(item, (str, Path)):
-                array, name = open_micrograph(item), str(item)
-            else:
-                # Kept where it is (no copy to a default device): patches move a chunk at a time.
-                array = (
-                    item if isinstance(item, torch.Tensor) else torch.from_numpy(np.asarray(item))
-                )
-                name = f"micrograph {i}"
-                if array.ndim != 2:
-                    raise ValueError(
-                        f"the measurement must be a 2-D array, got shape {tuple(array.shape)}"
-                    )
-                if array.is_complex() or array.dtype == torch.bool:
-                    raise ValueError(
-                        f"the measurement must hold real numbers, got dtype {array.dtype}"
-                    )
-            if min(array.shape) < L:
+        self.arrays, self.names = self.micrographs.arrays, self.micrographs.names
+        for name, shape in zip(self.names, self.micrographs.shapes, strict=True):
+            if min(shape) < L:
                 raise ValueError(
-                    f"{name}: the measurement {tuple(array.shape)} is smaller than the image "
-                    f"side L = {L}"
+                    f"{name}: the measurement {shape} is smaller than the image side L = {L}"
                 )
-            self.arrays.append(array)
-            self.names.append(name)
-            self.grid.append((array.shape[0] // L, array.shape[1] // L))
-            self.dropped.append((array.shape[0] % L, array.shape[1] % L))
+        self.grid = [(n0 // L, n1 // L) for n0, n1 in self.micrographs.shapes]
+        self.dropped = [(n0 % L, n1 % L) for n0, n1 in self.micrographs.shapes]
         counts = [r * c for r, c in self.grid]
         self.offsets = np.cumsum([0, *counts])
         self.D = int(self.offsets[-1])

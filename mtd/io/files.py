@@ -137,18 +137,26 @@ def write_micrograph(path, data, voxel_size: float = 1.0) -> Path:
     if suffix not in (".npy", *MRC_SUFFIXES):
         raise ValueError(f"unknown measurement format {suffix!r} of {path}: use .npy or .mrc")
 
+    _write_array(path, array, voxel_size)
+    return path
+
+
+def _write_array(path: Path, array: np.ndarray, voxel_size: float) -> None:
+    """The one writer of arrays: .npy (the array's dtype) or MRC (float32, ``voxel_size`` in the
+    header), atomically."""
+
     def write_mrc(tmp: Path) -> None:
         import mrcfile
 
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(array.astype(np.float32))
-            mrc.voxel_size = voxel_size
+            mrc.voxel_size = float(voxel_size)
             # mrcfile labels new files with the time; a fixed label keeps runs byte-identical.
             mrc.header.label[0] = b"written by mtd"
             mrc.header.nlabl = 1
 
+    suffix = path.suffix.lower()
     atomic_write(path, (lambda tmp: np.save(tmp, array)) if suffix == ".npy" else write_mrc)
-    return path
 
 
 def atomic_write(path, write) -> None:
@@ -177,6 +185,7 @@ VOLUME_SUFFIXES = (".npy", *MRC_SUFFIXES)
 
 
 def volume_array(V, name: str = "volume") -> np.ndarray:
+    """``V`` as a float64 cubic (L, L, L) array, or an error naming it."""
     V = V.detach().double().cpu().numpy() if torch.is_tensor(V) else np.asarray(V, np.float64)
     if V.ndim != 3 or len(set(V.shape)) != 1:
         raise ValueError(f"{name} must be a cubic (L, L, L) volume, got shape {V.shape}")
@@ -198,19 +207,7 @@ def write_volume(path, V, voxel_size: float = 1.0) -> None:
         raise ValueError(f"unknown volume format {suffix!r} of {path}: use .npy or .mrc")
     if not (isinstance(voxel_size, int | float) and math.isfinite(voxel_size) and voxel_size > 0):
         raise ValueError(f"voxel_size must be a finite number > 0 (Angstrom), got {voxel_size!r}")
-    array = volume_array(V)
-
-    def write_mrc(tmp: Path) -> None:
-        import mrcfile
-
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(array.astype(np.float32))
-            mrc.voxel_size = float(voxel_size)
-            # mrcfile labels new files with the time; a fixed label keeps runs byte-identical.
-            mrc.header.label[0] = b"written by mtd"
-            mrc.header.nlabl = 1
-
-    atomic_write(path, (lambda tmp: np.save(tmp, array)) if suffix == ".npy" else write_mrc)
+    _write_array(path, volume_array(V), voxel_size)
 
 
 def read_volume(path) -> tuple[np.ndarray, float | None]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mtd.forward.images import Measurement
-from mtd.io.files import atomic_write, open_micrograph, write_micrograph, write_summary
+from mtd.io.files import atomic_write, write_micrograph, write_summary
+from mtd.io.source import MicrographSource
 from mtd.plots.images import save_figure
 
 
@@ -39,8 +39,8 @@ def write_outputs(
         out: the folder (made if missing).
         estimates: {name: (L, L) estimate}.
         summary: what ``summary.json`` holds (JSON-serialisable; other values as ``str``).
-        data: the measurement: an (N, N) tensor, or the path(s) of its file(s) (the figure shows
-            a crop of the first, memory-mapped).
+        data: the measurement (a ``MicrographSource`` or what makes one; the figure shows a
+            crop of the first micrograph, memory-mapped).
         group: the ``TransformSet`` the estimates are known up to (the figure's alignment).
         truth: (L, L) true image, or None.
         measurement: the simulated ``Measurement`` to save (its copies centre the crop), or None.
@@ -65,8 +65,7 @@ def write_outputs(
     position = None  # centre the figure's crop on a planted copy
     if measurement is not None and len(measurement.positions):
         position = measurement.positions[0]
-    if not torch.is_tensor(data):
-        data = open_micrograph(data if isinstance(data, str | Path) else data[0])
+    data = MicrographSource.of(data)[0]
     errors = errors or {}
     shown = {name: (est, errors.get(name)) for name, est in estimates.items()}
     save_figure(out / "reconstruction.png", truth, data, shown, group, crop, position)

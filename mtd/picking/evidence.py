@@ -8,10 +8,10 @@ import math
 import numpy as np
 import torch
 
+from mtd.em.patches import PatchSource
 from mtd.picking.picks import (
     Picks,
     _draws_th_largest,
-    _mean_shape,
     _noise_micrographs,
     _peak_picks,
     concatenate,
@@ -122,13 +122,6 @@ def copy_evidence(
     return top + total.log() + log_odds, best_k
 
 
-def _micrographs(source):
-    """(index, micrograph as a tensor in the source's dtype and device) of a ``PatchSource``."""
-    for s, array in enumerate(source.arrays):
-        m = array if torch.is_tensor(array) else torch.from_numpy(np.array(array))
-        yield s, m.to(device=source.device, dtype=source.dtype)
-
-
 def evidence_candidates(em, source, x, log_rho, sigma2: float, radius: float) -> Picks:
     """Every copy position's combined evidence (``copy_evidence``) as candidate picks: the
     local maxima among the corners of copies that lie inside their micrograph, of which one is
@@ -146,7 +139,8 @@ def evidence_candidates(em, source, x, log_rho, sigma2: float, radius: float) ->
     log_w = em.group.log_weights()
     log_odds = corner_log_odds(log_rho, L)
     parts = []
-    for s, micrograph in _micrographs(source):
+    mics = source.micrographs.tensors(source.dtype, source.device)
+    for s, micrograph in enumerate(mics):
         score, best_k = copy_evidence(micrograph, templates, log_w, sigma2, log_odds)
         # Corners 0 .. N - L: entries L - 1 .. N - 1 of the map.
         N0, N1 = micrograph.shape
@@ -162,7 +156,6 @@ def evidence_noise_score(
     """``noise_score`` for the combined evidence: the ``draws``-th largest candidate score of
     ``draws`` micrographs of pure white noise of ``shape`` (the data's micrographs' on
     average), drawn on the CPU from ``seed``."""
-    from mtd.em.patches import PatchSource
 
     noise = _noise_micrographs(shape, draws, seed, math.sqrt(sigma2))
     source = PatchSource(noise, em.L, em.dtype, em.device)
@@ -253,7 +246,7 @@ def pick_posterior(
         picks = evidence_candidates(em, data.source, x, log_rho, sigma2, radius)
 
         def noise() -> float:
-            shape = _mean_shape(data.source.arrays)
+            shape = data.source.micrographs.mean_shape()
             draws = int(noise_draws)
             return evidence_noise_score(em, x, log_rho, sigma2, shape, radius, seed, draws)
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mtd.em.patches import extract_patches
 from mtd.groups.base import TransformSet
+from mtd.io.source import MicrographSource
 from mtd.picking.picks import Picks
 from mtd.picking.posteriors import copy_offset, shift_of_offset
 
@@ -160,7 +162,6 @@ def patch_truth(
         empty_energy: with ``clean``: a patch whose clean content carries at most this share of
             ``energy`` is empty.
     """
-    from mtd.em.patches import extract_patches
 
     L = source.L
     D = int(source.offsets[-1])
@@ -184,10 +185,8 @@ def patch_truth(
     if clean is not None:
         if energy is None or not energy > 0:
             raise ValueError(f"patch_truth with clean needs the copies' energy > 0, got {energy}")
-        cleans = list(clean) if isinstance(clean, (list, tuple)) else [clean]
-        seen = torch.cat(
-            [extract_patches(torch.as_tensor(c), L).square().sum((1, 2)) for c in cleans]
-        ).numpy()
+        cleans = MicrographSource.of(clean, key="clean").tensors()
+        seen = torch.cat([extract_patches(c, L).square().sum((1, 2)) for c in cleans]).numpy()
         empty = empty | (seen <= empty_energy * float(energy))
         shift[empty] = L
     q = (shift < L / 2) | (shift > 3 * L / 2)
@@ -324,14 +323,11 @@ def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict
     clean = truth.get("clean")
     if clean is None or max_shift <= 0:
         return truth
-    cleans = list(clean) if isinstance(clean, (list, tuple)) else [clean]
     L, s = group.L, int(max_shift)
     T = group.templates(group.on_tables(x)).detach().cpu().double()[:, None]  # (K, 1, L, L)
     energy = T.square().sum((1, 2, 3))
-    padded = [
-        torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float64).cpu(), (s,) * 4)
-        for c in cleans
-    ]
+    cleans = MicrographSource.of(clean, key="clean").tensors(torch.float64, "cpu")
+    padded = [torch.nn.functional.pad(c, (s,) * 4) for c in cleans]
     corners = np.asarray(truth["corners"], dtype=np.int64).reshape(-1, 2)
     micrograph = truth.get("micrograph")
     micrograph = np.zeros(len(corners), np.int64) if micrograph is None else micrograph

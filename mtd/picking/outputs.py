@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mtd.io.source import MicrographSource
 from mtd.io.star import write_star
 from mtd.picking.metrics import patch_metrics, patch_predictions, patch_truth, picking_metrics
 from mtd.picking.picks import Picks
 from mtd.picking.posteriors import PatchPosteriors
-from mtd.picking.template import _as_micrographs
 from mtd.plots.picks import save_picks_figure
 
 
@@ -33,7 +33,8 @@ def picking_outputs(
     Args:
         out: the folder (must exist).
         picks: the ``Picks`` (the selected ones are written).
-        data: the micrograph(s) picked: tensor, path or list (the figure shows the first).
+        data: the micrograph(s) picked (a ``MicrographSource`` or what makes one; the figure
+            shows the first).
         source: the ``PatchSource`` of the patches (for the patch-level measures), or None.
         post: the ``PatchPosteriors`` of posterior picking (its own patch predictions); None:
             the patch predictions of the picks (``patch_predictions``).
@@ -51,14 +52,13 @@ def picking_outputs(
     """
     out = Path(out)
     write_star(out / star, picks)
-    arrays, _ = _as_micrographs(data)
     centres = mic_of = None
     if truth is not None:
         centres = np.asarray(truth["centres"], dtype=np.float64).reshape(-1, 2)
         mic_of = truth.get("micrograph")
     if figure:
         first = centres if mic_of is None else centres[np.asarray(mic_of) == 0]
-        save_picks_figure(out / figure, arrays[0], picks, first)
+        save_picks_figure(out / figure, MicrographSource.of(data)[0], picks, first)
     if truth is None:
         return {"picks": int(picks.selected.sum()), "candidates": len(picks)}
     metrics = picking_metrics(picks, centres, mic_of, radius)

@@ -123,11 +123,6 @@ def _peak_picks(score, best_k, r: int, s: int, names: list, L: int, group) -> Pi
     )
 
 
-def _mean_shape(arrays) -> tuple[int, int]:
-    """The micrographs' mean shape, rounded: the size of the noise micrographs of a threshold."""
-    return tuple(round(float(np.mean([a.shape[i] for a in arrays]))) for i in (0, 1))
-
-
 def _noise_micrographs(shape, draws: int, seed: int, std: float = 1.0) -> list[torch.Tensor]:
     """``draws`` micrographs of white noise of ``shape``, float64, drawn on the CPU from
     ``seed`` (the same threshold on every device)."""

@@ -4,37 +4,20 @@ of a given unknown (the group's ``templates``), greedy peaks, a noise-calibrated
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from mtd.groups.base import TransformSet
+from mtd.io.source import MicrographSource
 from mtd.picking.picks import (
     Picks,
     _draws_th_largest,
-    _mean_shape,
     _noise_micrographs,
     _peak_picks,
     concatenate,
     merge,
 )
-
-
-def _as_micrographs(data) -> tuple[list, list[str]]:
-    """Micrographs (tensors or memory-mapped arrays) and their names, as ``PatchSource``."""
-    from mtd.io.files import open_micrograph
-
-    items = list(data) if isinstance(data, (list, tuple)) else [data]
-    arrays, names = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, (str, Path)):
-            arrays.append(open_micrograph(item))
-            names.append(str(item))
-        else:
-            arrays.append(item)
-            names.append(f"micrograph {i}")
-    return arrays, names
 
 
 def normalised_cross_correlation(
@@ -126,7 +109,7 @@ def template_match(
     >= ``threshold`` (and among the ``n_picks`` best, when given) are selected.
 
     Args:
-        data: a micrograph ((N0, N1) tensor or array), a .npy / .mrc path, or a list of these.
+        data: a ``MicrographSource`` or what makes one (a micrograph, a path, a glob, a list).
         group: the ``TransformSet`` whose templates are matched (rotations of an image, ...).
         x: the unknown the templates are made from (the group's ``shape``: the true image for
             the oracle, the EM estimate otherwise).
@@ -168,17 +151,15 @@ def template_match(
     if not torch.isfinite(xt).all():
         raise ValueError("estimate has non-finite values")
     templates = group.templates(xt).to(device=device, dtype=dtype)
-    arrays, names = _as_micrographs(data)
-    for a, name in zip(arrays, names, strict=True):
-        if a.ndim != 2 or min(a.shape) < L:
+    source = MicrographSource.of(data)
+    names = source.names
+    for shape, name in zip(source.shapes, names, strict=True):
+        if min(shape) < L:
             raise ValueError(
-                f"{name}: the micrograph {tuple(a.shape)} is not 2-D or is smaller than one "
-                f"particle (L = {L})"
+                f"{name}: the micrograph {shape} is smaller than one particle (L = {L})"
             )
     parts = []
-    for s, a in enumerate(arrays):
-        m = a if torch.is_tensor(a) else torch.from_numpy(np.array(a))
-        m = m.to(device=device, dtype=dtype)
+    for s, m in enumerate(source.tensors(dtype, device)):
         if not torch.isfinite(m).all():
             raise ValueError(f"{names[s]}: the micrograph has non-finite values")
         score, best_k = normalised_cross_correlation(m, templates)
@@ -195,12 +176,12 @@ def template_match(
             keep[np.flatnonzero(picks.micrograph == s)[: int(max_candidates)]] = True
         picks = picks.take(keep)
     if threshold == "noise":
-        noise = _noise_micrographs(_mean_shape(arrays), int(noise_draws), seed)
+        noise = _noise_micrographs(source.mean_shape(), int(noise_draws), seed)
         found = template_match(noise, group, xt, min_distance, 0.0, None, device, dtype).scores
         level = _draws_th_largest(found, noise_draws)
     elif threshold == "auto":
-        windows = sum((a.shape[0] - L + 1) * (a.shape[1] - L + 1) for a in arrays)
-        level = noise_threshold(windows // len(arrays), K, L)
+        windows = sum((n0 - L + 1) * (n1 - L + 1) for n0, n1 in source.shapes)
+        level = noise_threshold(windows // len(source), K, L)
     else:
         level = float(threshold)
     selected = picks.scores >= level
