@@ -155,7 +155,7 @@ def test_simulator_plants_band_limited_copies_rotated_exactly():
     for (r, c), phi in zip(meas.positions.tolist(), meas.angles.tolist(), strict=True):
         copy = (torch.from_numpy(basis.sample(phi)) @ coef).reshape(L, L)
         torch.testing.assert_close(meas.data[r : r + L, c : c + L], copy, rtol=0, atol=1e-12)
-    torch.testing.assert_close(meas.clean(basis), meas.data, rtol=0, atol=1e-12)
+    torch.testing.assert_close(meas.clean(), meas.data, rtol=0, atol=1e-12)
     # SNR of the planted band-limited image, or (the paper's code) of the raw image.
     planted = mtd.simulate(image, 100, snr=2.0, basis=basis, seed=2)
     raw = mtd.simulate(image, 100, snr=2.0, basis=basis, seed=2, snr_of="raw")

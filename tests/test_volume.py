@@ -456,7 +456,7 @@ def test_simulate_volume_plants_projections_at_the_truth():
     d = d + 10**6 * torch.eye(len(d), dtype=torch.int64)
     assert int(d.min()) >= 7 and int(d.min()) < 2 * 7 - 1  # touching allowed, overlap not
     # The Euler angles are RELION's of the rotations.
-    assert torch.allclose(so3.euler_to_matrix(m.angles), m.rotations, atol=1e-12)
+    assert torch.allclose(so3.euler_to_matrix(m.euler_angles), m.rotations, atol=1e-12)
 
 
 def test_simulate_volume_rejects_bad_input():
@@ -469,7 +469,7 @@ def test_simulate_volume_rejects_bad_input():
         mv.simulate_volume(V, 50, density=0.9)
     with pytest.raises(ValueError, match="separation"):
         mv.simulate_volume(V, 50, separation="near")
-    with pytest.raises(ValueError, match="T = 0"):
+    with pytest.raises(ValueError, match="p = 0"):
         mv.simulate_volume(V, 6, density=0.01)
 
 

@@ -1,13 +1,17 @@
-"""The forward model: copies of an image or projections of a volume planted in noise."""
+"""The forward model: copies of an object, each in a random pose, planted in noise
+(``simulate_copies`` over a copy model: ``ImageCopies``, ``VolumeProjections``), phantoms."""
 
-from mtd.forward.images import Measurement, random_image, simulate
-from mtd.forward.volumes import VolumeMeasurement, shepp_logan, simulate_volume
+from mtd.forward.images import ImageCopies, random_image, simulate
+from mtd.forward.measurement import Measurement, simulate_copies
+from mtd.forward.volumes import VolumeProjections, shepp_logan, simulate_volume
 
 __all__ = [
+    "ImageCopies",
     "Measurement",
-    "VolumeMeasurement",
+    "VolumeProjections",
     "random_image",
     "shepp_logan",
     "simulate",
+    "simulate_copies",
     "simulate_volume",
 ]

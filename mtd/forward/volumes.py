@@ -1,26 +1,19 @@
-"""Volumes for the stochastic-EM paper's model: the 3-D Shepp-Logan phantom and the micrograph
-simulator (eqs. 1-5). (Frequency marching, Section III-D, is the group's: ``Projections``'
-schedule, which the EM loop advances through ``TransformSet.start_iteration``.)
-
-The simulator draws from one ``numpy.random.Generator`` (PCG64) seeded by ``seed``, in a fixed
-order (positions, rotations, noise) and in float64, so the same seed gives the same bytes
-everywhere. It plants the projections with the EM's own operator (``mtd.groups.tomography.project``):
-the paper's "second method", which follows the model of Section II exactly.
+"""Volumes for the stochastic-EM paper's model: the 3-D Shepp-Logan phantom and the copy model of
+its micrographs (projections at random rotations, ``simulate_volume``). (Frequency marching,
+Section III-D, is the group's: ``Projections``' schedule, which the EM loop advances through
+``TransformSet.start_iteration``.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mtd.forward.placement import max_copies, place, plant
+from mtd.forward.measurement import Measurement, simulate_copies
 from mtd.groups.tomography import project
-from mtd.io.files import write_micrograph
-from mtd.so3 import _haar, ball_mask, grid_points, matrix_to_euler
+from mtd.so3 import _haar, ball_mask, grid_points
 
 # The 3-D Shepp-Logan head phantom with Toft's higher-contrast intensities ("Modified
 # Shepp-Logan"), the table of M. Schabel's phantom3d (MATLAB Central File Exchange 9416, after
@@ -104,65 +97,55 @@ def shepp_logan(L: int = 11, modified: bool = True) -> torch.Tensor:
     return ellipsoids(L, table) * ball_mask(L)
 
 
-# ------------------------------------------------------------------------------------------------
-# The micrograph simulator
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class VolumeMeasurement:
-    """A simulated micrograph of projections of a volume, and its truth.
+class VolumeProjections:
+    """The copy model of a volume (``mtd.forward.measurement``; the stochastic-EM paper, eqs. 2-3):
+    tomographic projections at Haar-random rotations, or at rotations drawn uniformly from a
+    ``grid`` (the EM's model omega ~ Unif(Omega^K) of Section III-A, exact for a grid it
+    searches). They are planted with the EM's own operator (``mtd.groups.project``): the paper's
+    "second method", which follows the model of Section II exactly.
 
-    Attributes:
-        data: (N, N) float64 noisy micrograph.
-        sigma: noise standard deviation.
-        snr: eq. (4) of the stochastic-EM paper: mean_t ||I_t||_F^2 / (L^2 sigma^2) over the
-            planted projections I_t.
-        volume: (L, L, L) float64 the volume f.
-        positions: (T, 2) int64 top-left corners (row, column) of the projections.
-        rotations: (T, 3, 3) float64 the rotation of each projection (``mtd.so3`` convention).
-        separation: "well" or "arbitrary".
-        density: the density gamma asked for, T L^2 / N^2 (rounded to whole projections).
-        seed: the seed it was drawn with.
+    Args:
+        volume: (L, L, L) volume (``shepp_logan(11)``); values outside the ball are projected too.
+        grid: None, or (K, 3, 3) rotations.
     """
 
-    data: torch.Tensor
-    sigma: float
-    snr: float
-    volume: torch.Tensor
-    positions: torch.Tensor
-    rotations: torch.Tensor
-    separation: str
-    density: float
-    seed: int
+    def __init__(self, volume, grid=None):
+        volume = torch.as_tensor(volume, dtype=torch.float64, device="cpu")
+        if volume.ndim != 3 or len(set(volume.shape)) != 1:
+            raise ValueError(f"volume must be cubic (L, L, L), got shape {tuple(volume.shape)}")
+        if not torch.isfinite(volume).all():
+            raise ValueError("volume has non-finite values")
+        if grid is not None:
+            grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
+            if grid.ndim != 3 or tuple(grid.shape[1:]) != (3, 3) or len(grid) == 0:
+                raise ValueError(
+                    f"grid must be (K, 3, 3) rotations with K >= 1, got {tuple(grid.shape)}"
+                )
+        self.truth, self.L, self.grid = volume, volume.shape[0], grid
 
-    @property
-    def L(self) -> int:
-        return self.volume.shape[0]
+    def draw(self, rng: np.random.Generator, p: int) -> dict:
+        if self.grid is None:
+            return {"rotations": torch.from_numpy(_haar(rng, p))}
+        return {"rotations": self.grid[torch.from_numpy(rng.integers(0, len(self.grid), p))]}
 
-    @property
-    def angles(self) -> torch.Tensor:
-        """(T, 3) RELION (rot, tilt, psi) in degrees of the rotations (``mtd.so3``)."""
-        return matrix_to_euler(self.rotations)
+    def render(self, poses: dict, block: int = 2048) -> torch.Tensor:
+        rotations = poses["rotations"]
+        parts = [
+            project(self.truth, rotations[s : s + block]) for s in range(0, len(rotations), block)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.L, self.L, dtype=torch.float64)
 
-    def clean(self) -> torch.Tensor:
-        """The micrograph without noise, rebuilt from the truth."""
-        out = torch.zeros_like(self.data)
-        _plant_projections(out, self.volume, self.rotations, self.positions)
-        return out
-
-    def save(self, path) -> Path:
-        """Write the micrograph (not the truth) as .npy or .mrc (``mtd.write_micrograph``)."""
-        return write_micrograph(path, self.data)
-
-
-def _plant_projections(out, volume, rotations, positions, block: int = 2048) -> torch.Tensor:
-    """Add the projections of ``volume`` at ``rotations`` at ``positions``; returns their
-    ||I_t||^2 (T,)."""
-    norms = []
-    for s in range(0, len(rotations), block):  # bounded memory for many copies
-        images = project(volume, rotations[s : s + block])
-        norms.append(images.square().sum((1, 2)))
-        plant(out, images, positions[s : s + block])
-    return torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64)
+    def energy(self, copies: torch.Tensor) -> float:
+        """mean_t ||I_t||^2 over the planted projections (eq. 4)."""
+        if len(copies) == 0:
+            raise ValueError(
+                f"no projection of side {self.L} planted (p = 0): the SNR of eq. (4) is "
+                "undefined; raise the density or N"
+            )
+        energy = float(copies.square().sum((1, 2)).mean())
+        if energy == 0:
+            raise ValueError("the volume's projections are all zero: the SNR is undefined")
+        return energy
 
 
 def simulate_volume(
@@ -173,79 +156,15 @@ def simulate_volume(
     separation: str = "well",
     seed: int = 0,
     grid=None,
-) -> VolumeMeasurement:
-    """Simulate a micrograph (eqs. 2-3 of the stochastic-EM paper): projections of ``volume`` at
-    Haar-random rotations, at random positions, in white Gaussian noise.
-
-    Exactly T = round(density N^2 / L^2) projections are placed one by one at uniform positions
-    (``mtd.forward.placement.place``). separation="well": any two top-left corners differ by at least
-    2L - 1 pixels in row or in column, so no L x L patch meets two projections (what the patch
-    model needs; eq. (5) asks it in both axes); "arbitrary": projections only do not overlap (the
-    paper's Section IV-C). sigma = sqrt(mean_t ||I_t||^2 / (snr L^2)) (eq. 4) over the planted
-    projections; snr = inf adds no noise.
-
-    Args:
-        volume: (L, L, L) volume (``shepp_logan(11)``); values outside the ball are projected too.
-        N: side of the square micrograph.
-        density: gamma = T L^2 / N^2.
-        snr: eq. (4).
-        separation: "well" or "arbitrary".
-        seed: seed of all the randomness.
-        grid: None for Haar-random rotations, or (K, 3, 3) rotations to draw uniformly from (the
-            EM's model omega ~ Unif(Omega^K) of Section III-A, exact for a grid it searches).
+) -> Measurement:
+    """Simulate a micrograph (eqs. 2-5 of the stochastic-EM paper; ``simulate_copies``):
+    T = round(density N^2 / L^2) projections of ``volume`` (``VolumeProjections``) at random
+    positions, in white Gaussian noise with sigma = sqrt(mean_t ||I_t||^2 / (snr L^2)) (eq. 4;
+    snr = inf adds no noise). Separation as ``simulate_copies`` ("well": what the patch model
+    needs, eq. (5) asks it in both axes; "arbitrary": the paper's Section IV-C).
 
     Returns:
-        ``VolumeMeasurement``.
+        ``Measurement`` (``.volume``, ``.rotations``).
     """
-    volume = torch.as_tensor(volume, dtype=torch.float64, device="cpu")
-    if volume.ndim != 3 or len(set(volume.shape)) != 1:
-        raise ValueError(f"volume must be cubic (L, L, L), got shape {tuple(volume.shape)}")
-    if not torch.isfinite(volume).all():
-        raise ValueError("volume has non-finite values")
-    L = volume.shape[0]
-    if int(N) != N or N < L:
-        raise ValueError(f"N must be an integer >= L = {L}, got {N!r}")
-    N = int(N)
-    if separation not in ("well", "arbitrary"):
-        raise ValueError(f"separation must be 'well' or 'arbitrary', got {separation!r}")
-    if not (math.isfinite(density) and density > 0):
-        raise ValueError(f"density must be a finite number > 0, got {density!r}")
-    if not snr > 0:
-        raise ValueError(f"snr must be > 0 (inf for no noise), got {snr!r}")
-    T = round(density * N * N / (L * L))
-    gap = 2 * L - 1 if separation == "well" else L
-    cap = max_copies(N, L, gap)
-    if T < 1:
-        raise ValueError(
-            f"density {density} places no projection of side {L} in {N} x {N} (T = 0): the SNR "
-            "of eq. (4) is undefined"
-        )
-    if T > cap:
-        raise ValueError(
-            f"density {density} asks for T = {T} projections of side {L} in {N} x {N}, but at "
-            f"most {cap} fit with separation={separation!r} "
-            f"(density <= {cap * L * L / (N * N):.4g})"
-        )
-    if grid is not None:
-        grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
-        if grid.ndim != 3 or tuple(grid.shape[1:]) != (3, 3) or len(grid) == 0:
-            raise ValueError(
-                f"grid must be (K, 3, 3) rotations with K >= 1, got {tuple(grid.shape)}"
-            )
-    rng = np.random.default_rng(seed)
-    positions = torch.from_numpy(place(N, L, T, gap, rng))
-    if grid is None:
-        rotations = torch.from_numpy(_haar(rng, T))
-    else:
-        rotations = grid[torch.from_numpy(rng.integers(0, len(grid), T))]
-    noise = torch.from_numpy(rng.standard_normal((N, N)))
-    data = torch.zeros(N, N, dtype=torch.float64)
-    norms = _plant_projections(data, volume, rotations, positions)
-    energy = float(norms.mean())
-    if energy == 0:
-        raise ValueError("the volume's projections are all zero: the SNR is undefined")
-    sigma = math.sqrt(energy / (snr * L * L))
-    data += sigma * noise
-    return VolumeMeasurement(
-        data, sigma, float(snr), volume, positions, rotations, separation, float(density), seed
-    )
+    model = VolumeProjections(volume, grid)
+    return simulate_copies(model, N, density, snr, separation, seed)

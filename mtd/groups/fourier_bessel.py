@@ -293,7 +293,9 @@ class Steerable(TransformSet):
         return self.basis.expand(image)
 
     def poses(self) -> Poses:
-        return Poses(angles=2 * math.pi * np.arange(self.K) / self.K, mirrored=np.zeros(self.K, bool))
+        return Poses(
+            angles=2 * math.pi * np.arange(self.K) / self.K, mirrored=np.zeros(self.K, bool)
+        )
 
     @property
     def steerable_basis(self) -> FBBasis:

@@ -79,7 +79,11 @@ class MicrographSource:
             if isinstance(item, str | os.PathLike):
                 for path in expand_paths(item, key):
                     array = open_micrograph(path)
-                    size = _mrc_pixel_size(path) if Path(path).suffix.lower() in MRC_SUFFIXES else None
+                    size = (
+                        _mrc_pixel_size(path)
+                        if Path(path).suffix.lower() in MRC_SUFFIXES
+                        else None
+                    )
                     self._add(array, path, size or pixel_size, path)
             else:
                 name = f"micrograph {len(self.arrays)}"

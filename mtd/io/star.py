@@ -39,7 +39,6 @@ def write_star(path, picks: Picks, selected_only: bool = True) -> Path:
     import pandas as pd
     import starfile
 
-
     path = check_star_path(path)
     p = picks.picked() if selected_only else picks
     table = {"rlnCoordinateX": p.centres[:, 1], "rlnCoordinateY": p.centres[:, 0]}

@@ -459,5 +459,3 @@ def volume_error(truth, estimate, mask_radius: float | None = None) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Fourier shell correlation
-
-

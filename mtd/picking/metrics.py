@@ -277,26 +277,14 @@ def patch_predictions(
     return empty, shift
 
 
-def truth_of(measurement, basis=None) -> dict:
-    """The truth a simulated ``Measurement`` gives the metrics: centres, corners, clean, energy.
-
-    Args:
-        measurement: ``mtd.Measurement`` (or anything with ``L``, ``positions``, ``image`` and
-            ``clean()``).
-        basis: the steerable basis its copies were rotated in, if any; without it such a
-            measurement's clean micrograph is left out (the geometric rule for empty patches).
-    """
-    L = measurement.L
+def truth_of(measurement) -> dict:
+    """The truth a simulated ``Measurement`` gives the metrics: centres, corners, clean, energy."""
     corners = measurement.positions.cpu().numpy()
-    steerable = getattr(measurement, "coefficients", None) is not None
-    clean = None
-    if not steerable or basis is not None:
-        clean = measurement.clean(basis) if steerable else measurement.clean()
     return {
-        "centres": corners + (L - 1) / 2,
+        "centres": corners + (measurement.L - 1) / 2,
         "corners": corners,
-        "clean": clean,
-        "energy": float(measurement.image.square().sum()),
+        "clean": measurement.clean(),
+        "energy": measurement.copy_energy,
     }
 
 
@@ -310,8 +298,7 @@ def in_frame_of(truth: dict, x, group: TransformSet, max_shift: int = 3) -> dict
     copy, the (template, offset within ``max_shift`` pixels) whose placement fits the clean
     micrograph around it best in least squares (a symmetric image may fit two ways). The
     centres, which F1 matches within L / 2, stay the planted ones. Without a clean micrograph
-    (``truth_of`` of a steerable measurement without its basis, a STAR file's truth) ``truth``
-    is returned as it is.
+    (a STAR file's truth) ``truth`` is returned as it is.
 
     Args:
         truth: ``truth_of(measurement)``: "corners" (p, 2), "clean" (N0, N1) or a list of them

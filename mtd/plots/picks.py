@@ -31,7 +31,6 @@ def save_picks_figure(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
-
     img = micrograph.detach().cpu().numpy() if torch.is_tensor(micrograph) else micrograph
     img = np.asarray(img, dtype=np.float64)
     p = picks.picked()
