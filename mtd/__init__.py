@@ -42,7 +42,13 @@ from mtd.groups import (
     rotate,
     steerable,
 )
-from mtd.io import open_micrograph, read_images, read_micrograph, write_micrograph
+from mtd.io import (
+    MicrographSource,
+    open_micrograph,
+    read_images,
+    read_micrograph,
+    write_micrograph,
+)
 from mtd.metrics import align, relative_error
 
 __all__ = [
@@ -61,6 +67,7 @@ __all__ = [
     "LinearGamma",
     "MStep",
     "Measurement",
+    "MicrographSource",
     "PatchSource",
     "PatchSummaries",
     "Patches",

@@ -367,6 +367,7 @@ def denoise_micrograph(
     batch_size: int = 64,
     device="cpu",
     dtype=torch.float32,
+    empty: float | None = None,
 ) -> torch.Tensor:
     """The denoised micrograph in one call (what ``denoise.py`` runs, without the files).
 
@@ -377,6 +378,8 @@ def denoise_micrograph(
         guidance: lambda; None: ``GUIDED_LAMBDA`` with an estimate, 0 without.
         ckpt: the tile prior's checkpoint.
         K, density: the reference density's rotations and copy density.
+        empty: the share of tiles without a copy, given directly (None: from ``density``,
+            ``expected_empty``).
         stride, batch_size, device, dtype: as ``MicrographDenoiser``.
 
     Returns:
@@ -388,7 +391,8 @@ def denoise_micrograph(
     reference = None
     if estimate is not None:
         estimate = torch.as_tensor(estimate).to(device=device, dtype=dtype)
-        empty = expected_empty(density, prior.image_size, estimate.shape[-1])
+        if empty is None:
+            empty = expected_empty(density, prior.image_size, estimate.shape[-1])
         reference = ReferenceDensity(estimate, prior.image_size, K, empty)
     den = MicrographDenoiser(
         prior, float(sigma), reference, guidance, stride, batch_size, device, dtype

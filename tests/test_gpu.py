@@ -18,12 +18,10 @@ import pytest
 import torch
 
 import mtd
-import reconstruct as rec
 from priors.prior import ScorePrior
-
-from .test_em import gaussian_image
-from .test_reconstruct import compose_rec
-from .test_scale import _free_port
+from tasks.reconstruct import reconstruct
+from tests.engine.test_em import gaussian_image
+from tests.engine.test_scale import _free_port
 
 pytestmark = pytest.mark.gpu
 
@@ -155,12 +153,16 @@ def test_mnist_prior_score_on_cuda_equals_the_cpu():
             assert rel(got, ref) < bound, (t, device, dtype, rel(got, ref))
 
 
-def test_reconstruct_on_cuda_matches_the_cpu(tmp_path):
+def test_reconstruct_on_cuda_matches_the_cpu(tmp_path, compose):
     """reconstruct(cfg) with device=cuda dtype=float32, the shipped MNIST prior, 10 iterations:
     runs, writes its outputs, and reports the CPU float64 run's errors to within 1e-2."""
     short = ("em.iterations=10",)
-    cpu = rec.reconstruct(compose_rec(tmp_path / "cpu", "device=cpu", "dtype=float64", *short))
-    cuda = rec.reconstruct(compose_rec(tmp_path / "cuda", "device=cuda", "dtype=float32", *short))
+    cpu = reconstruct(
+        compose("reconstruct", "device=cpu", "dtype=float64", *short, root=tmp_path / "cpu")
+    )
+    cuda = reconstruct(
+        compose("reconstruct", "device=cuda", "dtype=float32", *short, root=tmp_path / "cuda")
+    )
     for v in ("init", "prior", "no_prior"):
         assert math.isfinite(cuda[f"error/{v}"])
         assert cuda[f"error/{v}"] == pytest.approx(cpu[f"error/{v}"], abs=1e-2), v

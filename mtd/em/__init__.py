@@ -15,6 +15,7 @@ from mtd.em.msteps import (
     MStep,
 )
 from mtd.em.patches import PatchSource, extract_patches
+from mtd.em.refine import refine
 from mtd.em.statistics import PatchSummaries, Statistics, empty_shifts
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "TorchDistributed",
     "empty_shifts",
     "extract_patches",
+    "refine",
 ]

@@ -13,9 +13,12 @@ from mtd.io.files import (
     write_volume,
 )
 from mtd.io.outputs import write_outputs
+from mtd.io.source import Micrograph, MicrographSource
 from mtd.io.star import check_star_path, read_star, write_star
 
 __all__ = [
+    "Micrograph",
+    "MicrographSource",
     "atomic_write",
     "check_star_path",
     "expand_paths",

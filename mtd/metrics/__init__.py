@@ -3,16 +3,18 @@ small translation); volumes after alignment over SO(3) and the mirror, with thei
 
 from mtd.metrics.fsc import FSCCurve, fsc
 from mtd.metrics.images import align, relative_error
-from mtd.metrics.measure import measure_volume
+from mtd.metrics.measure import Score, measure_volume, score
 from mtd.metrics.volumes import VolumeAlignment, align_volume, volume_error
 
 __all__ = [
     "FSCCurve",
+    "Score",
     "VolumeAlignment",
     "align",
     "align_volume",
     "fsc",
     "measure_volume",
     "relative_error",
+    "score",
     "volume_error",
 ]

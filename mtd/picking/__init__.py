@@ -69,7 +69,6 @@ match_coordinates`` and ``topaz.metrics.average_precision``).
 """
 
 from mtd.picking.evidence import (
-    COMBINE,
     copy_evidence,
     corner_log_odds,
     evidence_candidates,
@@ -87,10 +86,10 @@ from mtd.picking.metrics import (
     precision_recall_curve,
     truth_of,
 )
+from mtd.picking.options import COMBINE, EMPTY_RULES, PickingOptions
 from mtd.picking.outputs import picking_outputs
 from mtd.picking.picks import Picks, concatenate, merge
 from mtd.picking.posteriors import (
-    EMPTY_RULES,
     PatchPosteriors,
     blank_pairs,
     check_empty_rule,
@@ -108,6 +107,7 @@ __all__ = [
     "EMPTY_RULES",
     "PatchPosteriors",
     "PatchTruth",
+    "PickingOptions",
     "Picks",
     "blank_pairs",
     "check_empty_rule",

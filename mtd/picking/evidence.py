@@ -4,11 +4,13 @@ position (``combine="evidence"``), or Algorithm 2 per patch (``combine="nms"``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from mtd.em.patches import PatchSource
+from mtd.picking.options import PickingOptions
 from mtd.picking.picks import (
     Picks,
     _draws_th_largest,
@@ -21,15 +23,12 @@ from mtd.picking.posteriors import (
     PatchPosteriors,
     _inputs,
     _np_dtype,
-    check_empty_rule,
     copy_offset,
     noise_score,
     patch_origins,
     patch_posteriors,
     shift_of_offset,
 )
-
-COMBINE = ("evidence", "nms")
 
 
 def corner_log_odds(log_rho, L: int) -> float:
@@ -164,41 +163,21 @@ def evidence_noise_score(
 
 
 def pick_posterior(
-    em,
-    data,
-    x,
-    log_rho,
-    sigma2: float,
-    empty_rule: str = "half",
-    radius: float | None = None,
-    threshold: float | str = "noise",
-    empty_energy: float = 0.05,
-    detect_energy: float = 0.2,
-    seed: int = 0,
-    noise_draws: int = 4,
-    combine: str = "evidence",
-) -> tuple[Picks, PatchPosteriors]:
+    em, data, x, log_rho, sigma2: float, options: PickingOptions | None = None, seed: int = 0,
+    **changes,
+) -> tuple[Picks, PatchPosteriors]:  # fmt: skip
     """Particles from the EM posteriors (the stochastic-EM paper, Section IV-B), mapped back to
     their micrographs, and Algorithm 2's per-patch posteriors.
 
     ``combine="evidence"`` (the default): a copy is seen by up to four patches, and their
     evidence is added up (``copy_evidence``: the log posterior odds of a copy at each corner
     from every patch it touches, with rho's prior odds); candidates are its local maxima, one
-    kept among any within ``radius`` of each other in both axes (copies never overlap). Measured
-    on MNIST micrographs (tests/benchmarks/bench_picking.py): with the true digit above template
-    matching with it at low SNR (Algorithm 2 per patch, which sees a quarter of a copy on a
-    patch corner, is below it).
+    kept among any within ``merge_radius`` of each other in both axes (copies never overlap).
+    Measured on MNIST micrographs (tests/benchmarks/bench_picking.py): with the true digit above
+    template matching with it at low SNR (Algorithm 2 per patch, which sees a quarter of a copy
+    on a patch corner, is below it).
 
-    ``combine="nms"``: Algorithm 2 per patch. Every patch gives one candidate: the centre of
-    the copy at its best shift l* among the (template, shift) pairs that show more than
-    ``detect_energy`` of the template's energy, the best template's angle there, and the score
-    ``PatchPosteriors.score(empty_rule)`` at that level. Every copy shows at least a quarter of
-    its energy in one of the (at most four) patches it touches, so the default 0.2 loses no
-    copy, while the many faint slivers (a few per cent of a copy, which rho cannot tell from
-    empty shifts at low SNR and which made noise patches look occupied: measured) no longer
-    count as detections. Candidates of one copy seen by several patches are merged (``merge``
-    within ``radius``, Euclidean; equal scores, e.g. saturated ones at high SNR, are ranked by
-    p(l* | I), the sharpest localisation first).
+    ``combine="nms"``: Algorithm 2 per patch (``_patch_candidates``).
 
     A candidate is selected when its score exceeds ``threshold``: 0 is the Bayes rule, "noise"
     (the default) the larger of 0 and the score that ``noise_draws`` micrographs of pure noise
@@ -210,78 +189,83 @@ def pick_posterior(
     measures (empty when the blank pairs hold at least half the mass).
 
     Args:
-        em, data, x, log_rho, sigma2, empty_energy: as ``patch_posteriors``.
-        detect_energy: "nms": the share of a copy's energy a patch must show to count as a
-            detection.
-        empty_rule: of the per-patch posteriors: "half" (default: the blank pairs hold at least
-            half the posterior mass), "argmax" (Algorithm 2's arg max of p(l | I) over single
-            shifts, an all-padding shift against the best non-blank one) or "mass" (the
-            all-padding mass against p(l* | I)). See ``PatchPosteriors.score``.
-        radius: of the merge, default L - 1: copies that do not overlap have centres at least L
-            apart, so no two copies merge, while ("nms") the detections of a copy's slivers,
-            whose shift along the cut is poorly determined at low SNR, do (L / 2 left such
-            duplicates: measured in tests/benchmarks/bench_picking.py).
-        threshold: on the score for the operating point: a number, or "noise" (above).
-        seed, noise_draws: of the noise that sets the "noise" threshold.
-        combine: "evidence" or "nms" (above).
+        em, data, x, log_rho, sigma2: as ``patch_posteriors``.
+        options: ``PickingOptions`` (combine, empty_rule, empty_energy, detect_energy,
+            merge_radius, threshold, noise_draws); None: the defaults. The merge radius defaults
+            to L - 1: copies that do not overlap have centres at least L apart, so no two copies
+            merge, while ("nms") the detections of a copy's slivers, whose shift along the cut
+            is poorly determined at low SNR, do (L / 2 left such duplicates: measured in
+            tests/benchmarks/bench_picking.py).
+        seed: of the noise that sets the "noise" threshold.
+        changes: fields of ``options`` to replace (``combine="nms"``, ``threshold=0.0``, ...).
 
     Returns:
         (the merged ``Picks``, best first; the per-patch ``PatchPosteriors``).
     """
-    check_empty_rule(empty_rule)
-    if combine not in COMBINE:
-        raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
-    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-    if not (threshold == "noise" or (number and math.isfinite(threshold))):
-        raise ValueError(f"threshold must be a finite number or 'noise', got {threshold!r}")
-    if int(noise_draws) != noise_draws or noise_draws < 1:
-        raise ValueError(f"noise_draws must be an integer >= 1, got {noise_draws!r}")
+    o = replace(options or PickingOptions(), **changes)
+    if o.threshold == "auto":
+        raise ValueError(
+            "threshold must be a finite number or 'noise', got 'auto' (template only)"
+        )
     L = em.L
-    radius = L - 1 if radius is None else float(radius)
-    if not radius >= 0:
-        raise ValueError(f"radius must be >= 0, got {radius!r}")
+    radius = L - 1 if o.merge_radius is None else float(o.merge_radius)
     data, x, log_rho = _inputs(em, data, x, log_rho, sigma2)
-    post = patch_posteriors(em, data, x, log_rho, sigma2, empty_energy)
-    if combine == "evidence":
+    post = patch_posteriors(em, data, x, log_rho, sigma2, o.empty_energy)
+    draws = int(o.noise_draws)
+    if o.combine == "evidence":
         picks = evidence_candidates(em, data.source, x, log_rho, sigma2, radius)
 
         def noise() -> float:
             shape = data.source.micrographs.mean_shape()
-            draws = int(noise_draws)
             return evidence_noise_score(em, x, log_rho, sigma2, shape, radius, seed, draws)
 
     else:
         seen = post
-        if detect_energy != empty_energy:
-            seen = patch_posteriors(em, data, x, log_rho, sigma2, detect_energy)
-        mic, origin = patch_origins(data.source)
-        poses = em.group.poses()
-        k = seen.template
-        picks = Picks(
-            centres=(origin + copy_offset(seen.shift, L) + (L - 1) / 2).astype(np.float64),
-            scores=seen.score(empty_rule, _np_dtype(em.dtype)),
-            selected=np.zeros(data.D, dtype=bool),
-            micrograph=mic,
-            names=list(data.source.names),
-            angles=np.full(len(k), np.nan) if poses.angles is None else poses.angles[k],
-            mirrored=poses.mirrored[k],
-            templates=k,
-            patches=np.arange(data.D),
-            L=L,
-            prob=seen.shift_prob,
-        )
-        picks = merge(picks, radius)
+        if o.detect_energy != o.empty_energy:
+            seen = patch_posteriors(em, data, x, log_rho, sigma2, o.detect_energy)
+        picks = merge(_patch_candidates(em, data, seen, o.empty_rule), radius)
 
         def noise() -> float:
             per_micrograph = max(1, round(data.D / len(data.source.names)))
             return noise_score(
-                em, x, log_rho, sigma2, per_micrograph, empty_rule, detect_energy, seed,
-                noise_draws,
+                em, x, log_rho, sigma2, per_micrograph, o.empty_rule, o.detect_energy, seed,
+                draws,
             )  # fmt: skip
 
-    level = max(0.0, noise()) if threshold == "noise" else float(threshold)
+    level = max(0.0, noise()) if o.threshold == "noise" else float(o.threshold)
     picks.selected = picks.scores > level
-    picks.info = {"method": "posterior", "combine": combine, "threshold": level}
-    if combine == "nms":
-        picks.info["empty_rule"] = empty_rule
+    picks.info = {"method": "posterior", "combine": o.combine, "threshold": level}
+    if o.combine == "nms":
+        picks.info["empty_rule"] = o.empty_rule
     return picks, post
+
+
+def _patch_candidates(em, data, seen: PatchPosteriors, empty_rule: str) -> Picks:
+    """Algorithm 2 per patch: every patch's candidate, unmerged.
+
+    The centre of the copy at the patch's best shift l* among the (template, shift) pairs that
+    show more than ``detect_energy`` of the template's energy (``seen`` is the posteriors at that
+    level), the best template's pose there, and the score ``PatchPosteriors.score(empty_rule)``.
+    Every copy shows at least a quarter of its energy in one of the (at most four) patches it
+    touches, so the default 0.2 loses no copy, while the many faint slivers (a few per cent of a
+    copy, which rho cannot tell from empty shifts at low SNR and which made noise patches look
+    occupied: measured) no longer count as detections. Equal scores, e.g. saturated ones at high
+    SNR, are ranked by p(l* | I), the sharpest localisation first.
+    """
+    L = em.L
+    mic, origin = patch_origins(data.source)
+    poses = em.group.poses()
+    k = seen.template
+    return Picks(
+        centres=(origin + copy_offset(seen.shift, L) + (L - 1) / 2).astype(np.float64),
+        scores=seen.score(empty_rule, _np_dtype(em.dtype)),
+        selected=np.zeros(data.D, dtype=bool),
+        micrograph=mic,
+        names=list(data.source.names),
+        angles=np.full(len(k), np.nan) if poses.angles is None else poses.angles[k],
+        mirrored=poses.mirrored[k],
+        templates=k,
+        patches=np.arange(data.D),
+        L=L,
+        prob=seen.shift_prob,
+    )

@@ -14,8 +14,7 @@ from mtd.em.estep import Patches
 from mtd.em.likelihood import template_energy
 from mtd.em.statistics import empty_shifts
 from mtd.em.threads import limit_threads
-
-EMPTY_RULES = ("half", "argmax", "mass")
+from mtd.picking.options import EMPTY_RULES
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,9 +33,9 @@ import torch
 
 import mtd
 from mtd.em.likelihood import choose_method
-from tests import reference as ref
+from tests.reference import equations as ref
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def timed(fns: dict, repeats: int, device="cpu", warm_up=True) -> dict:

@@ -1,4 +1,4 @@
-"""What the README claims of reconstruct.py, against behaviour (issue 16): the em=mnist schedule,
+"""What the docs claim of the reconstruction (tasks.reconstruct), against behaviour (issue 16): the em=mnist schedule,
 the W&B run's group, tags and keys, em.init=prior_samples, measurement.target=PATH, and
 launcher=ddp through Fabric."""
 
@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import mtd
-import reconstruct as rec
 from priors import ScorePrior
+from tasks import inputs
+from tasks.reconstruct import reconstruct
+from tasks.settings import reconstruct_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GAUSSIAN_DSM = ROOT / "priors" / "pretrained" / "gaussian_dsm.ckpt"
 # A small Gaussian reconstruction: 5 x 5 draws of the shipped DSM prior's N(mu, I), N = 40.
 SMALL = (
@@ -29,13 +30,6 @@ SMALL = (
     "measurement.density=0.12",
     "prior_dtype=float64",
 )
-
-
-def compose_rec(out: Path, *overrides: str):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(
-            "reconstruct", overrides=[f"paths.output_dir={out}", "logger=none", *overrides]
-        )
 
 
 class FakeRun:
@@ -87,7 +81,7 @@ def series(run, key):
 # em=mnist: 40 iterations, rho estimated, the denoiser's noise annealed from 1.0 over 32
 # ------------------------------------------------------------------------------------------------
 def test_em_mnist_anneals_the_denoisers_noise_from_one_over_32_of_40_iterations(
-    tmp_path, fake_wandb
+    tmp_path, fake_wandb, compose
 ):
     # The README: each M-step is the closed-form step, then the prior's denoiser at the noise of
     # that estimate, sigma^2 / (mean coverage), annealed from 1.0 down to that level over 32
@@ -95,10 +89,17 @@ def test_em_mnist_anneals_the_denoisers_noise_from_one_over_32_of_40_iterations(
     # noise it logs starts at 1.0, falls geometrically towards the estimated level (halfway, at
     # iteration 16, their geometric mean) and follows that level from iteration 32 on.
     cfg = with_wandb(
-        compose_rec(tmp_path / "out", *SMALL, "em=mnist", "em.init=prior_mean", "em.tol=0"),
+        compose(
+            "reconstruct",
+            *SMALL,
+            "em=mnist",
+            "em.init=prior_mean",
+            "em.tol=0",
+            out=tmp_path / "out",
+        ),
         tmp_path,
     )
-    rec.reconstruct(cfg)
+    reconstruct(cfg)
     (run,) = fake_wandb
     its, noise = series(run, "em/prior/noise")
     assert its == list(range(40))
@@ -113,12 +114,17 @@ def test_em_mnist_anneals_the_denoisers_noise_from_one_over_32_of_40_iterations(
     assert abs(empty[-1] - 0.19) > 0.1
     # paper_mnist, for contrast: uniform rho, no denoiser, 100 iterations.
     cfg = with_wandb(
-        compose_rec(
-            tmp_path / "paper", *SMALL, "em=paper_mnist", "em.init=prior_mean", "em.tol=0"
+        compose(
+            "reconstruct",
+            *SMALL,
+            "em=paper_mnist",
+            "em.init=prior_mean",
+            "em.tol=0",
+            out=tmp_path / "paper",
         ),
         tmp_path,
     )
-    rec.reconstruct(cfg)
+    reconstruct(cfg)
     its, empty = series(fake_wandb[-1], "em/prior/empty_mass")
     assert its == list(range(100)) and empty == pytest.approx([0.19] * 100)
     assert not series(fake_wandb[-1], "em/prior/noise")[0]
@@ -127,10 +133,10 @@ def test_em_mnist_anneals_the_denoisers_noise_from_one_over_32_of_40_iterations(
 # ------------------------------------------------------------------------------------------------
 # W&B: one run per reconstruction, its group, job type, tags, keys and summary
 # ------------------------------------------------------------------------------------------------
-def test_wandb_run_group_tags_keys_and_summary(tmp_path, fake_wandb):
+def test_wandb_run_group_tags_keys_and_summary(tmp_path, fake_wandb, compose):
     cfg = with_wandb(
-        compose_rec(
-            tmp_path / "out",
+        compose(
+            "reconstruct",
             *SMALL,
             "em=paper_gaussian",
             "em.iterations=6",
@@ -138,10 +144,11 @@ def test_wandb_run_group_tags_keys_and_summary(tmp_path, fake_wandb):
             "group=my_experiment",
             "tags=[extra]",
             "image_every=2",
+            out=tmp_path / "out",
         ),
         tmp_path,
     )
-    metrics = rec.reconstruct(cfg)
+    metrics = reconstruct(cfg)
     (run,) = fake_wandb
     assert run.init["group"] == "my_experiment" and run.init["job_type"] == "reconstruct"
     assert run.init["tags"] == ["extra", "em=paper_gaussian", "K=4", "snr=10"]
@@ -166,9 +173,10 @@ def test_wandb_run_group_tags_keys_and_summary(tmp_path, fake_wandb):
     assert run.exit_code == 0
     # The denoising M-step logs its noise and no learning rate.
     cfg = with_wandb(
-        compose_rec(tmp_path / "den", *SMALL, "em=gaussian", "em.iterations=3"), tmp_path
+        compose("reconstruct", *SMALL, "em=gaussian", "em.iterations=3", out=tmp_path / "den"),
+        tmp_path,
     )
-    rec.reconstruct(cfg)
+    reconstruct(cfg)
     keys = {k for r in fake_wandb[-1].rows for k in r if k.startswith("em/prior/")}
     assert "em/prior/noise" in keys and "em/prior/lr" not in keys
     assert "em=gaussian" in fake_wandb[-1].init["tags"]
@@ -177,26 +185,28 @@ def test_wandb_run_group_tags_keys_and_summary(tmp_path, fake_wandb):
 # ------------------------------------------------------------------------------------------------
 # em.init=prior_samples and measurement.target=PATH
 # ------------------------------------------------------------------------------------------------
-def test_init_prior_samples_are_reverse_sde_draws_of_the_prior(tmp_path):
-    cfg = compose_rec(
-        tmp_path / "out",
+def test_init_prior_samples_are_reverse_sde_draws_of_the_prior(tmp_path, compose):
+    cfg = compose(
+        "reconstruct",
         *SMALL,
         "em=gaussian",
         "em.init=prior_samples",
         "em.restarts=3",
         "em.iterations=5",
         "seed=4",
+        out=tmp_path / "out",
     )
     prior = ScorePrior.from_checkpoint(GAUSSIAN_DSM, dtype=torch.float64)
     draws = prior.sample(3, seed=4)
-    truth, _ = rec.target_image(cfg, prior)
-    init = rec.initial_guess(cfg, 5, prior, truth)
+    s = reconstruct_settings(cfg)
+    truth, _ = inputs.target_image(s, prior)
+    init = inputs.initial_guess(s, 5, prior, truth, mtd.Rotations(5, 4))
     torch.testing.assert_close(init, draws, rtol=0, atol=0)
     # Draws of N(mu, I): each about one unit per pixel from the stored mean, and not equal.
     mu = prior.mean()
     assert all(0.6 < float((x - mu).square().mean().sqrt()) < 1.4 for x in init)
     assert not torch.equal(init[0], init[1])
-    metrics = rec.reconstruct(cfg)
+    metrics = reconstruct(cfg)
     expected = min(mtd.relative_error(truth, x) for x in draws)
     assert metrics["error/init"] == pytest.approx(expected, rel=1e-12)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -204,7 +214,7 @@ def test_init_prior_samples_are_reverse_sde_draws_of_the_prior(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".mrc"])
-def test_measurement_target_path_is_the_simulated_truth(tmp_path, suffix):
+def test_measurement_target_path_is_the_simulated_truth(tmp_path, suffix, compose):
     rng = np.random.default_rng(0)
     stack = rng.uniform(0, 3, (3, 5, 5))
     path = tmp_path / f"targets{suffix}"
@@ -217,8 +227,8 @@ def test_measurement_target_path_is_the_simulated_truth(tmp_path, suffix):
         with mrcfile.new(path) as mrc:
             mrc.set_data(stack[0].astype(np.float32))
         index, expected = 0, stack[0].astype(np.float32).astype(np.float64)
-    cfg = compose_rec(
-        tmp_path / "out",
+    cfg = compose(
+        "reconstruct",
         *SMALL,
         "em=gaussian",
         "em.iterations=3",
@@ -226,8 +236,9 @@ def test_measurement_target_path_is_the_simulated_truth(tmp_path, suffix):
         f"measurement.index={index}",
         "measurement.snr=inf",
         "measurement.sigma_known=false",
+        out=tmp_path / "out",
     )
-    rec.reconstruct(cfg)
+    reconstruct(cfg)
     out = tmp_path / "out"
     np.testing.assert_array_equal(np.load(out / "truth.npy"), expected)
     summary = json.loads((out / "summary.json").read_text())
@@ -238,9 +249,13 @@ def test_measurement_target_path_is_the_simulated_truth(tmp_path, suffix):
     assert np.isclose(data.sum(), copies * expected.sum(), rtol=1e-5)
     last = len(stack) - 1 if suffix == ".npy" else 0
     with pytest.raises(ValueError, match=rf"measurement.index must be in 0\.\.{last} "):
-        rec.reconstruct(
-            compose_rec(
-                tmp_path / "bad", *SMALL, f"measurement.target={path}", "measurement.index=3"
+        reconstruct(
+            compose(
+                "reconstruct",
+                *SMALL,
+                f"measurement.target={path}",
+                "measurement.index=3",
+                out=tmp_path / "bad",
             )
         )
 
@@ -249,13 +264,13 @@ def test_measurement_target_path_is_the_simulated_truth(tmp_path, suffix):
 # launcher=ddp: EM across two CPU processes through Lightning Fabric
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_launcher_ddp_on_two_cpu_processes_gives_the_single_process_estimate(tmp_path):
+def test_launcher_ddp_on_two_cpu_processes_gives_the_single_process_estimate(tmp_path, compose):
     # About 16 s (three Python processes start): slow. The README: every process takes every
     # world_size-th chunk of patches, the statistics are all-reduced, rank 0 writes; the
     # estimate is the one-process estimate.
     over = (*SMALL, "em=gaussian", "em.iterations=8", "em.chunk_size=4", "measurement.N=60")
     single = tmp_path / "single"
-    rec.reconstruct(compose_rec(single, *over))
+    reconstruct(compose("reconstruct", *over, out=single))
     ddp = tmp_path / "ddp"
     proc = subprocess.run(
         [

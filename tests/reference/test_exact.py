@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mtd
-from tests import reference as ref
+from tests.reference import equations as ref
 
 CASES = [(L, K) for L in (3, 4, 5, 6) for K in (1, 4, 8)]
 

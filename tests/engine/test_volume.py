@@ -19,8 +19,8 @@ import mtd
 from mtd import so3
 from mtd.forward import volumes as mv
 from mtd.groups import tomography as pj
-from tests import reference as ref
-from tests.test_exact import assert_statistics_equal
+from tests.reference import equations as ref
+from tests.reference.test_exact import assert_statistics_equal
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ B^+ y (``from_image``); the M-steps of ``mtd.em.msteps`` use the prior through t
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import hydra
 import numpy as np
@@ -280,34 +279,24 @@ def test_prior_for_an_unknown_whose_image_is_not_l_by_l_is_refused():
 
 
 @pytest.mark.slow  # ~6 s unloaded: the shipped prior, a 28 x 28 steerable group, two EMs
-def test_experiment_mnist_continuous_runs_the_shipped_prior_on_fb_coefficients(tmp_path):
+def test_experiment_mnist_continuous_runs_the_shipped_prior_on_fb_coefficients(tmp_path, compose):
     # reconstruct.py experiment=mnist_continuous: held-out digit at continuous angles, the
     # steerable group at the Nyquist count (462 at L = 28), K = 16, the prior's denoiser on the
     # coefficients' image; em/group=rotations gives today's bilinear rotations of the pixels.
-    from hydra import compose, initialize_config_dir
+    from tasks.reconstruct import reconstruct
 
-    import reconstruct as rec
-
-    root = Path(__file__).resolve().parents[1]
-    with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
-        cfg = compose(
-            "reconstruct",
-            overrides=[
-                f"paths.output_dir={tmp_path / 'out'}",
-                "logger=none",
-                "experiment=mnist_continuous",
-                "em.iterations=1",
-                "measurement.N=84",
-            ],
-        )
-        bilinear = compose(
-            "reconstruct", overrides=["experiment=mnist_continuous", "em/group=rotations"]
-        )
+    cfg = compose(
+        "reconstruct", "experiment=mnist_continuous", "em.iterations=1", "measurement.N=84",
+        root=tmp_path,
+    )  # fmt: skip
+    bilinear = compose(
+        "reconstruct", "experiment=mnist_continuous", "em/group=rotations", bare=True
+    )
     assert cfg.measurement.rotation == "continuous" and cfg.em.K == 16
     group = hydra.utils.instantiate(cfg.em.group)(28)
     assert isinstance(group, mtd.Steerable) and group.shape == (462,) and group.K == 16
     assert isinstance(hydra.utils.instantiate(bilinear.em.group)(28), mtd.Rotations)
-    metrics = rec.reconstruct(cfg)
+    metrics = reconstruct(cfg)
     assert {"error/prior", "error/no_prior"} <= set(metrics)
     estimate = np.load(tmp_path / "out" / "estimate_prior.npy")
     assert estimate.shape == (28, 28) and np.isfinite(estimate).all()

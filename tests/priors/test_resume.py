@@ -7,11 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-import train
+from tasks.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = (
     "data=gaussian",
     "model=mlp_dsm",  # DSM: random t and z every step, so the RNG state matters
@@ -27,20 +25,17 @@ TINY = (
 )
 
 
-def _train(out: Path, *overrides: str) -> dict:
-    overrides = [*TINY, f"paths.output_dir={out}", *overrides]
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose("train", overrides=overrides)
-    _, objects = train.train(cfg)
+def _train(compose, out: Path, *overrides: str) -> dict:
+    _, objects = train(compose("train", *TINY, f"paths.output_dir={out}", *overrides, bare=True))
     return {k: v.detach().clone() for k, v in objects["model"].state_dict().items()}
 
 
-def test_resumed_training_equals_the_uninterrupted_run(tmp_path):
-    straight = _train(tmp_path / "straight")
+def test_resumed_training_equals_the_uninterrupted_run(tmp_path, compose):
+    straight = _train(compose, tmp_path / "straight")
     # "Killed" after its first epoch (6 steps): its last.ckpt is what is left of it.
-    _train(tmp_path / "killed", "+trainer.max_steps=6")
+    _train(compose, tmp_path / "killed", "+trainer.max_steps=6")
     resumed = _train(
-        tmp_path / "resumed", f"ckpt_path={tmp_path / 'killed/checkpoints/last.ckpt'}"
+        compose, tmp_path / "resumed", f"ckpt_path={tmp_path / 'killed/checkpoints/last.ckpt'}"
     )
     assert straight.keys() == resumed.keys()
     for name, value in straight.items():  # the raw and the EMA weights, bit for bit

@@ -7,21 +7,20 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import matplotlib.figure
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mtd
-import mtd.io.outputs
-import reconstruct as rec
-import run_checks
-
-from .test_reconstruct import GAUSS, ROOT, compose_rec, write_gaussian_ckpt
+from tasks import config, errors
+from tasks.reconstruct import reconstruct
+from tests.helpers import GAUSS, ROOT
 
 DIGITS = ROOT / "assets" / "mnist_digits.npz"
 
@@ -35,14 +34,16 @@ def no_em(monkeypatch):
 
 
 @pytest.fixture
-def gauss_ckpt(tmp_path):
-    return write_gaussian_ckpt(tmp_path / "gauss.ckpt")
+def refused(tmp_path, compose):
+    """``refused(match, *overrides)``: the reconstruction is refused with that message, and
+    nothing is written."""
 
+    def check(match, *overrides):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            reconstruct(compose("reconstruct", *overrides, root=tmp_path))
+        assert not (tmp_path / "out").exists()
 
-def _refused(tmp_path, match, *overrides):
-    with pytest.raises((ValueError, FileNotFoundError), match=match):
-        rec.reconstruct(compose_rec(tmp_path, *overrides))
-    assert not (tmp_path / "out").exists()
+    return check
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def _summary(folder: Path, error: float, ckpt: str, index: int, seed: int = 0, s
 
 
 def test_report_rows_are_experiments_with_distinct_targets_and_the_spread(tmp_path):
-    import report
+    from tasks import report
 
     trained, untrained = tmp_path / "trained.ckpt", tmp_path / "untrained.ckpt"
     trained.write_bytes(b"x" * 100)
@@ -97,7 +98,7 @@ def test_report_rows_are_experiments_with_distinct_targets_and_the_spread(tmp_pa
 
 
 def test_report_says_what_it_left_out_when_nothing_fits(tmp_path, capsys):
-    import report
+    from tasks import report
 
     _summary(tmp_path / "sweep" / "file_run", 0.5, "none", index=0, snr=None)
     with pytest.raises(SystemExit) as exit_:
@@ -110,21 +111,20 @@ def test_report_says_what_it_left_out_when_nothing_fits(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 # Run directories: never shared, never written into
 # ------------------------------------------------------------------------------------------------
-def test_two_runs_started_in_the_same_second_get_different_directories():
+def test_two_runs_started_in_the_same_second_get_different_directories(compose):
     dirs = []
     for _ in range(2):
-        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-            cfg = compose("reconstruct", return_hydra_config=True)
+        cfg = compose("reconstruct", bare=True, return_hydra_config=True)
         dirs.append((cfg.hydra.run.dir, cfg.hydra.sweep.dir))
     assert dirs[0][0] != dirs[1][0] and dirs[0][1] != dirs[1][1]
 
 
-def test_a_run_never_writes_into_a_finished_runs_directory(tmp_path, gauss_ckpt, no_em):
+def test_a_run_never_writes_into_a_finished_runs_directory(tmp_path, gauss_ckpt, no_em, compose):
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds a finished run"):
-        rec.reconstruct(compose_rec(tmp_path, f"ckpt={gauss_ckpt}", *GAUSS))
+        reconstruct(compose("reconstruct", f"ckpt={gauss_ckpt}", *GAUSS, root=tmp_path))
     assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
 
 
@@ -153,34 +153,21 @@ def test_hydra_full_error_still_shows_the_traceback(monkeypatch, capsys):
     error = ValueError("measurement.snr must be > 0")
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        run_checks.user_error_exit(error)
+        errors.user_error_exit(error)
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {error}\n"
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(ValueError, match="snr must be"):
-        run_checks.user_error_exit(error)
+        errors.user_error_exit(error)
 
 
-def _train_cfg(tmp_path, *overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(
-            "train",
-            overrides=[
-                "data=gaussian",
-                "logger=none",
-                f"paths.output_dir={tmp_path}",
-                f"paths.data_dir={tmp_path / 'data'}",
-                *overrides,
-            ],
-        )
-
-
-def test_train_main_refuses_zero_epochs_in_one_line(tmp_path, monkeypatch, capsys):
+def test_train_main_refuses_zero_epochs_in_one_line(tmp_path, monkeypatch, capsys, compose):
     import train
+    from tasks.train import train as train_task
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    cfg = _train_cfg(tmp_path, "trainer.max_epochs=0")
+    cfg = compose("train", "data=gaussian", "trainer.max_epochs=0", root=tmp_path)
     with pytest.raises(ValueError, match="trainer.max_epochs must be >= 1"):
-        train.train(cfg)
+        train_task(cfg)
     with pytest.raises(SystemExit) as exit_:
         train.main.__wrapped__(cfg)  # main as @hydra.main calls it
     assert exit_.value.code == 2
@@ -213,14 +200,14 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("measurement.density=0.0001",), "plants no copy"),
         (("em.restarts=0",), "em.restarts must be an integer >= 1, got 0"),
         (("em.init=file",), "em.init=file needs em.init_file=PATH"),
-        (("measurement.N=abc",), "measurement.N must be an integer, got 'abc'"),
+        (("measurement.N=abc",), "measurement.N must be an integer or null, got 'abc'"),
         (("measurement.snr=inf",), "measurement.sigma_known=false"),
         (("em.K=abc",), "em.K must be an integer, got 'abc'"),
         (("em.iterations=1.5",), "em.iterations must be an integer, got 1.5"),
         (("em.tol=small",), "em.tol must be a number, got 'small'"),
         (
             ("pick=true", "picking.threshold=high"),
-            "picking.threshold must be a number, 'noise' or null, got 'high'",
+            "picking.threshold must be a number, 'noise' or 'auto', got 'high'",
         ),
         (("pick=true", "picking.noise_draws=0"), "picking.noise_draws must be an integer >= 1"),
         (("pick=true", "picking.combine=vote"), "picking.combine must be one of evidence, nms"),
@@ -229,15 +216,16 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("em.refine_K=8", "em.refine_iterations=x"), "em.refine_iterations must be an integer"),
     ],
 )
-def test_silent_nonsense_is_refused_naming_the_key(tmp_path, gauss_ckpt, no_em, overrides, match):
-    _refused(tmp_path, match, f"ckpt={gauss_ckpt}", *GAUSS, *overrides)
+def test_silent_nonsense_is_refused_naming_the_key(
+    tmp_path, gauss_ckpt, no_em, overrides, match, refused
+):
+    refused(match, f"ckpt={gauss_ckpt}", *GAUSS, *overrides)
 
 
-def test_file_measurement_side_must_be_an_integer(tmp_path, no_em):
+def test_file_measurement_side_must_be_an_integer(tmp_path, no_em, refused):
     np.save(tmp_path / "m.npy", np.zeros((30, 30)))
-    _refused(
-        tmp_path,
-        "measurement.L must be an integer, got 'abc'",
+    refused(
+        "measurement.L must be an integer or null, got 'abc'",
         "ckpt=none",
         "measurement=file",
         f"measurement.path={tmp_path / 'm.npy'}",
@@ -245,25 +233,25 @@ def test_file_measurement_side_must_be_an_integer(tmp_path, no_em):
     )
 
 
-def test_snr_inf_runs_with_sigma_estimated(tmp_path, gauss_ckpt):
-    cfg = compose_rec(
-        tmp_path,
+def test_snr_inf_runs_with_sigma_estimated(tmp_path, gauss_ckpt, compose):
+    cfg = compose(
+        "reconstruct",
         f"ckpt={gauss_ckpt}",
         *GAUSS,
         "em.iterations=3",
         "measurement.snr=inf",
         "measurement.sigma_known=false",
+        root=tmp_path,
     )
-    assert "error/prior" in rec.reconstruct(cfg)
+    assert "error/prior" in reconstruct(cfg)
 
 
-def test_non_finite_values_in_one_file_of_a_glob_name_that_file(tmp_path, no_em):
+def test_non_finite_values_in_one_file_of_a_glob_name_that_file(tmp_path, no_em, refused):
     good, bad = np.zeros((30, 30)), np.zeros((30, 30))
     bad[12, 3] = np.nan
     np.save(tmp_path / "m_0.npy", good)
     np.save(tmp_path / "m_1.npy", bad)
-    _refused(
-        tmp_path,
+    refused(
         r"m_1\.npy: the measurement has 1 non-finite",
         "ckpt=none",
         "measurement=file",
@@ -273,7 +261,7 @@ def test_non_finite_values_in_one_file_of_a_glob_name_that_file(tmp_path, no_em)
     )
 
 
-def test_an_initial_guess_on_the_0_255_scale_is_warned_of(tmp_path, capsys):
+def test_an_initial_guess_on_the_0_255_scale_is_warned_of(tmp_path, capsys, compose):
     with np.load(DIGITS) as f:
         raw = f["images"][1].astype(np.float64)  # grey levels 0-255
     np.save(tmp_path / "init255.npy", raw)
@@ -281,7 +269,7 @@ def test_an_initial_guess_on_the_0_255_scale_is_warned_of(tmp_path, capsys):
     common = ("measurement.index=1", "em.iterations=1", "compare=false")
     for name, warned in (("init1.npy", False), ("init255.npy", True)):
         over = ("em.init=file", f"em.init_file={tmp_path / name}")
-        rec.reconstruct(compose_rec(tmp_path / f"run_{name}", *common, *over))
+        reconstruct(compose("reconstruct", *common, *over, root=tmp_path / f"run_{name}"))
         err = capsys.readouterr().err
         assert ("warning: the initial guess (em.init=file) peaks at 255" in err) == warned, err
 
@@ -290,7 +278,7 @@ def test_an_initial_guess_on_the_0_255_scale_is_warned_of(tmp_path, capsys):
 # The figure shows both errors; failures that say what is wrong
 # ------------------------------------------------------------------------------------------------
 def test_reconstruction_png_titles_each_estimate_with_both_errors(
-    tmp_path, gauss_ckpt, monkeypatch
+    tmp_path, gauss_ckpt, monkeypatch, compose
 ):
     titles = []
     save = matplotlib.figure.Figure.savefig
@@ -300,8 +288,8 @@ def test_reconstruction_png_titles_each_estimate_with_both_errors(
         return save(fig, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
-    metrics = rec.reconstruct(
-        compose_rec(tmp_path, f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=3")
+    metrics = reconstruct(
+        compose("reconstruct", f"ckpt={gauss_ckpt}", *GAUSS, "em.iterations=3", root=tmp_path)
     )
     for variant in ("prior", "no_prior"):
         title = next(t for t in titles if t.startswith(variant.replace("_", " ") + "\n"))
@@ -309,12 +297,10 @@ def test_reconstruction_png_titles_each_estimate_with_both_errors(
         assert f"up to translation {metrics[f'error_shift/{variant}']:.3f}" in title
 
 
-def test_an_empty_or_malicious_checkpoint_says_why(tmp_path, no_em):
+def test_an_empty_or_malicious_checkpoint_says_why(tmp_path, no_em, compose, refused):
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
-    _refused(
-        tmp_path, r"not a readable checkpoint \(EOFError: the file is empty\)", f"ckpt={empty}"
-    )
+    refused(r"not a readable checkpoint \(EOFError: the file is empty\)", f"ckpt={empty}")
 
     class Evil:
         def __reduce__(self):
@@ -323,7 +309,7 @@ def test_an_empty_or_malicious_checkpoint_says_why(tmp_path, no_em):
     evil = tmp_path / "evil.ckpt"
     torch.save({"hyper_parameters": Evil(), "state_dict": {}}, evil)
     with pytest.raises(ValueError, match="not a readable checkpoint") as err:
-        rec.reconstruct(compose_rec(tmp_path, f"ckpt={evil}"))
+        reconstruct(compose("reconstruct", f"ckpt={evil}", root=tmp_path))
     assert "unsupported GLOBAL" in str(err.value)  # the real reason, kept
     assert "weights_only` set to `False`" not in str(err.value)  # not torch's advice
 
@@ -353,35 +339,56 @@ def test_python_m_mtd_writes_the_truth(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "truth.npy"), expected)
 
 
-def test_user_errors_config_parses(tmp_path):
-    # The helpers name the dotted key and the value whatever the type in the config.
-    cfg = OmegaConf.create({"a": {"b": "7", "c": 2.5, "d": True}})
-    assert run_checks.integer(cfg, "a.b", 1) == 7
-    for key in ("a.c", "a.d"):
-        with pytest.raises(ValueError, match=f"{key} must be an integer"):
-            run_checks.integer(cfg, key)
+@dataclass
+class Inner:  # (a config node for the reader's test)
+    n: int = field(default=1, metadata=config.at_least(1))
+    threshold: float | Literal["noise", "auto"] | None = "noise"
 
 
-def test_a_threshold_is_a_named_rule_null_or_a_finite_number():
-    # One parser for reconstruct.py's picking.threshold and pick.py's threshold.
-    cfg = OmegaConf.create({"p": {"none": None, "rule": "auto", "n": 0, "s": "-1.5"}})
-    named = ("noise", "auto")
-    assert run_checks.threshold(cfg, "p.none", named) == "noise"
-    assert run_checks.threshold(cfg, "p.rule", named) == "auto"
-    assert run_checks.threshold(cfg, "p.n") == 0.0 and run_checks.threshold(cfg, "p.s") == -1.5
-    for value in (True, "high", float("inf"), "auto"):
-        cfg.p.bad = value
-        with pytest.raises(ValueError, match=r"p.bad must be a number, 'noise' or null, got "):
-            run_checks.threshold(cfg, "p.bad")
+@dataclass
+class Outer:
+    inner: Inner
+    names: list[str] = field(default_factory=list)
+
+
+def test_a_value_of_the_wrong_type_is_refused_naming_its_key_and_what_is_allowed():
+    # One reader for every command's config: integers written as 2.0 are integers, 2.5 is not,
+    # true is no number; the message names the dotted key, the value and what is allowed.
+    node = OmegaConf.create({"inner": {"n": "7", "threshold": None}, "names": ["a"]})
+    got = config.read(Outer, node)
+    assert got.inner.n == 7 and got.inner.threshold is None and got.names == ["a"]
+    assert config.read(Outer, OmegaConf.create({"inner": {"n": 2.0}})).inner.n == 2
+    cases = [
+        ({"n": 2.5}, "inner.n must be an integer, got 2.5"),
+        ({"n": True}, "inner.n must be an integer, got True"),
+        ({"n": 0}, "inner.n must be an integer >= 1, got 0"),
+        ({"threshold": "high"}, "inner.threshold must be a number, 'noise', 'auto' or null, got"),
+    ]
+    for inner, match in cases:
+        with pytest.raises(ValueError, match=match):
+            config.read(Outer, OmegaConf.create({"inner": inner}))
+    with pytest.raises(ValueError, match=r"names must be a list of strings, got 3"):
+        config.read(Outer, OmegaConf.create({"inner": {}, "names": 3}))
+
+
+def test_a_wrong_type_is_refused_where_the_run_does_not_use_it(compose, no_em, refused):
+    # measurement.L is unused by a simulated run of a held-out digit; it is still checked.
+    refused("measurement.L must be an integer or null, got 'abc'", "measurement.L=abc")
+    refused(
+        "picking.threshold must be a number, 'noise' or 'auto', got 'high'",
+        "picking.threshold=high",
+    )
 
 
 @pytest.mark.parametrize(("fraction", "warned"), [(0.1, True), (0.45, True), (0.5, False)])
 def test_stochastic_em_on_too_few_patches_per_iteration_is_warned_of(
-    tmp_path, no_em, capsys, fraction, warned
+    tmp_path, no_em, capsys, fraction, warned, compose
 ):
     # The default measurement: N = 308, L = 28, so 121 patches; 0.1 draws 12, 0.45 54, 0.5 60.
     with pytest.raises(AssertionError, match="EM started"):  # the warning comes before EM
-        rec.reconstruct(compose_rec(tmp_path, f"em.stochastic={fraction}", "em.polish=10"))
+        reconstruct(
+            compose("reconstruct", f"em.stochastic={fraction}", "em.polish=10", root=tmp_path)
+        )
     err = capsys.readouterr().err
     assert ("patches per iteration; below 60 (stochastic_min_patches)" in err) == warned, err
     if fraction == 0.1:
@@ -404,16 +411,15 @@ def test_stochastic_em_on_too_few_patches_per_iteration_is_warned_of(
         (["measurement.fb_coefficients=40"], r"n must be an integer in 1\.\.\d+"),
     ],
 )
-def test_a_steerable_run_with_an_impossible_basis_is_refused(tmp_path, no_em, overrides, match):
+def test_a_steerable_run_with_an_impossible_basis_is_refused(no_em, overrides, match, refused):
     base = ["experiment=steerable_paper", "measurement.N=100"]
     lam = ["em.group.selection=lambda", "em.group.radius=null"]  # (the lambda-ordered basis)
-    _refused(tmp_path, match, *base, *(lam if "em.group" in overrides[0] else []), *overrides)
+    refused(match, *base, *(lam if "em.group" in overrides[0] else []), *overrides)
 
 
-def test_a_steerable_run_refuses_an_initial_image_of_another_size(tmp_path, no_em):
+def test_a_steerable_run_refuses_an_initial_image_of_another_size(tmp_path, no_em, refused):
     np.save(tmp_path / "init.npy", np.ones((6, 6)))
-    _refused(
-        tmp_path,
+    refused(
         "em.init=file gives 6-pixel images, the EM needs L = 5",
         "experiment=steerable_paper",
         "measurement.N=100",

@@ -1,16 +1,18 @@
-"""W&B for both entry points: offline without credentials (never a prompt); reconstruction runs.
+"""W&B for the commands: offline without credentials (never a prompt); reconstruction runs.
 
-``train.py`` calls ``wandb_mode_for`` before Lightning's ``WandbLogger`` starts. ``reconstruct.py``
-checks its logger first (``check_reconstruction_logger``), starts its own run when the inputs are
-good (``start_reconstruction``) and logs each EM iteration through ``em_logger``. ``wandb``
-itself is imported only when a run starts (it is slow to import).
+``tasks.train`` calls ``wandb_mode_for`` before Lightning's ``WandbLogger`` starts. A
+reconstruction checks its logger first (``check_reconstruction_logger``), opens its run when the
+inputs are good (``reconstruction_run``: the start, Ctrl-C and the finish written once) and logs
+each EM iteration through ``em_logger``. ``wandb`` itself is imported only when a run starts (it
+is slow to import).
 """
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +108,37 @@ def start_reconstruction(cfg: DictConfig, tags: list[str], name: str | None = No
     return run
 
 
+@contextlib.contextmanager
+def reconstruction_run(
+    cfg: DictConfig, tags: list[str], name: str, active: bool = True
+) -> Iterator:
+    """A W&B run around a reconstruction's work (``start_reconstruction``; None without a logger,
+    or where ``active`` is false: the processes of a distributed run other than rank 0).
+
+    The run is finished whatever happens: as failed when the work raises (``crashed`` in its
+    summary), as interrupted on Ctrl-C (exit code 130, ``interrupted``), so that ``wandb sync``
+    and the dashboard tell such runs from finished ones.
+    """
+    run = start_reconstruction(cfg, tags, name) if active else None
+    exit_code = 1
+    try:
+        yield run
+        exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 130
+        raise
+    finally:
+        if run is not None:
+            if exit_code:
+                run.summary["interrupted" if exit_code == 130 else "crashed"] = True
+            run.finish(exit_code=exit_code)
+
+
 def _image(x: torch.Tensor) -> np.ndarray:
-    """An (L, L) image as uint8 grey levels scaled to its own range."""
-    x = x.detach().cpu().double().numpy()
+    """An (L, L) image as uint8 grey levels scaled to its own range (a volume: its central
+    slice along axis 0)."""
+    x = x.detach().cpu().double()
+    x = (x[x.shape[0] // 2] if x.ndim == 3 else x).numpy()
     lo, hi = x.min(), x.max()
     return np.uint8(255 * (x - lo) / (hi - lo if hi > lo else 1.0))
 
@@ -165,7 +195,7 @@ def log_results(run, out: Path, estimates: dict, truth, crop) -> None:
 
     Args:
         run: the W&B run.
-        out: the run directory, its files written (``mtd.io.outputs.write_outputs``).
+        out: the run directory, its files written (``mtd.io.write_outputs``).
         estimates: {variant: (L, L) estimate}.
         truth: (L, L) true image, or None.
         crop: (n, n) crop of the measurement around a copy, or None.

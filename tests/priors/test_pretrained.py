@@ -10,7 +10,7 @@ import torch
 
 from priors.prior import AnalyticGaussianPrior, ScorePrior, score_error
 
-PRETRAINED = Path(__file__).resolve().parents[1] / "priors" / "pretrained"
+PRETRAINED = Path(__file__).resolve().parents[2] / "priors" / "pretrained"
 
 
 # The README's figures (relative L2 error of the score on 10,000 samples of x_t, seed 0), each

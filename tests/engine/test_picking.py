@@ -10,7 +10,7 @@ import torch
 
 import mtd
 from mtd import picking
-from tests import reference as ref
+from tests.reference import equations as ref
 
 
 def planted(F: np.ndarray, N: int, corners, ks, sigma: float, seed: int) -> np.ndarray:
@@ -474,16 +474,6 @@ def test_bad_input_is_refused_before_work():
         picking.template_match(M, mtd.Rotations(L, 4), np.ones((L, L)))
 
 
-def compose_pick(tmp_path, *overrides):
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    root = Path(__file__).resolve().parents[1]
-    with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
-        return compose("pick", overrides=[f"paths.output_dir={tmp_path / 'out'}", *overrides])
-
-
 @pytest.fixture
 def small_case(tmp_path):
     """A micrograph file of a 5 x 5 image's rot90 copies, the image, and a STAR of the truth."""
@@ -504,16 +494,13 @@ def small_case(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["posterior", "posterior combine=nms", "template"])
-def test_pick_py_writes_the_star_of_the_planted_centres(small_case, method):
-    import pick as entry
+def test_pick_py_writes_the_star_of_the_planted_centres(small_case, method, compose):
+    from tasks.pick import pick
 
     d, centres = small_case
     method, *more = method.split()
-    cfg = compose_pick(
-        d, f"micrograph={d / 'M.npy'}", f"estimate={d / 'F.npy'}", f"method={method}",
-        f"truth={d / 'truth.star'}", "min_distance=3", *more,
-    )  # fmt: skip
-    metrics = entry.pick(cfg)
+    cfg = compose("pick", f"micrograph={d / 'M.npy'}", f"estimate={d / 'F.npy'}", f"method={method}", f"truth={d / 'truth.star'}", "min_distance=3", *more, root=d)  # fmt: skip
+    metrics = pick(cfg)
     assert metrics["f1"] == 1.0 and metrics["ap"] == 1.0
     table = mtd.io.read_star(d / "out" / "picks.star")
     got = np.stack([table["rlnCoordinateY"], table["rlnCoordinateX"]], 1)
@@ -522,8 +509,8 @@ def test_pick_py_writes_the_star_of_the_planted_centres(small_case, method):
     assert (d / "out" / "summary.json").exists()
 
 
-def test_pick_py_bad_input_fails_before_writing(small_case):
-    import pick as entry
+def test_pick_py_bad_input_fails_before_writing(small_case, compose):
+    from tasks.pick import pick
 
     d, _ = small_case
     np.save(d / "F4.npy", np.ones((4, 4)))
@@ -535,13 +522,13 @@ def test_pick_py_bad_input_fails_before_writing(small_case):
         (["star=nowhere/picks.star"], "does not exist"),
         (["method=magic"], "method must be one of"),
         (["combine=vote"], "combine must be one of"),
-        (["threshold=high"], "threshold must be a number, 'noise' or null, got 'high'"),
+        (["threshold=high"], "threshold must be a number, 'noise' or 'auto', got 'high'"),
         (["noise_draws=0"], "noise_draws must be an integer >= 1, got 0"),
     ]
     for extra, message in cases:
-        cfg = compose_pick(d, *base, *extra)
+        cfg = compose("pick", *base, *extra, root=d)
         with pytest.raises(ValueError, match=message):
-            entry.pick(cfg)
+            pick(cfg)
         assert not list((d / "out").glob("*.star")) and not (d / "out" / "summary.json").exists()
 
 

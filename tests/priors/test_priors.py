@@ -1,4 +1,4 @@
-"""The VP-SDE, the losses, the priors and the training entry point (train.py)."""
+"""The VP-SDE, the losses, the priors and the training task (tasks.train, python train.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from priors.losses import dsm_loss, ism_loss
 from priors.module import ScoreModule
@@ -17,7 +16,7 @@ from priors.nets import MLP, PaperUNet, ScoreAdapter, UNet, build_net
 from priors.prior import AnalyticGaussianPrior, ScorePrior, export_ema, score_error
 from priors.sde import VPSDE, sample
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,55 +328,39 @@ def write_mnist_idx(root: Path, digits: torch.Tensor) -> np.ndarray:
     return images
 
 
-def compose_train(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(
-            "train",
-            overrides=[
-                f"paths.output_dir={tmp_path}",
-                f"paths.data_dir={tmp_path / 'data'}",
-                "trainer=cpu",
-                "trainer.log_every_n_steps=1",  # the tests' runs are a few batches long
-                "logger=none",
-                "data.num_workers=0",
-                *overrides,
-            ],
-        )
-
-
-def test_config_composition_picks_the_network_from_the_data():
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        assert compose("train", overrides=["data=mnist"]).model.net.name == "unet"
-        gauss = compose("train", overrides=["data=gaussian"])
-        assert gauss.model.net.name == "mlp" and gauss.model.loss == "ism"
-        paper = compose("train", overrides=["experiment=paper_mnist_prior"])
-        assert paper.model.net.name == "unet_paper" and paper.dataset == "mnist"
-        with pytest.raises(Exception, match="no_such_key"):
-            compose("train", overrides=["data.no_such_key=1"])
+def test_config_composition_picks_the_network_from_the_data(compose):
+    assert compose("train", "data=mnist", bare=True).model.net.name == "unet"
+    gauss = compose("train", "data=gaussian", bare=True)
+    assert gauss.model.net.name == "mlp" and gauss.model.loss == "ism"
+    paper = compose("train", "experiment=paper_mnist_prior", bare=True)
+    assert paper.model.net.name == "unet_paper" and paper.dataset == "mnist"
+    with pytest.raises(Exception, match="no_such_key"):
+        compose("train", "data.no_such_key=1", bare=True)
 
 
 @pytest.mark.parametrize("data", ["mnist", "gaussian"])
-def test_fast_dev_run(tmp_path, digits, data):
-    import train
+def test_fast_dev_run(tmp_path, digits, data, compose):
+    from tasks.train import train
 
     write_mnist_idx(tmp_path / "data", digits)
-    cfg = compose_train(
-        tmp_path,
+    cfg = compose(
+        "train",
         f"data={data}",
         "debug=fdr",
         "data.download=false" if data == "mnist" else "data.n_train=64",
+        root=tmp_path,
     )
-    metrics, objects = train.train(cfg)
+    metrics, objects = train(cfg)
     assert math.isfinite(metrics["train/loss"])
     assert objects["trainer"].global_step == 1
 
 
-def short_mnist_run(tmp_path, digits, *overrides):
-    import train
+def short_mnist_run(compose, tmp_path, digits, *overrides):
+    from tasks.train import train
 
     write_mnist_idx(tmp_path / "data", digits)
-    cfg = compose_train(
-        tmp_path,
+    cfg = compose(
+        "train",
         "data=mnist",
         "data.download=false",
         "data.batch_size=8",
@@ -387,12 +370,13 @@ def short_mnist_run(tmp_path, digits, *overrides):
         "model.sample_steps=3",
         "trainer.max_epochs=2",
         *overrides,
+        root=tmp_path,
     )
-    return train.train(cfg)
+    return train(cfg)
 
 
-def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, digits):
-    metrics, objects = short_mnist_run(tmp_path, digits)
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, digits, compose):
+    metrics, objects = short_mnist_run(compose, tmp_path, digits)
     ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
     assert (tmp_path / "checkpoints" / "last.ckpt") in ckpts and all(
         "=" not in p.name for p in ckpts
@@ -417,8 +401,8 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_prior(tmp_path, dig
     assert (tmp_path / "samples" / "epoch_001.png").is_file()
 
 
-def test_held_out_targets_never_reach_training(tmp_path, digits):
-    _, objects = short_mnist_run(tmp_path, digits, "trainer.max_epochs=1")
+def test_held_out_targets_never_reach_training(tmp_path, digits, compose):
+    _, objects = short_mnist_run(compose, tmp_path, digits, "trainer.max_epochs=1")
     dm = objects["datamodule"]
     held = dm.images[dm.meta()["held_out"]].flatten(1)
     seen = torch.cat(
@@ -429,13 +413,14 @@ def test_held_out_targets_never_reach_training(tmp_path, digits):
     assert not (torch.cdist(seen, held) < 1e-6).any()
 
 
-def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, digits):
+def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path, digits, compose):
     _, first = short_mnist_run(
-        tmp_path, digits, "trainer.max_epochs=1", "model.sample_every_n_epochs=0"
+        compose, tmp_path, digits, "trainer.max_epochs=1", "model.sample_every_n_epochs=0"
     )
     steps = first["trainer"].global_step
     last = tmp_path / "checkpoints" / "last.ckpt"
     _, second = short_mnist_run(
+        compose,
         tmp_path,
         digits,
         "trainer.max_epochs=2",
@@ -457,16 +442,16 @@ def test_bad_checkpoints_are_refused(tmp_path):
 
 
 def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, compose
 ):
-    import train
+    from tasks.train import train
 
     for var in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose_train(
-        tmp_path,
+    cfg = compose(
+        "train",
         "data=gaussian",
         "data.n_train=64",
         "data.n_val=16",
@@ -474,8 +459,9 @@ def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=1",
         "+trainer.limit_val_batches=1",
+        root=tmp_path,
     )
-    train.train(cfg)
+    train(cfg)
     out = capsys.readouterr().out
     assert "wandb sync" in out and out.count("W&B:") == 1
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -483,20 +469,21 @@ def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(
 
 
 @pytest.mark.slow
-def test_training_the_gaussian_prior_reaches_the_analytic_score(tmp_path):
+def test_training_the_gaussian_prior_reaches_the_analytic_score(tmp_path, compose):
     """The README's gaussian_ism.ckpt recipe, end to end (about 6 minutes on one core)."""
-    import train
+    from tasks.train import train
 
-    cfg = compose_train(
-        tmp_path,
+    cfg = compose(
+        "train",
         "data=gaussian",
         "data.n_train=1000000",
         "data.batch_size=1000",
         "+trainer.limit_train_batches=100",
         "trainer.max_epochs=150",
         "trainer.check_val_every_n_epoch=10",
+        root=tmp_path,
     )
-    train.train(cfg)
+    train(cfg)
     prior = ScorePrior.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     mu = torch.tensor(prior.meta["mu"]).reshape(5, 5)
 

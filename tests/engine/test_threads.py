@@ -107,7 +107,7 @@ def test_default_threads_is_torchs_default_at_import():
         "import torch, mtd.em.threads as t; d = torch.get_num_threads(); torch.set_num_threads(1); "
         "print(d, t.DEFAULT_THREADS, t.threads_for(t.PARALLEL_WORK, 'cpu'))"
     )
-    env = {"OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {"OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )

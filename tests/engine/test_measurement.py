@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mtd
-from tests import reference as ref
+from tests.reference import equations as ref
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from scipy import special
 
 import mtd
-from tests import reference as ref
+from tests.reference import equations as ref
 
 
 @pytest.mark.parametrize("L", [5, 6, 11])
