@@ -48,16 +48,16 @@ def M(name, file, old, new, *tests):
     return Mutation(name, file, old, new, tests)
 
 
-CLAIMS = "tests/test_claims.py"
-EXACT = "tests/test_exact.py"
-SIM = "tests/test_simulator.py"
-RECON = "tests/test_claims_reconstruct.py"
+CLAIMS = "tests/reference/test_claims.py"
+EXACT = "tests/reference/test_exact.py"
+SIM = "tests/engine/test_simulator.py"
+RECON = "tests/reference/test_claims_reconstruct.py"
 
 MUTATIONS = [
     # ---- the six bugs of issue 16 ---------------------------------------------------------------
     M(
         "empty-mask-off-by-one",
-        "mtd/estep.py",
+        "mtd/em/statistics.py",
         "empty[L, :] = empty[:, L] = True",
         "empty[L - 1, :] = empty[:, L - 1] = True",
         f"{CLAIMS}::test_empty_mass_is_one_on_blank_patches_and_zero_on_patches_holding_a_copy",
@@ -65,9 +65,9 @@ MUTATIONS = [
     ),
     M(
         "snr-formula",
-        "mtd/measurement.py",
-        "sigma = math.sqrt(energy / (snr * L * L))",
-        "sigma = math.sqrt(energy / (L * L)) / snr",
+        "mtd/forward/measurement.py",
+        "sigma = math.sqrt(model.energy(copies) / (snr * L * L))",
+        "sigma = math.sqrt(model.energy(copies) / (L * L)) / snr",
         f"{SIM}::test_snr_is_the_ratio_of_image_power_to_noise_power",
     ),
     M(
@@ -75,11 +75,11 @@ MUTATIONS = [
         "priors/module.py",
         "e.lerp_(p, 1 - decay)",
         "e.copy_(p)",
-        "tests/test_priors.py::test_ema_is_the_exponential_moving_average_of_the_trained_weights",
+        "tests/priors/test_priors.py::test_ema_is_the_exponential_moving_average_of_the_trained_weights",
     ),
     M(
         "anneal-reversed",
-        "mtd/msteps.py",
+        "mtd/em/msteps.py",
         "self.anneal_from ** (1 - u) * level**u",
         "self.anneal_from**u * level ** (1 - u)",
         f"{CLAIMS}::test_denoiser_noise_is_sigma_over_root_coverage_annealed_geometrically_from_above",
@@ -87,14 +87,14 @@ MUTATIONS = [
     ),
     M(
         "sigma-at-old-estimate",
-        "mtd/em.py",
+        "mtd/em/loop.py",
         "self.residual(stats, x_new)",
         "self.residual(stats, x)",
         f"{EXACT}::test_sigma_estimate_maximises_q_at_the_new_estimate",
     ),
     M(
         "restart-prior-sign",
-        "mtd/em.py",
+        "mtd/em/loop.py",
         "score += gamma * self.log_prior(prior, res.estimate)",
         "score -= gamma * self.log_prior(prior, res.estimate)",
         f"{CLAIMS}::test_restarts_with_a_prior_rank_by_loglik_plus_gamma_log_prior",
@@ -102,7 +102,7 @@ MUTATIONS = [
     # ---- the engine -----------------------------------------------------------------------------
     M(
         "rho-normalised-by-DK",
-        "mtd/em.py",
+        "mtd/em/loop.py",
         "rho = stats.omega.sum(0) / stats.D",
         "rho = stats.omega.sum(0) / (stats.D * self.K)",
         f"{EXACT}::test_reference_iteration_matches_engine",
@@ -110,118 +110,118 @@ MUTATIONS = [
     ),
     M(
         "rotation-clockwise",
-        "mtd/rotations.py",
+        "mtd/groups/rotations.py",
         "    sy = cos * y + sin * x + c\n    sx = -sin * y + cos * x + c",
         "    sy = cos * y - sin * x + c\n    sx = sin * y + cos * x + c",
         f"{CLAIMS}::test_rotation_turns_about_the_centre_counter_clockwise",
     ),
     M(
         "rotation-centre",
-        "mtd/rotations.py",
+        "mtd/groups/rotations.py",
         "    c = (L - 1) / 2\n    i, j = torch.meshgrid(",
         "    c = L / 2\n    i, j = torch.meshgrid(",
         f"{CLAIMS}::test_rotation_turns_about_the_centre_counter_clockwise",
     ),
     M(
         "rotation-drops-last-row",  # the fill: the last row and column read as outside
-        "mtd/rotations.py",
+        "mtd/groups/rotations.py",
         "inside = (ys >= 0) & (ys <= L - 1) & (xs >= 0) & (xs <= L - 1)",
         "inside = (ys >= 0) & (ys < L - 1) & (xs >= 0) & (xs < L - 1)",
         f"{CLAIMS}::test_rotation_turns_about_the_centre_counter_clockwise",
     ),
     M(
         "dihedral-not-mirrored",
-        "mtd/rotations.py",
+        "mtd/groups/rotations.py",
         "mirrored = index - col + (L - 1 - col)",
         "mirrored = index",
         f"{EXACT}::test_dihedral_e_step_and_m_step_equal_brute_force",
     ),
     M(
         "coverage-box-off-by-one",
-        "mtd/estep.py",
+        "mtd/em/statistics.py",
         "rows = ext.unfold(1, L, 1)[:, :L].sum(-1)",
         "rows = ext.unfold(1, L, 1)[:, 1 : L + 1].sum(-1)",
         f"{EXACT}::test_e_step_statistics_equal_brute_force",
     ),
     M(
         "loglik-normaliser-per-patch",
-        "mtd/estep.py",
+        "mtd/em/estep.py",
         "norm = -0.5 * L * L * math.log(2 * math.pi * sigma2)",
         "norm = -0.5 * math.log(2 * math.pi * sigma2)",
         f"{EXACT}::test_e_step_statistics_equal_brute_force",
     ),
     M(
         "stochastic-unscaled",
-        "mtd/estep.py",
+        "mtd/em/estep.py",
         "scale = 1.0 if subset is None else data.D / len(subset)",
         "scale = 1.0",
-        "tests/test_scale.py::test_stochastic_statistics_are_the_subset_sums_scaled_to_all_patches",
+        "tests/engine/test_scale.py::test_stochastic_statistics_are_the_subset_sums_scaled_to_all_patches",
     ),
     M(
         "linear-gamma-over-T",
-        "mtd/msteps.py",
+        "mtd/em/msteps.py",
         "self.max * min(tau / (T - 1), 1.0)",
         "self.max * min(tau / T, 1.0)",
         f"{EXACT}::test_m_steps_and_rho_equal_brute_force",
     ),
     M(
         "gradient-prior-sign",
-        "mtd/msteps.py",
-        "direction = direction + gamma * _image_prior(prior, x_new, self.prior_t)",
-        "direction = direction - gamma * _image_prior(prior, x_new, self.prior_t)",
+        "mtd/em/msteps.py",
+        "direction = direction + gamma * prior_gradient(",
+        "direction = direction - gamma * prior_gradient(",
         f"{EXACT}::test_one_gradient_iteration_is_eq_18",
     ),
     M(
         "denoise-blend-swapped",
-        "mtd/msteps.py",
+        "mtd/em/msteps.py",
         "return (1 - gamma) * x_ml + gamma * denoised, info",
         "return gamma * x_ml + (1 - gamma) * denoised, info",
-        "tests/test_em.py::test_denoise_m_step_is_the_map_step_for_a_gaussian_prior_with_uniform_coverage",
+        "tests/engine/test_em.py::test_denoise_m_step_is_the_map_step_for_a_gaussian_prior_with_uniform_coverage",
     ),
     M(
         "denoise-noise-is-variance",
-        "mtd/msteps.py",
+        "mtd/em/msteps.py",
         "level = self.noise_scale * math.sqrt(sigma2 / max(mean_coverage, 1e-12))",
         "level = self.noise_scale * sigma2 / max(mean_coverage, 1e-12)",
         f"{CLAIMS}::test_denoiser_noise_is_sigma_over_root_coverage_annealed_geometrically_from_above",
     ),
     M(
         "log-prior-weights-doubled",
-        "mtd/em.py",
+        "mtd/em/loop.py",
         "zip((u + 1) / 2, wq / 2, strict=True)",
         "zip((u + 1) / 2, wq, strict=True)",
-        "tests/test_em.py::test_log_prior_integrates_the_score",
+        "tests/engine/test_em.py::test_log_prior_integrates_the_score",
         f"{CLAIMS}::test_restarts_with_a_prior_rank_by_loglik_plus_gamma_log_prior",
     ),
     M(
         "relative-error-normaliser",
-        "mtd/metrics.py",
+        "mtd/metrics/images.py",
         "return torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(truth)",
         "return torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(\n"
         "        candidates.reshape(len(candidates), -1), dim=1\n    )",
-        "tests/test_measurement.py::test_relative_error_is_rotation_invariant_and_optionally_shift_invariant",
+        "tests/engine/test_measurement.py::test_relative_error_is_rotation_invariant_and_optionally_shift_invariant",
     ),
     # ---- the simulator --------------------------------------------------------------------------
     M(
         "block-lse-no-rescale",
-        "mtd/estep.py",
+        "mtd/em/estep.py",
         "total = total * (top - new).exp()",
         "total = total * 1",
         f"{EXACT}::test_template_blocks_equal_brute_force",
     ),
     M(
         "workers-merge-overwrites",
-        "mtd/estep.py",
+        "mtd/em/statistics.py",
         "                m += t",
         "                m.copy_(t)",
-        "tests/test_scale.py::test_workers_share_the_chunks_and_sum_to_the_serial_statistics",
+        "tests/engine/test_scale.py::test_workers_share_the_chunks_and_sum_to_the_serial_statistics",
     ),
     M(
         "steerable-rotation-clockwise",
-        "mtd/steerable.py",
+        "mtd/groups/fourier_bessel.py",
         "out[:, cos_rows, sin_rows] = -sin[:, sin_rows]  # a' = a cos - b sin",
         "out[:, cos_rows, sin_rows] = sin[:, sin_rows]  # a' = a cos - b sin",
-        "tests/test_steerable.py::test_rotation_of_coefficients_is_the_analytic_rotation_at_every_angle",
+        "tests/engine/test_steerable.py::test_rotation_of_coefficients_is_the_analytic_rotation_at_every_angle",
     ),
     M(
         "posterior-mean-noise-in-measurement-units",
@@ -232,14 +232,14 @@ MUTATIONS = [
     ),
     M(
         "well-separation-gap",
-        "mtd/measurement.py",
+        "mtd/forward/measurement.py",
         'gap = 2 * L - 1 if separation == "well" else L',
         'gap = 2 * L - 2 if separation == "well" else L',
-        "tests/test_measurement.py::test_plants_exactly_p_copies_with_the_separation_rule",
+        "tests/engine/test_measurement.py::test_plants_exactly_p_copies_with_the_separation_rule",
     ),
     M(
         "mirror-after-rotation",
-        "mtd/measurement.py",
+        "mtd/forward/images.py",
         "flipped = _copies(mirror(image), angles, K, rotation, basis=basis)",
         "flipped = mirror(_copies(image, angles, K, rotation, basis=basis))",
         f"{SIM}::test_copies_are_planted_at_the_returned_positions_and_angles",
@@ -250,14 +250,14 @@ MUTATIONS = [
         "priors/prior.py",
         "return (x + (self.scale * s) ** 2 * self.score(x, t)) / a",
         "return (x + self.scale * s * self.score(x, t)) / a",
-        "tests/test_priors.py::test_tweedie_denoiser_of_the_gaussian_prior",
+        "tests/priors/test_priors.py::test_tweedie_denoiser_of_the_gaussian_prior",
     ),
     M(
         "posterior-mean-unscaled",
         "priors/prior.py",
         "return self.denoise(float(self.sde.alpha(t)) * y, t)",
         "return self.denoise(y, t)",
-        "tests/test_priors.py::test_posterior_mean_at_a_noise_level_is_the_gaussian_closed_form",
+        "tests/priors/test_priors.py::test_posterior_mean_at_a_noise_level_is_the_gaussian_closed_form",
     ),
     M(
         "score-units-once",
@@ -278,7 +278,7 @@ MUTATIONS = [
         "priors/losses.py",
         "residual = std * net(mean + std * z, t) + z",
         "residual = std * net(mean + std * z, t) - z",
-        "tests/test_priors.py::test_dsm_loss_at_exact_score_is_its_analytic_minimum",
+        "tests/priors/test_priors.py::test_dsm_loss_at_exact_score_is_its_analytic_minimum",
     ),
     M(
         "hutchinson-without-probe",
@@ -301,26 +301,42 @@ MUTATIONS = [
         "f = f - G**2 * self.score(x, t)",
         f"{CLAIMS}::test_reverse_sde_and_probability_flow_ode_carry_noise_to_the_data",
     ),
-    # ---- reconstruct.py and its W&B run ---------------------------------------------------------
+    # ---- the seams of the layout: the groups' poses, the typed config ---------------------------
+    M(
+        "dihedral-poses-not-mirrored",
+        "mtd/groups/rotations.py",
+        "return Poses(angles=2 * math.pi * (k % r) / r, mirrored=k >= r)",
+        "return Poses(angles=2 * math.pi * (k % r) / r, mirrored=k < 0)",
+        "tests/engine/test_picking.py::test_mirrored_copies_and_float32",
+    ),
+    M(
+        "config-integer-accepts-fractions",
+        "tasks/config.py",
+        "if not math.isfinite(number) or number != int(number):",
+        "if not math.isfinite(number):",
+        "tests/tasks/test_user_errors.py::"
+        "test_a_value_of_the_wrong_type_is_refused_naming_its_key_and_what_is_allowed",
+    ),
+    # ---- the reconstruction and its W&B run -------------------------------------------------------
     M(
         "wandb-group-is-the-task",
-        "wandb_setup.py",
+        "tasks/tracking.py",
         "group=cfg.group,",
         "group=cfg.task_name,",
         f"{RECON}::test_wandb_run_group_tags_keys_and_summary",
     ),
     M(
         "target-path-first-image",
-        "reconstruct.py",
+        "tasks/inputs.py",
         'return stack[m.index], f"{m.target}[{m.index}]"',
         'return stack[0], f"{m.target}[{m.index}]"',
         f"{RECON}::test_measurement_target_path_is_the_simulated_truth",
     ),
     M(
         "prior-samples-unseeded",
-        "reconstruct.py",
-        "x = prior.sample(R, int(cfg.seed))",
-        "x = prior.sample(R, 0)",
+        "tasks/inputs.py",
+        "prior.sample(R, s.seed)",
+        "prior.sample(R, 0)",
         f"{RECON}::test_init_prior_samples_are_reverse_sde_draws_of_the_prior",
     ),
 ]
