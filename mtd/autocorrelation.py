@@ -451,23 +451,7 @@ def fit(
         ``FitResult``.
     """
     t0 = time.perf_counter()
-    if sigma is not None and not (
-        isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0
-    ):
-        raise ValueError(f"sigma must be a finite number > 0 (or None to fit it), got {sigma!r}")
-    for name, value in (
-        ("starts", starts),
-        ("iterations", iterations),
-        ("history_size", history_size),
-    ):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not (math.isfinite(init_gamma) and init_gamma > 0):
-        raise ValueError(f"init_gamma must be a finite number > 0, got {init_gamma!r}")
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-    if int(tensor_limit) != tensor_limit or tensor_limit < 0:
-        raise ValueError(f"tensor_limit must be an integer >= 0, got {tensor_limit!r}")
+    _check_fit(sigma, starts, iterations, history_size, init_gamma, tolerance, tensor_limit)
     _weights(weights, [1, 1, 1], 1.0)  # checked before the pass over the data
     rotation_angles(basis, angles)
     if isinstance(micrographs, Autocorrelations):
@@ -478,38 +462,11 @@ def fit(
         ac = autocorrelations(micrographs, basis.L, device=device)
     device = ac.a2.device if device is None else torch.device(device)
     f64 = dict(dtype=torch.float64, device=device)
-    a = [ac.a1.reshape(1).to(**f64), ac.a2.to(**f64), ac.a3.to(**f64)]
-    b = [torch.zeros(1, **f64), ac.bias2.to(**f64), ac.bias3.to(**f64)]
-    if sigma is not None:  # data corrected for the bias; the model has none
-        a = [x - sigma**2 * y for x, y in zip(a, b, strict=True)]
-    power = float(ac.a2[0])  # mean square of M: the scale of the noise moments
-    w = _weights(weights, [len(x) for x in a], max(power, 1e-300)).to(**f64)
-    norm = sum(float(wk * (x * x).sum()) for wk, x in zip(w, a, strict=True)) or 1.0
-    w = w / norm  # misfit relative to the data's weighted size: tolerances are dimensionless
+    a, b, w = _fit_data(ac, sigma, weights, f64)
     moments, moments_vjp = moment_map(basis, angles, tensor_limit, device)
     fit_sigma = sigma is None
     n = basis.n
-
-    def fun(x):
-        """The misfit sum_k w_k ||g m_k(alpha) (+ s2 b_k) - a_k||^2 at x = (alpha, log g
-        [, log s2]) and its gradient (the chain rule through the moments' adjoint)."""
-        x = torch.as_tensor(x, **f64)
-        alpha, g = x[:n], x[n].exp()
-        s2 = x[n + 1].exp() if fit_sigma else None
-        m, vjp = moments_vjp(alpha)
-        r = [
-            g * mk + (s2 * bk if fit_sigma else 0.0) - ak
-            for mk, ak, bk in zip(m, a, b, strict=True)
-        ]
-        value = float(sum(wk * rk.square().sum() for wk, rk in zip(w, r, strict=True)))
-        if not math.isfinite(value):  # a step too far: L-BFGS-B backtracks
-            return math.inf, np.zeros(len(x))
-        wr = [2 * wk * rk for wk, rk in zip(w, r, strict=True)]
-        grad = [g * vjp(wr), g * sum((mk * q).sum() for mk, q in zip(m, wr, strict=True))[None]]
-        if fit_sigma:
-            grad.append(s2 * sum((bk * q).sum() for bk, q in zip(b, wr, strict=True))[None])
-        return value, torch.cat(grad).cpu().numpy()
-
+    fun = _misfit(a, b, w, moments_vjp, n, fit_sigma, f64)
     rng = np.random.default_rng(seed)
     grid = torch.logspace(-3, 3, 241, **f64)
     best, results = None, []
@@ -549,6 +506,65 @@ def fit(
         int(starts),
         torch.tensor(results, dtype=torch.float64),
     )
+
+
+def _check_fit(sigma, starts, iterations, history_size, init_gamma, tolerance, tensor_limit):
+    if sigma is not None and not (
+        isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0
+    ):
+        raise ValueError(f"sigma must be a finite number > 0 (or None to fit it), got {sigma!r}")
+    for name, value in (
+        ("starts", starts),
+        ("iterations", iterations),
+        ("history_size", history_size),
+    ):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (math.isfinite(init_gamma) and init_gamma > 0):
+        raise ValueError(f"init_gamma must be a finite number > 0, got {init_gamma!r}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if int(tensor_limit) != tensor_limit or tensor_limit < 0:
+        raise ValueError(f"tensor_limit must be an integer >= 0, got {tensor_limit!r}")
+
+
+def _fit_data(ac: Autocorrelations, sigma, weights, f64: dict):
+    """The fit's data a_k (corrected for the noise bias when sigma is given), the bias
+    coefficients b_k and the orders' weights w_k, relative to the data's weighted size (so that
+    tolerances are dimensionless)."""
+    a = [ac.a1.reshape(1).to(**f64), ac.a2.to(**f64), ac.a3.to(**f64)]
+    b = [torch.zeros(1, **f64), ac.bias2.to(**f64), ac.bias3.to(**f64)]
+    if sigma is not None:  # data corrected for the bias; the model has none
+        a = [x - sigma**2 * y for x, y in zip(a, b, strict=True)]
+    power = float(ac.a2[0])  # mean square of M: the scale of the noise moments
+    w = _weights(weights, [len(x) for x in a], max(power, 1e-300)).to(**f64)
+    norm = sum(float(wk * (x * x).sum()) for wk, x in zip(w, a, strict=True)) or 1.0
+    return a, b, w / norm
+
+
+def _misfit(a, b, w, moments_vjp, n: int, fit_sigma: bool, f64: dict):
+    """The misfit sum_k w_k ||g m_k(alpha) (+ s2 b_k) - a_k||^2 at x = (alpha, log g
+    [, log s2]) and its gradient (the chain rule through the moments' adjoint), for scipy."""
+
+    def fun(x):
+        x = torch.as_tensor(x, **f64)
+        alpha, g = x[:n], x[n].exp()
+        s2 = x[n + 1].exp() if fit_sigma else None
+        m, vjp = moments_vjp(alpha)
+        r = [
+            g * mk + (s2 * bk if fit_sigma else 0.0) - ak
+            for mk, ak, bk in zip(m, a, b, strict=True)
+        ]
+        value = float(sum(wk * rk.square().sum() for wk, rk in zip(w, r, strict=True)))
+        if not math.isfinite(value):  # a step too far: L-BFGS-B backtracks
+            return math.inf, np.zeros(len(x))
+        wr = [2 * wk * rk for wk, rk in zip(w, r, strict=True)]
+        grad = [g * vjp(wr), g * sum((mk * q).sum() for mk, q in zip(m, wr, strict=True))[None]]
+        if fit_sigma:
+            grad.append(s2 * sum((bk * q).sum() for bk, q in zip(b, wr, strict=True))[None])
+        return value, torch.cat(grad).cpu().numpy()
+
+    return fun
 
 
 def _scale_start(m, a, b, w, grid, fit_sigma: bool, init_gamma: float):

@@ -22,7 +22,7 @@ import torch
 from mtd.em.estep import Compute, EStep, Patches
 from mtd.em.msteps import ClosedForm, MStep, closed_form, grad_q, residual
 from mtd.em.statistics import PatchSummaries, Statistics, empty_shifts
-from mtd.groups.base import TransformSet
+from mtd.groups.base import TransformSet, check_group
 from mtd.metrics import relative_error
 
 Prior = Callable[[torch.Tensor, float], torch.Tensor]
@@ -151,10 +151,7 @@ class ApproximateEM(torch.nn.Module):
             raise ValueError(
                 f"dtype must be a floating torch dtype (float32, float64), got {dtype!r}"
             )
-        if not isinstance(group, TransformSet):
-            raise ValueError(
-                f"group must be an mtd TransformSet (e.g. mtd.Rotations(L, K)), got {group!r}"
-            )
+        check_group(group)
         if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(
                 f"sigma must be > 0 and finite (or None to estimate it), got {sigma!r}"

@@ -178,6 +178,15 @@ class TransformSet(torch.nn.Module, metaclass=abc.ABCMeta):
         return f"L={self.L}, K={self.K}"
 
 
+def check_group(group) -> TransformSet:
+    """``group`` if it is a ``TransformSet``, else an error saying what is expected."""
+    if not isinstance(group, TransformSet):
+        raise ValueError(
+            f"group must be an mtd TransformSet (e.g. mtd.Rotations(L, K)), got {group!r}"
+        )
+    return group
+
+
 def solve_normal(A: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Solve the dense normal equations A x' = rhs; entries A (almost) does not reach keep x.
 

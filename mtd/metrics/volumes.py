@@ -330,6 +330,48 @@ def align_volume(
     t = as_volume(truth, "truth")
     E = as_volume(estimate, "estimate", like=t)
     L = t.shape[0]
+    _check_alignment(L, max_shift, shift_steps, n_starts, order, chunk, blur)
+    if rotations is None:
+        rotations = hopf_grid(grid_resolution)[0]
+    rotations = torch.as_tensor(rotations).to(device=t.device, dtype=torch.float64)
+    if rotations.ndim != 3 or rotations.shape[1:] != (3, 3) or rotations.shape[0] == 0:
+        raise ValueError(f"rotations must be (n, 3, 3) with n >= 1, got {tuple(rotations.shape)}")
+    M = ball_mask(L, mask_radius, device=t.device)
+    W = M * M
+    truth_sq = float((W * t * t).sum())
+    if truth_sq == 0:
+        raise ValueError("truth is zero inside the mask: the relative error is undefined")
+    tb, Eb = gaussian_blur(t, blur), gaussian_blur(E, blur)  # the coarse stage's volumes
+    tb_sq = float((W * tb * tb).sum())
+    flips = (False, True) if mirror else (False,)
+    if start is None:  # 1. the grid search on the blurred volumes
+        search = (tb, Eb, W, tb_sq, rotations, flips, max_shift, shift_steps, n_starts, chunk)
+        grid_sq, best = _grid_search(*search)
+    else:
+        grid_sq, flips = None, (bool(start.mirror),)
+        R_start = torch.as_tensor(start.rotation).to(device=t.device, dtype=torch.float64)
+        best = [(None, bool(start.mirror), R_start, tuple(float(v) for v in start.shift))]
+    # 2. the local refinement of each start
+    coarse = blur > 0 and start is None
+    flip, R, s = _refine(t, E, tb, Eb, W, best, flips, coarse, order, max_shift, refine)
+    aligned = transform_volume(mirror_volume(E) if flip else E, R, s, order)
+    # the reported error is recomputed from the returned volume, not taken from the search
+    err = float(torch.sqrt((W * (aligned - t) ** 2).sum() / truth_sq))
+    radius = L / 2 if mask_radius is None else mask_radius
+    info = {"n_rotations": len(rotations), "max_shift": max_shift, "blur": blur, "order": order}
+    return VolumeAlignment(
+        aligned=aligned,
+        rotation=R,
+        mirror=bool(flip),
+        shift=tuple(float(v) for v in s),
+        error=err,
+        grid_error=None if grid_sq is None else math.sqrt(max(grid_sq, 0.0) / tb_sq),
+        mask=f"ball |p| <= {radius:g} voxels",
+        info=info,
+    )
+
+
+def _check_alignment(L, max_shift, shift_steps, n_starts, order, chunk, blur) -> None:
     if not isinstance(max_shift, int) or not 0 <= max_shift < L:
         raise ValueError(f"max_shift must be an integer in [0, L) = [0, {L}), got {max_shift!r}")
     if not isinstance(shift_steps, int) or shift_steps < 1:
@@ -342,34 +384,27 @@ def align_volume(
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
     if not (isinstance(blur, int | float) and 0 <= blur <= L):
         raise ValueError(f"blur must be a number in [0, L] (voxels), got {blur!r}")
-    if rotations is None:
-        rotations = hopf_grid(grid_resolution)[0]
-    rotations = torch.as_tensor(rotations).to(device=t.device, dtype=torch.float64)
-    if rotations.ndim != 3 or rotations.shape[1:] != (3, 3) or rotations.shape[0] == 0:
-        raise ValueError(f"rotations must be (n, 3, 3) with n >= 1, got {tuple(rotations.shape)}")
-    M = ball_mask(L, mask_radius, device=t.device)
-    W = M * M
-    truth_sq = float((W * t * t).sum())
-    if truth_sq == 0:
-        raise ValueError("truth is zero inside the mask: the relative error is undefined")
-    tb, Eb = gaussian_blur(t, blur), gaussian_blur(E, blur)  # the coarse stage's volumes
-    m = max_shift
+
+
+def _grid_search(tb, Eb, W, tb_sq, rotations, flips, m, shift_steps, n_starts, chunk):
+    """The best shift of every (mirror, grid rotation) of the blurred volumes, by FFT
+    correlations (``_shift_errors``).
+
+    Returns:
+        (the best squared error, the ``n_starts`` best (error, mirror, R, shift) of each hand).
+    """
+    L = tb.shape[0]
     N = _padded_size(L, m)
     truth_wf = torch.fft.fftn(W * tb, s=(N, N, N))
     weight_f = torch.fft.fftn(W, s=(N, N, N))
     n_lag = 2 * m * shift_steps + 1
-    lags = torch.linspace(-m, m, n_lag, dtype=torch.float64, device=t.device)
-
-    tb_sq = float((W * tb * tb).sum())
-
-    # 1. grid search on the blurred volumes, best shift per (mirror, rotation)
-    flips = (False, True) if mirror else (False,)
+    lags = torch.linspace(-m, m, n_lag, dtype=torch.float64, device=tb.device)
     best = []  # (squared error, mirror, rotation, shift)
     volumes = [mirror_volume(Eb) if flip else Eb for flip in flips]
-    for first in range(0 if start is None else len(rotations), len(rotations), chunk):
+    for first in range(0, len(rotations), chunk):
         # mtd.so3.rotate_volume's trilinear tables, built once for both the estimate and its mirror
         index, weight = trilinear_table(L, rotations[first : first + chunk].cpu())
-        index, weight = index.to(t.device), weight.to(t.device)
+        index, weight = index.to(tb.device), weight.to(tb.device)
         for flip, Em in zip(flips, volumes, strict=True):
             C = (Em.reshape(-1)[index] * weight).sum(-1).reshape(-1, L, L, L)
             err = _shift_errors(truth_wf, weight_f, tb_sq, C, lags).reshape(len(C), -1)
@@ -381,19 +416,19 @@ def align_volume(
     # the n_starts best of each hand: a volume near a mirror symmetry (the Shepp-Logan phantom is
     # one up to its small features) looks alike in both once blurred, and the sharp refinement
     # tells them apart only if both are refined
-    if start is None:
-        best.sort(key=lambda b: b[0])
-        grid_sq = best[0][0]
-        best = [b for flip in flips for b in [b for b in best if b[1] == flip][:n_starts]]
-    else:
-        grid_sq, flips = None, (bool(start.mirror),)
-        R_start = torch.as_tensor(start.rotation).to(device=t.device, dtype=torch.float64)
-        best = [(None, bool(start.mirror), R_start, tuple(float(v) for v in start.shift))]
+    best.sort(key=lambda b: b[0])
+    return best[0][0], [b for flip in flips for b in [b for b in best if b[1] == flip][:n_starts]]
 
-    # 2. local refinement of (w, s), R = exp([w]_x) R0, from each start: first on the blurred
-    # volumes, then on the volumes as they are; the objective is the masked squared error of the
-    # ``order`` interpolation, and a start's refined point is kept only when it beats the start
-    # itself on the sharp measure
+
+def _refine(t, E, tb, Eb, W, best, flips, coarse, order, m, refine):
+    """The local refinement of (w, s), R = exp([w]_x) R0, from each start: first on the blurred
+    volumes (``coarse``), then on the volumes as they are; the objective is the masked squared
+    error of the ``order`` interpolation, and a start's refined point is kept only when it beats
+    the start itself on the sharp measure.
+
+    Returns:
+        (mirror, R, s) of the best.
+    """
     from scipy.optimize import minimize
 
     def objective(x, Em, R0, target, coef):
@@ -407,7 +442,6 @@ def align_volume(
         vol = mirror_volume(vol) if flip else vol
         return vol, target, (spline_coefficients(vol) if order == 3 else None)
 
-    coarse = blur > 0 and start is None
     stages = {
         flip: ([stage(tb, Eb, flip)] if coarse else []) + [stage(t, E, flip)] for flip in flips
     }
@@ -427,22 +461,7 @@ def align_volume(
         if result is None or f0 < result[0]:
             x = torch.tensor(x, dtype=torch.float64, device=t.device)
             result = (f0, flip_b, axis_angle_to_matrix(x[:3]) @ R0, x[3:])
-
-    err_sq, flip, R, s = result
-    aligned = transform_volume(mirror_volume(E) if flip else E, R, s, order)
-    # the reported error is recomputed from the returned volume, not taken from the search
-    err = float(torch.sqrt((W * (aligned - t) ** 2).sum() / truth_sq))
-    radius = L / 2 if mask_radius is None else mask_radius
-    return VolumeAlignment(
-        aligned=aligned,
-        rotation=R,
-        mirror=bool(flip),
-        shift=tuple(float(v) for v in s),
-        error=err,
-        grid_error=None if grid_sq is None else math.sqrt(max(grid_sq, 0.0) / tb_sq),
-        mask=f"ball |p| <= {radius:g} voxels",
-        info={"n_rotations": len(rotations), "max_shift": m, "blur": blur, "order": order},
-    )
+    return result[1:]
 
 
 def volume_error(truth, estimate, mask_radius: float | None = None) -> float:
