@@ -3,7 +3,7 @@
 # make install  set up .venv only: python3 -m venv, then pip install -e ".[dev]"
 # make lint     ruff format --check and ruff check
 # make slow     the tests plus the slow ones
-# make gpu-check  scripts/gpu_check.sh, on a CUDA machine (README, "GPU check")
+# make gpu-check  scripts/gpu_check.sh, on a CUDA machine (docs/scale.md, "GPU check")
 # make gpu-wheels  here: the wheels that check installs there, offline, into .gpu-wheels/
 #
 # Nothing needs a virtual environment to be active: every command runs the venv's own python.

@@ -8,7 +8,7 @@
 #   pytest-gpu   python -m pytest -m gpu (tests/test_gpu.py: the engine's FFT and GEMM forms, a
 #                streamed file, NCCL all-reduce, the MNIST prior's score, reconstruct(cfg), each on
 #                the GPU against the CPU)
-#   main         python reconstruct.py logger=none device=cuda dtype=float32 (the README's job)
+#   main         python reconstruct.py logger=none device=cuda dtype=float32 (the main job)
 #   bench-em     python -m tests.benchmarks.bench_em --device cuda --dtype float32
 #   bench-scale  python -m tests.benchmarks.bench_scale --device cuda (skipped while it has no
 #                --device flag: on the CPU it would time the wrong machine)
@@ -17,7 +17,7 @@
 #                one-GPU machine runs one rank (Fabric's launch, NCCL's process group, the device
 #                placement) and the errors must equal the main job's; two GPUs run the all-reduce
 #                across processes, within 1e-3 of the main job. Two gloo processes against one
-#                are tests/test_scale.py's, on the CPU.
+#                are tests/engine/test_scale.py's, on the CPU.
 #
 # Output: ${OUT:-gpu_check_out}/ gets summary.txt (one line per step: PASS/FAIL/SKIP, seconds),
 # log.txt (everything printed), main_summary.json, main_reconstruction.png, ddp_summary.json;
@@ -52,7 +52,7 @@ setup() {
                 # Offline: the wheels of what the image lacks; everything else is the image's
                 # own. The project itself is not installed (building it would need the image's
                 # setuptools to be recent enough): every step runs from the repository root,
-                # where mtd and priors import as they are.
+                # where mtd, priors and tasks import as they are.
                 make install VENV="$VENV" SYSTEM_SITE=1 \
                     PIP_ARGS="--no-index --no-deps --find-links $WHEELS" \
                     INSTALL="$(echo "$WHEELS"/*.whl)"
