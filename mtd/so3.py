@@ -7,8 +7,8 @@ Conventions (shared with ``mtd.groups.projections`` and the volume metrics):
   at p = (i0 - c, i1 - c, i2 - c), c = (L - 1) / 2. Its support is the ball |p| <= L / 2.
 - A rotation R is a (3, 3) float64 orthogonal matrix with det +1 acting on coordinate vectors p in
   that axis order; the rotated volume is (R . V)(p) = V(R^T p).
-- The projection at R integrates (R . V) along axis 0 (``mtd.groups.projections``); image rows are axis 1,
-  columns axis 2. So the rotation by phi about axis 0,
+- The projection at R integrates (R . V) along axis 0 (``mtd.groups.tomography``); image rows
+  are axis 1, columns axis 2. So the rotation by phi about axis 0,
 
       R_phi = [[1, 0, 0], [0, cos phi, -sin phi], [0, sin phi, cos phi]],
 

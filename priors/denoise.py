@@ -345,7 +345,8 @@ def relative_error(clean: torch.Tensor, estimate: torch.Tensor) -> float:
     return float((estimate.to(clean) - clean).norm() / clean.norm())
 
 
-# The guidance weight of ``denoise_micrograph`` when an estimate is given (docs/benchmarks.md: the denoising sweep).
+# The guidance weight of ``denoise_micrograph`` when an estimate is given (the denoising sweep of
+# docs/benchmarks.md).
 GUIDED_LAMBDA = 0.25
 DEFAULT_CKPT = Path(__file__).resolve().parent / "pretrained" / "mnist_micrograph.ckpt"
 

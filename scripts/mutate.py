@@ -317,7 +317,7 @@ MUTATIONS = [
         "tests/tasks/test_user_errors.py::"
         "test_a_value_of_the_wrong_type_is_refused_naming_its_key_and_what_is_allowed",
     ),
-    # ---- the reconstruction and its W&B run -------------------------------------------------------
+    # ---- the reconstruction and its W&B run -----------------------------------------------------
     M(
         "wandb-group-is-the-task",
         "tasks/tracking.py",

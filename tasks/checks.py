@@ -89,11 +89,11 @@ def patch_count(source: MicrographSource, L: int) -> int:
 def check_stochastic(fraction: float, least: int, D: int) -> None:
     """Warn when stochastic EM draws fewer patches per iteration than ``stochastic_min_patches``.
 
-    Measured (docs/benchmarks.md): em=mnist at SNR 1 on 121 patches, 40 stochastic iterations and a polish
-    of 10, three targets: with 12, 24 or 36 patches per iteration the estimate with the prior ends
-    worse than its initial guess for some target (at 12: 1.11 and 1.25 against 0.78 and 0.82);
-    from 60 on every target ends below its initial guess, and from 85 on within 0.01 of EM on all
-    patches.
+    Measured (docs/benchmarks.md): em=mnist at SNR 1 on 121 patches, 40 stochastic iterations and
+    a polish of 10, three targets: with 12, 24 or 36 patches per iteration the estimate with the
+    prior ends worse than its initial guess for some target (at 12: 1.11 and 1.25 against 0.78
+    and 0.82); from 60 on every target ends below its initial guess, and from 85 on within 0.01
+    of EM on all patches.
     """
     if fraction == 1 or not 0 < fraction < 1:  # off, or refused with its message by mtd
         return

@@ -51,7 +51,7 @@ def _parts(tp) -> list[str]:
 
 
 def _describe(tp) -> str:
-    """How an error names what a type allows: "an integer or null", "a number, 'noise' or 'auto'"."""
+    """How an error names what a type allows ("an integer or null", "a number or 'noise')."""
     parts = _parts(tp)
     return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else parts[0]
 
@@ -163,5 +163,5 @@ def read(cls, node, prefix: str = ""):
 
 
 def at_least(low, **meta) -> dict:
-    """``field`` metadata: bounded below by ``low`` (``field(default=1, metadata=at_least(1))``)."""
+    """``field`` metadata bounded below by ``low``: ``field(default=1, metadata=at_least(1))``."""
     return {"min": low, **meta}

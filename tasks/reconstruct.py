@@ -360,7 +360,7 @@ def crop_for_logging(run: Run):
 
 
 def print_errors(metrics: dict, out) -> None:
-    """What ``python reconstruct.py`` prints: the errors of each variant, and where the files are."""
+    """What ``python reconstruct.py`` prints: each variant's errors, and where the files are."""
     for key, title in (("error", "relative error"), ("error_shift", "up to translation")):
         found = [
             f"{NAMES[v]} {metrics[f'{key}/{v}']:.4f}" for v in NAMES if f"{key}/{v}" in metrics

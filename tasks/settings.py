@@ -133,7 +133,7 @@ class Reconstruct:
 
 @dataclass
 class Pick:
-    """``configs/pick.yaml``'s own keys (its picking options, ``configs/picking/``, sit beside them)."""
+    """``configs/pick.yaml``'s own keys (its picking options, ``configs/picking/``, beside)."""
 
     micrograph: str | list[str]
     estimate: str
@@ -155,7 +155,7 @@ class Pick:
 
 @dataclass
 class Denoise:
-    """``configs/denoise.yaml``'s own keys (its denoising options, ``configs/denoising/``, beside)."""
+    """``configs/denoise.yaml``'s own keys (its options, ``configs/denoising/``, beside)."""
 
     micrograph: str
     sigma: float = field(metadata={"finite": True})

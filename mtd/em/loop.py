@@ -3,9 +3,10 @@
 The model (approximate-EM paper, eqs. 5-7; score-prior paper, eq. 9): every L x L patch of the
 measurement is ``M_m = C T_l Z T_k(x) + noise`` with an unknown shift l in {0..2L-1}^2 and
 template k of a ``TransformSet`` (the K rotations of an image, rotations and reflections, ...).
-The E-step (``mtd.em.estep``) streams the posterior of (l, k) for every patch (eq. 11 / 14) into the
-sufficient statistics of DESIGN section 4; the M-step (``mtd.em.msteps``) needs nothing else. This
-module runs the loop: restarts, rho (eq. 18), sigma, stochastic EM, the stopping rule.
+The E-step (``mtd.em.estep``) streams the posterior of (l, k) for every patch (eq. 11 / 14) into
+the sufficient statistics of docs/design.md, section 4; the M-step (``mtd.em.msteps``) needs
+nothing else. This module runs the loop: restarts, rho (eq. 18), sigma, stochastic EM, the
+stopping rule.
 """
 
 from __future__ import annotations

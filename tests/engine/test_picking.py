@@ -499,7 +499,10 @@ def test_pick_py_writes_the_star_of_the_planted_centres(small_case, method, comp
 
     d, centres = small_case
     method, *more = method.split()
-    cfg = compose("pick", f"micrograph={d / 'M.npy'}", f"estimate={d / 'F.npy'}", f"method={method}", f"truth={d / 'truth.star'}", "min_distance=3", *more, root=d)  # fmt: skip
+    cfg = compose(
+        "pick", f"micrograph={d / 'M.npy'}", f"estimate={d / 'F.npy'}", f"method={method}",
+        f"truth={d / 'truth.star'}", "min_distance=3", *more, root=d,
+    )  # fmt: skip
     metrics = pick(cfg)
     assert metrics["f1"] == 1.0 and metrics["ap"] == 1.0
     table = mtd.io.read_star(d / "out" / "picks.star")
@@ -534,8 +537,9 @@ def test_pick_py_bad_input_fails_before_writing(small_case, compose):
 
 @pytest.mark.slow
 def test_posterior_picking_of_volume_projections():
-    """Through the TransformSet seam only: the projections of a volume (mtd.groups.tomography), one pick
-    per planted projection at high SNR, template indices in the STAR where there is no angle."""
+    """Through the TransformSet seam only: the projections of a volume (mtd.groups.tomography), one
+    pick per planted projection at high SNR, template indices in the STAR where there is no
+    angle."""
     from mtd.forward.volumes import shepp_logan, simulate_volume
     from mtd.groups.tomography import projections
     from mtd.so3 import hopf_grid

@@ -1,8 +1,8 @@
 """The simulator against hand-made measurements: SNR, planted copies, and EM on data it never made.
 
 Every expected value here comes from NumPy (np.rot90, scipy's bilinear rotation in
-``tests.reference.rotate``, a placement written out by hand), never from ``mtd.forward.images``'s own
-rebuild (``Measurement.clean``) or its operators.
+``tests.reference.equations.rotate``, a placement written out by hand), never from the
+simulator's own rebuild (``Measurement.clean``) or its operators.
 """
 
 from __future__ import annotations

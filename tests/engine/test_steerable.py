@@ -1,4 +1,5 @@
-"""The steerable Fourier-Bessel basis and the E-step over its exact rotations (mtd.groups.fourier_bessel)."""
+"""The steerable Fourier-Bessel basis and the E-step over its exact rotations
+(mtd.groups.fourier_bessel)."""
 
 from __future__ import annotations
 

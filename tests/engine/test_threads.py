@@ -104,7 +104,8 @@ def test_default_threads_is_torchs_default_at_import():
     # A fresh interpreter with OMP_NUM_THREADS=2 starts torch at 2 threads; lowering the count
     # after importing mtd.em.threads does not change what it captured.
     code = (
-        "import torch, mtd.em.threads as t; d = torch.get_num_threads(); torch.set_num_threads(1); "
+        "import torch, mtd.em.threads as t; d = torch.get_num_threads(); "
+        "torch.set_num_threads(1); "
         "print(d, t.DEFAULT_THREADS, t.threads_for(t.PARALLEL_WORK, 'cpu'))"
     )
     env = {"OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

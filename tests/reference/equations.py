@@ -18,8 +18,8 @@ def rotate(F: np.ndarray, angle: float) -> np.ndarray:
     """Bilinear rotation about the centre, counter-clockwise (row axis pointing down).
 
     scipy's implementation (``scipy.ndimage.rotate``, order 1, zeros outside the image), not a
-    transcription of ``mtd.groups.rotations``: a convention error there (the centre, the direction, the
-    inverse map, the fill) is not repeated here. Its own convention is pinned by
+    transcription of ``mtd.groups.rotations``: a convention error there (the centre, the
+    direction, the inverse map, the fill) is not repeated here. Its own convention is pinned by
     tests/test_claims.py (an off-centre Gaussian blob turned by known angles, and np.rot90).
     """
     return ndimage.rotate(

@@ -1,6 +1,6 @@
-"""What the docs claim of the reconstruction (tasks.reconstruct), against behaviour (issue 16): the em=mnist schedule,
-the W&B run's group, tags and keys, em.init=prior_samples, measurement.target=PATH, and
-launcher=ddp through Fabric."""
+"""What the docs claim of the reconstruction (tasks.reconstruct), against behaviour (issue 16):
+the em=mnist schedule, the W&B run's group, tags and keys, em.init=prior_samples,
+measurement.target=PATH, and launcher=ddp through Fabric."""
 
 from __future__ import annotations
 

@@ -698,7 +698,10 @@ def test_pick_after_em_writes_one_star_row_per_copy(tmp_path, max_shift, compose
     # search for the estimate's frame) runs too.
     import starfile
 
-    cfg = compose("reconstruct", "ckpt=none", "measurement.snr=50", "em.iterations=5", "pick=true", f"max_shift={max_shift}", root=tmp_path)  # fmt: skip
+    cfg = compose(
+        "reconstruct", "ckpt=none", "measurement.snr=50", "em.iterations=5", "pick=true",
+        f"max_shift={max_shift}", root=tmp_path,
+    )  # fmt: skip
     metrics = reconstruct(cfg)
     assert metrics["pick/shift_accuracy"] == 1.0
     out = tmp_path / "out"
