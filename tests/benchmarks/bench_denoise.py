@@ -1,11 +1,11 @@
 """The micrograph denoiser against SNR: raw, unguided and guided PSNR, and what lambda does.
 
-    python tests/benchmarks/bench_denoise.py                       # the README table
-    python tests/benchmarks/bench_denoise.py --snr 3 0.5 --targets 0 --no-em
+    python -m tests.benchmarks.bench_denoise                       # the README table
+    python -m tests.benchmarks.bench_denoise --snr 3 0.5 --targets 0 --no-em
 
 For each SNR and held-out digit (``priors/pretrained/mnist.ckpt``'s targets, never seen by either
 prior) one micrograph is simulated (N = 11 L as the approximate-EM paper, density 0.1, K = 4 rot90
-rotations, seeded as ``bench_picking.py``; ``--rotation continuous`` for angles U[0, 2 pi),
+rotations, seeded as ``bench_picking``; ``--rotation continuous`` for angles U[0, 2 pi),
 which the EM's K = 4 rotations and the reference's K do not hold exactly) and the EM estimate
 is made as ``python reconstruct.py`` makes it (its default preset ``em=mnist``, sigma known).
 The micrograph is then denoised with ``priors/pretrained/mnist_micrograph.ckpt``
@@ -28,25 +28,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import mtd  # noqa: E402
-from priors.denoise import (  # noqa: E402
+import mtd
+from priors.denoise import (
     MicrographDenoiser,
     ReferenceDensity,
     expected_empty,
     psnr,
     relative_error,
 )
-from priors.prior import ScorePrior  # noqa: E402
+from priors.prior import ScorePrior
+from tasks import inputs  # (importing tasks registers the configs' ${project:...})
+from tasks.settings import reconstruct_settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose_reconstruct(overrides: list[str]):
@@ -56,17 +56,16 @@ def compose_reconstruct(overrides: list[str]):
         return compose("reconstruct", overrides=["logger=none", *overrides])
 
 
-def em_estimate(cfg, meas, prior, device) -> torch.Tensor:
-    """The EM estimate as reconstruct.py's configured prior run makes it, (L, L)."""
+def em_estimate(s, meas, prior, device) -> torch.Tensor:
+    """The EM estimate as reconstruct.py's configured prior run makes it, (L, L); ``s`` the
+    run's settings (``tasks.settings.reconstruct_settings``)."""
     import hydra
 
-    import reconstruct as rec
-
     L = meas.L
-    group = hydra.utils.instantiate(cfg.em.group)(L)
-    m_step = hydra.utils.instantiate(cfg.em.m_step)
-    em = rec.build_em(cfg, group, m_step, meas.sigma, device)
-    init = rec.initial_guess(cfg, L, prior, meas.image, group)
+    group = hydra.utils.instantiate(s.em.group)(L)
+    m_step = hydra.utils.instantiate(s.em.m_step)
+    em = inputs.build_em(s, group, m_step, meas.sigma, device)
+    init = inputs.initial_guess(s, L, prior, meas.image, group)
     return em.fit(em.prepare(meas.data), init, prior=prior).estimate
 
 
@@ -103,16 +102,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    from reconstruct import load_prior
-
-    cfg = compose_reconstruct([f"em={args.em}"])
-    em_prior = load_prior(cfg, device)
+    s = reconstruct_settings(compose_reconstruct([f"em={args.em}"]))
+    em_prior = inputs.load_prior(s, device)
     tiles = ScorePrior.from_checkpoint(args.ckpt)
     T = tiles.image_size
     rows, start_all = [], time.perf_counter()
     for snr in args.snr:
         for target in args.targets:
-            truth_img, where = em_prior.target(target, int(cfg.measurement.target_seed))
+            truth_img, where = em_prior.target(target, s.measurement.target_seed)
             L = truth_img.shape[-1]
             N = args.N or 11 * L
             seed = args.seed + 1000 * target + int(round(100 * math.log10(snr) + 500))
@@ -130,7 +127,7 @@ def main(argv=None):
             refs = {"oracle": meas.image}
             if not args.no_em:
                 t0 = time.perf_counter()
-                refs["em"] = em_estimate(cfg, meas, em_prior, device)
+                refs["em"] = em_estimate(s, meas, em_prior, device)
                 row["em_seconds"] = time.perf_counter() - t0
                 # up to a translation by 3 pixels, as reconstruct.py's error_shift (the reference
                 # density searches every shift, so a shifted estimate guides as well)

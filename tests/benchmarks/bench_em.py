@@ -9,10 +9,10 @@ Everything is measured in this one run, on the same inputs:
 
 - engine: one iteration = E-step (streamed statistics) + closed-form M-step + rho update, the
   median of several repeats, taken in turns with the two bare references below.
-- straightforward: ``tests/reference.iteration`` (NumPy, a Python loop over patches and shifts, as
-  research code does it), the median of three runs: on all patches for (a), on n and 2n patches
-  scaled to all D patches for (b); that it computes the engine's iteration is checked by
-  tests/test_exact.py.
+- straightforward: ``tests.reference.equations.iteration`` (NumPy, a Python loop over patches
+  and shifts, as research code does it), the median of three runs: on all patches for (a), on n
+  and 2n patches scaled to all D patches for (b); that it computes the engine's iteration is
+  checked by tests/reference/test_exact.py.
 - bare, two references, each the batched transforms alone (one call per chunk, nothing else):
   "FFT" is the plain rfft2 / irfft2 pair of the (D, K, 2L, 2L) correlations, what any FFT
   implementation of the iteration must run; "own" is the cheapest form of the transforms the
@@ -35,7 +35,7 @@ import mtd
 from mtd.em.likelihood import choose_method
 from tests.reference import equations as ref
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def timed(fns: dict, repeats: int, device="cpu", warm_up=True) -> dict:

@@ -55,7 +55,17 @@ ROOT = Path(__file__).resolve().parents[2]
 INIT_INDICES = (1, 3, 5, 7, 9, 11, 13, 15, 17, 19)  # em=mnist's init digits (configs/em)
 
 
-class SteerableImages(mtd.TransformSet):
+class ErrorOrbit(mtd.TransformSet):
+    """A group that only scores errors: ``mtd.relative_error`` minimises over its ``orbit``; no
+    engine fits with it, so it has no templates, adjoint, normal equations or poses."""
+
+    def _not_an_engine_group(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} only scores errors (its orbit)")
+
+    templates = adjoint = normal_solve = poses = _not_an_engine_group
+
+
+class SteerableImages(ErrorOrbit):
     """Band-limited pixel images under the exact rotations of a ``Steerable``'s fine angle grid.
 
     The pixel-space view of ``Steerable.orbit``, so that ``mtd.relative_error`` scores a steerable
@@ -72,7 +82,7 @@ class SteerableImages(mtd.TransformSet):
         return s.to_image(s.orbit(s.from_image(x)))
 
 
-class ShearRotations(mtd.TransformSet):
+class ShearRotations(ErrorOrbit):
     """Images rotated counter-clockwise by ``angles`` about ((L-1)/2, (L-1)/2), without smoothing.
 
     A quarter turn (``torch.rot90``, exact) brings the rest of the angle into [-pi/4, pi/4], which

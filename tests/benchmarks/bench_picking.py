@@ -1,7 +1,7 @@
 """Particle picking against SNR on simulated MNIST micrographs: F1, AUPRC and the paper's measures.
 
-    python tests/benchmarks/bench_picking.py                     # the README table
-    python tests/benchmarks/bench_picking.py --snr 10 1 0.1 --targets 0 --figure fig8.png
+    python -m tests.benchmarks.bench_picking                     # the README table
+    python -m tests.benchmarks.bench_picking --snr 10 1 0.1 --targets 0 --figure fig8.png
 
 For each SNR and held-out digit (``priors/pretrained/mnist.ckpt``'s targets, ``ScorePrior.target``)
 one micrograph is simulated (N = 22 L, density 0.1, K = 4 rot90 rotations, seeded) and the EM
@@ -32,18 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import mtd
+from mtd import picking
+from tasks import inputs  # (importing tasks registers the configs' ${project:...})
+from tasks.settings import reconstruct_settings
 
-import mtd  # noqa: E402
-from mtd import picking  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 PICKERS = (
     "tm_true", "tm_em", "post_em", "post_em_nms", "post_true",
@@ -58,19 +58,19 @@ def compose_reconstruct(overrides: list[str]):
         return compose("reconstruct", overrides=["logger=none", *overrides])
 
 
-def em_estimate(cfg, meas, prior, device):
-    """The EM estimate as reconstruct.py's configured prior run makes it."""
+def em_estimate(s, meas, prior, device, use_prior: bool = True):
+    """The EM estimate as reconstruct.py's configured prior run makes it; ``s`` the run's
+    settings (``tasks.settings.reconstruct_settings``), ``use_prior=False`` (the override
+    ``+em.use_prior=false``): EM without the prior."""
     import hydra
 
-    import reconstruct as rec
-
     L = meas.L
-    group = hydra.utils.instantiate(cfg.em.group)(L)
-    m_step = hydra.utils.instantiate(cfg.em.m_step)
-    em = rec.build_em(cfg, group, m_step, meas.sigma, device)
-    init = rec.initial_guess(cfg, L, prior, meas.image, group)
+    group = hydra.utils.instantiate(s.em.group)(L)
+    m_step = hydra.utils.instantiate(s.em.m_step)
+    em = inputs.build_em(s, group, m_step, meas.sigma, device)
+    init = inputs.initial_guess(s, L, prior, meas.image, group)
     patches = em.prepare(meas.data)
-    res = em.fit(patches, init, prior=prior if cfg.em.get("use_prior", True) else None)
+    res = em.fit(patches, init, prior=prior if use_prior else None)
     return em, patches, res
 
 
@@ -121,16 +121,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from reconstruct import load_prior
-
     device = torch.device("cpu")
     cfg = compose_reconstruct([f"em={args.em}", *args.override])
-    prior = load_prior(cfg, device)
+    s, use_prior = reconstruct_settings(cfg), cfg.em.get("use_prior", True)
+    prior = inputs.load_prior(s, device)
     denoise_fn = None if args.no_denoise else denoiser(args.denoise_ckpt)
     rows, start_all = [], time.perf_counter()
     for snr in args.snr:
         for target in args.targets:
-            truth_img, where = prior.target(target, int(cfg.measurement.target_seed))
+            truth_img, where = prior.target(target, s.measurement.target_seed)
             L = truth_img.shape[-1]
             N = args.N or 22 * L
             seed = args.seed + 1000 * target + int(round(100 * math.log10(snr) + 500))
@@ -138,7 +137,7 @@ def main(argv=None):
             truth = picking.truth_of(meas)
             group = mtd.Rotations(L, 4)
             t0 = time.perf_counter()
-            em, patches, res = em_estimate(cfg, meas, prior, device)
+            em, patches, res = em_estimate(s, meas, prior, device, use_prior)
             em_seconds = time.perf_counter() - t0
             error = mtd.relative_error(meas.image, res.estimate, group=group)
             shifted = mtd.relative_error(meas.image, res.estimate, max_shift=3, group=group)

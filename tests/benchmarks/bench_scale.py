@@ -14,7 +14,7 @@ of N x N noise (float32, written by this script), memory-mapped and streamed chu
   size (the memory-mapped file's pages count as resident once read);
 - the fitted slope of log(time) against log(N^2) (1.0: linear in the number of pixels);
 - the ratio to the straightforward NumPy implementation on L = 5, N = 1000, K = 8
-  (``tests/benchmarks/bench_em.py``'s measurement, same dtype).
+  (``tests.benchmarks.bench_em``'s measurement, same dtype).
 """
 
 from __future__ import annotations

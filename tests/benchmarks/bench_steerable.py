@@ -1,8 +1,8 @@
 """Seconds per EM iteration with exact continuous rotations: the engine against dense NumPy.
 
-    python tests/benchmarks/bench_steerable.py               # the approximate-EM paper's setting
-    python tests/benchmarks/bench_steerable.py --threads 1   # everything on one thread
-    python tests/benchmarks/bench_steerable.py --no-memory   # skip the peak-memory children
+    python -m tests.benchmarks.bench_steerable               # the approximate-EM paper's setting
+    python -m tests.benchmarks.bench_steerable --threads 1   # everything on one thread
+    python -m tests.benchmarks.bench_steerable --no-memory   # skip the peak-memory children
 
 The setting is the approximate-EM paper's (Section 3): L = 5, the image's first n = 10
 Fourier-Bessel coefficients (``mtd.FBBasis(5, n=10)``), N = 1000 (D = 40000 patches), density
@@ -50,14 +50,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+import mtd
+from tests.benchmarks.external import import_package
+
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import mtd  # noqa: E402
 
 try:  # to pin NumPy's BLAS with --threads (numpy-gemm); optional
     from threadpoolctl import threadpool_limits
@@ -205,9 +204,8 @@ def paper_iteration(root: str, case: dict):
 
     if not hasattr(scipy.sparse.csr_matrix, "H"):
         scipy.sparse.csr_matrix.H = property(lambda self: self.conj().T)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from Utils import EM_funcs as E  # the paper's code
+    import_package("Utils", root)  # the paper's code (a folder of modules, not installed)
+    from Utils import EM_funcs as E
     from Utils.fb_funcs import expand_fb
 
     L, K = case["L"], case["K"]
@@ -321,12 +319,13 @@ def peak_child(args, which: str) -> int | None:
     """Peak resident bytes of one ``which`` iteration above its process's size after setup."""
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "tests.benchmarks.bench_steerable",
         "--memory-child",
         which,
         *_case_args(args),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         print(f"  (peak memory of {which} not measured: {out.stderr.strip()[-200:]})")
         return None

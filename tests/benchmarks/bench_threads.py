@@ -1,4 +1,4 @@
-"""Intra-op threads of the E-step: 1 thread, 2 threads and mtd.em.threads' policy, quiet and loaded.
+"""Intra-op threads of the E-step: 1 thread, 2 threads and mtd.em.threads' policy, quiet, loaded.
 
     python -m tests.benchmarks.bench_threads                 # the two cases of issue 11
     python -m tests.benchmarks.bench_threads --sweep         # chunk sizes: places PARALLEL_WORK

@@ -4,9 +4,9 @@
     python -m tests.benchmarks.bench_versions --base 0409806 --rounds 7 --cases a b --repeats 5
 
 The base commit is checked out with ``git worktree add --detach`` into a temporary folder (removed
-at the end; the working tree here is not touched) and compared with this working tree ("new").
-Each round runs, for every case, one fresh process per version (the version's tree first on
-sys.path, so ``import mtd`` is that version's), the order of the two alternating from round to
+at the end; the working tree here is not touched) and compared with this working tree ("new"). Each
+round runs, for every case, one fresh process per version (``mtd`` imported from the version's
+tree: ``tests.benchmarks.external.import_package``), the order of the two alternating from round to
 round so that neither always runs second (warm caches, a load spike of the shared machine). A
 process times one case: seconds per iteration (E-step + closed-form M-step + rho update, as
 ``bench_em.engine_iteration``), the median of ``--repeats`` (by case: ``REPEATS``) after one
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from tests.benchmarks.bench_scale import write_noise
+from tests.benchmarks.external import import_package
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,13 +52,12 @@ REPEATS = {"a": 5, "b": 3, "c": 2}
 
 
 def measure(tree: str, case: str, repeats: int, npy: str | None, threads: int | None) -> dict:
-    """Runs in the child process, with ``tree`` first on sys.path: time one case's iteration.
+    """Runs in the child process, with ``mtd`` imported from ``tree``: time one case's iteration.
 
     ``threads``: None leaves torch's default (and the new engine its own policy); an integer pins
     both versions' intra-op threads to it (set before mtd is imported; the new engine's
     ``Compute(threads=...)`` where it has one).
     """
-    sys.path.insert(0, tree)
     import dataclasses
 
     import numpy as np
@@ -65,7 +65,7 @@ def measure(tree: str, case: str, repeats: int, npy: str | None, threads: int | 
 
     if threads is not None:
         torch.set_num_threads(threads)
-    import mtd
+    mtd = import_package("mtd", tree)
 
     if not Path(mtd.__file__).resolve().is_relative_to(Path(tree).resolve()):
         raise RuntimeError(f"imported mtd from {mtd.__file__}, not from {tree}")
@@ -133,10 +133,9 @@ def measure(tree: str, case: str, repeats: int, npy: str | None, threads: int | 
 def run_child(tree: Path, case: str, repeats: int, npy: Path, threads: int | None) -> dict:
     spec = {"tree": str(tree), "case": case, "repeats": repeats, "npy": str(npy)}
     spec = json.dumps({**spec, "threads": threads})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec]
-    # The script's own folder is sys.path[0] in the child (no package import of tests), and the
-    # version's tree is inserted before it: `import mtd` is that version's.
-    r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "tests.benchmarks.bench_versions", "--child", spec]
+    # The child imports nothing of mtd before ``measure`` imports the version's from its tree.
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"{tree.name} case {case} failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
