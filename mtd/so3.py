@@ -13,7 +13,7 @@ Conventions (shared with ``mtd.groups.projections`` and the volume metrics):
       R_phi = [[1, 0, 0], [0, cos phi, -sin phi], [0, sin phi, cos phi]],
 
   turns the projection by phi counter-clockwise like ``mtd.rotate`` / ``torch.rot90`` (row axis
-  pointing down): P(R_phi . V) = rotate(P V, phi) (tests/test_volume.py).
+  pointing down): P(R_phi . V) = rotate(P V, phi) (tests/engine/test_volume.py).
 
 RELION's Euler angles (rlnAngleRot, rlnAngleTilt, rlnAnglePsi, degrees, ZYZ). RELION's matrix
 A(rot, tilt, psi) = Rz(psi)^T Ry(tilt)^T Rz(rot)^T acts on (x, y, z) with x the image column, y the

@@ -143,7 +143,7 @@ def read(cls, node, prefix: str = ""):
     values = {}
     for f in dataclasses.fields(cls):
         key = prefix + f.name
-        if f.name not in node:
+        if f.name not in (node.keys() if hasattr(node, "keys") else node):  # (??? is present)
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"{key} is missing from the config")
             continue

@@ -31,8 +31,10 @@ def _share(value: float, key: str, closed: bool = True) -> float:
 def denoise(cfg: DictConfig) -> dict:
     """Run the configured denoising; write its outputs. Returns the summary."""
     s, d = denoise_settings(cfg)  # everything that can be wrong is checked before the work
-    source = Path(s.micrograph)
-    micrograph = mtd.open_micrograph(source)  # memory-mapped: read tile by tile
+    micrographs = mtd.MicrographSource(s.micrograph, key="micrograph")
+    if len(micrographs) != 1:
+        raise ValueError(f"micrograph: denoise.py takes one micrograph, got {len(micrographs)}")
+    source, micrograph = Path(micrographs.names[0]), micrographs[0]  # memory-mapped: by tile
     if not s.sigma > 0:
         raise ValueError(f"sigma must be a finite number > 0, got {s.sigma!r}")
     guidance = _share(d.guidance, "guidance")
@@ -79,8 +81,8 @@ def denoise(cfg: DictConfig) -> dict:
     summary = {
         "micrograph": str(source),
         "shape": list(micrograph.shape),
-        "sigma": s.sigma,
-        "guidance": guidance,
+        "sigma": float(s.sigma),
+        "guidance": float(guidance),
         "diffusion_time": denoiser.t,
         "tile": T,
         "seconds": seconds,

@@ -53,7 +53,6 @@ class Run:
     rank: int
     inputs: inputs.Inputs
     group: mtd.TransformSet
-    prior: object
     score: object
     ems: dict
     refine: tuple | None
@@ -108,6 +107,7 @@ def reconstruct(cfg: DictConfig, out_dir=None) -> dict:
 def prepare(cfg: DictConfig, out_dir) -> Run:
     """The settings, inputs, group, engines and initial guesses, every check made."""
     s = reconstruct_settings(cfg)
+    check_settings(s)
     out = Path(out_dir if out_dir is not None else cfg.paths.output_dir)
     check_run_dir(out)
     device, comm, rank = inputs.resolve_device(s.device), None, 0
@@ -127,11 +127,6 @@ def prepare(cfg: DictConfig, out_dir) -> Run:
             f"the checkpoint {s.ckpt} is a prior of {prior.image_size} x {prior.image_size} "
             f"images; the measurement's L is {data.L}{stands}"
         )
-    if s.denoise and s.object == "volume" and s.denoising.guidance > 0:
-        raise ValueError(
-            "denoise=true guides the denoiser by an image estimate: a volume has none (set "
-            "denoising.guidance=0)"
-        )
     ems, refine = engines(s, group, data, device)
     if "prior" in ems:  # before the long pass over the data
         ems["prior"].m_step.check_prior(score)
@@ -142,9 +137,7 @@ def prepare(cfg: DictConfig, out_dir) -> Run:
     init = inputs.initial_guess(s, data.L, prior, data.truth, group, ac)
     check_scale(group.to_image(init), data.source, f"em.init={s.em.init}")
     truth = None if data.truth is None else group.from_image(data.truth)
-    run = Run(
-        s, cfg, out, device, comm, rank, data, group, prior, score, ems, refine, init, truth, ac
-    )
+    run = Run(s, cfg, out, device, comm, rank, data, group, score, ems, refine, init, truth, ac)
     if truth is not None and not group.costly_nearest:  # (checks the truth's shape early)
         run.metrics["error/init"] = min(mtd.relative_error(truth, x, group=group) for x in init)
     if s.autocorrelation:  # the baseline, its eq. (19) error
@@ -153,6 +146,34 @@ def prepare(cfg: DictConfig, out_dir) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         mtd.io.check_star_path(out / "picks.star")
     return run
+
+
+def check_settings(s: Reconstruct) -> None:
+    """What the settings alone can tell is wrong, before a prior is loaded or data simulated."""
+    if s.object == "volume" and not is_none(s.ckpt):
+        raise ValueError(
+            f"object=volume runs without a prior (ckpt=none; no 3-D prior yet), got ckpt={s.ckpt}"
+        )
+    if s.pick and s.picking.threshold == "auto":
+        raise ValueError(
+            "picking.threshold=auto is template matching's (pick.py method=template); posterior "
+            "picking after EM takes a number, noise or null"
+        )
+    if s.denoise and s.object == "volume" and s.denoising.guidance > 0:
+        raise ValueError(
+            "denoise=true guides the denoiser by an image estimate: a volume has none (set "
+            "denoising.guidance=0)"
+        )
+    if s.em.refine_K is not None:
+        if "K" not in s.em.group:  # (a volume's grid is its resolution, refined by its schedule)
+            raise ValueError(
+                f"em.refine_K refines a grid of K rotations; em.group ({s.em.name}) has no K"
+            )
+        if s.em.refine_K <= s.em.K:
+            raise ValueError(
+                f"em.refine_K must be a finer grid than em.K = {s.em.K}, got {s.em.refine_K} "
+                "(null: no refinement)"
+            )
 
 
 def engines(s: Reconstruct, group, data, device) -> tuple[dict, tuple | None]:
@@ -165,15 +186,6 @@ def engines(s: Reconstruct, group, data, device) -> tuple[dict, tuple | None]:
     ems = {v: inputs.build_em(s, group, m_steps[v], data.sigma, device) for v in variants}
     refine = None  # (the finer group, its iterations, its K)
     if s.em.refine_K is not None:
-        if "K" not in s.em.group:  # (a volume's grid is its resolution, refined by its schedule)
-            raise ValueError(
-                f"em.refine_K refines a grid of K rotations; em.group ({s.em.name}) has no K"
-            )
-        if s.em.refine_K <= s.em.K:
-            raise ValueError(
-                f"em.refine_K must be a finer grid than em.K = {s.em.K}, got {s.em.refine_K} "
-                "(null: no refinement)"
-            )
         fine = inputs.make_group(s, data.L, K=s.em.refine_K)
         refine = (fine, s.em.refine_iterations, s.em.refine_K)
     return ems, refine
@@ -198,8 +210,8 @@ def run_tags(run: Run) -> list[str]:
 
 
 def recorded_K(run: Run) -> int:
-    """The K a run records: em.K, or the grid's size where the group is not set by a K."""
-    return run.s.em.K if "K" in run.s.em.group else run.group.K
+    """The K a run records: the rotations its group searches (em.K; a volume's grid size)."""
+    return run.group.n_rotations
 
 
 def fit_variant(run: Run, v: str, patches, wandb_run) -> None:
@@ -267,7 +279,7 @@ def finish(run: Run, patches) -> None:
         "runs": run.records,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
     }
-    errors = {v: errors_of(run.metrics, v) for v in run.objects}
+    errors = {v: errors_of(run.metrics, v, run.group) for v in run.objects}
     curves = {v: sc.curve for v, sc in run.scores.items() if sc.curve is not None}
     mtd.io.write_outputs(
         run.out, run.objects, summary, run.inputs.source, run.group, truth=run.inputs.truth,
@@ -276,10 +288,10 @@ def finish(run: Run, patches) -> None:
     )  # fmt: skip
 
 
-def errors_of(metrics: dict, v: str):
+def errors_of(metrics: dict, v: str, group):
     """A variant's errors as the figure titles them: the error and, for images, up to a shift."""
     error = metrics.get(f"error/{v}")
-    if f"resolution_0.5/{v}" in metrics:  # a volume
+    if len(group.object_shape) == 3:
         return error
     return error, metrics.get(f"error_shift/{v}")
 
@@ -332,16 +344,18 @@ def with_progress(fit, total: int, variant: str, rank: int, log=None):
 class EMLog:
     """An EM callback for W&B: the estimate as the object it stands for (``group.to_image``; a
     volume's central slice is what the dashboard shows), and for a group whose errors are costly
-    (a volume's alignment) the error against the truth every ``every`` iterations."""
+    (a volume's alignment) the error against the truth every ``every`` iterations
+    (``mtd.metrics.ErrorCurve``: each alignment refined from the last)."""
 
     def __init__(self, log, group, truth, every: int = 0):
-        self.log, self.group, self.truth, self.every = log, group, truth, every
+        self.log, self.group, self.every = log, group, every
+        self.curve = None if truth is None or not every else mtd.metrics.ErrorCurve(group, truth)
 
     def __call__(self, entry: dict) -> None:
         x = entry["estimate"].detach()
         row = {**entry, "estimate": self.group.to_image(x)}
-        if self.truth is not None and self.every and entry["iteration"] % self.every == 0:
-            row["error"] = mtd.relative_error(self.truth, x, group=self.group)
+        if self.curve is not None and entry["iteration"] % self.every == 0:
+            row["error"] = self.curve(x)
         self.log(row)
 
     def final(self, entry: dict) -> None:

@@ -67,7 +67,7 @@ NOT_THE_EXPERIMENT = (
 )
 
 
-def checkpoint_identity(cfg: dict, summary: dict) -> dict:
+def recorded_checkpoint(cfg: dict, summary: dict) -> dict:
     """Which prior a run used: its path and, where recorded (or still on disk), size and hash."""
     if "checkpoint" in summary:  # recorded by reconstruct.py when the run started
         return summary["checkpoint"]
@@ -89,7 +89,7 @@ def experiment_key(cfg: dict, summary: dict) -> str:
     }
     if not is_none(kept.get("ckpt")):
         kept["measurement"].pop("reference_ckpt", None)  # only used with ckpt=none
-    kept["ckpt"] = checkpoint_identity(cfg, summary)
+    kept["ckpt"] = recorded_checkpoint(cfg, summary)
     em = kept.get("em")
     if isinstance(em, dict) and is_none(em.get("refine_K")):  # no refinement: as before the keys
         kept["em"] = em = {

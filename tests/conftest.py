@@ -9,6 +9,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
+import mtd
 import tasks  # noqa: F401  (the ${project:...} resolver of the configs)
 
 from .helpers import ROOT, write_gaussian_ckpt
@@ -51,6 +52,16 @@ def compose(tmp_path_factory):
             )
 
     return make
+
+
+@pytest.fixture
+def no_em(monkeypatch):
+    """EM that fails if it starts: what must be refused before the long work is."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("EM started")
+
+    monkeypatch.setattr(mtd.ApproximateEM, "fit", fail)
 
 
 @pytest.fixture

@@ -31,6 +31,14 @@ def write_gaussian_ckpt(path: Path, time: bool = True, image_size: int = 5) -> P
     return path
 
 
+def gaussian_image(seed=0, L=5):
+    """An L x L image from N(mu, I) with mu in {0..4}^(L x L) (the score-prior paper's data), and
+    mu."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randint(0, 5, (L, L), generator=g).double()
+    return mu + torch.randn(L, L, generator=g, dtype=torch.float64), mu
+
+
 GAUSS = (
     "em=paper_gaussian",
     "em.iterations=30",

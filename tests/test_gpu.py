@@ -20,8 +20,8 @@ import torch
 import mtd
 from priors.prior import ScorePrior
 from tasks.reconstruct import reconstruct
-from tests.engine.test_em import gaussian_image
 from tests.engine.test_scale import _free_port
+from tests.helpers import gaussian_image
 
 pytestmark = pytest.mark.gpu
 

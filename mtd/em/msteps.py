@@ -22,7 +22,7 @@ basis, P(I(x)) = x):
   image I(x_ml) in pixels and projects: x <- (1 - g) x_ml + g P(E[image | I(x_ml)]).
   For a Gaussian prior this is argmax_alpha -||B alpha - B alpha_ml||^2 / (2 v^2) + log p(B alpha),
   the MAP step with Q's curvature taken as B^T B / v^2, which is Q's own when the coverage is
-  uniform and B^T B commutes with the K rotations (tests/test_prior_steerable.py).
+  uniform and B^T B commutes with the K rotations (tests/priors/test_prior_steerable.py).
 
 For an image unknown I and P are the identity, and both steps are what they were.
 """

@@ -154,6 +154,12 @@ class TransformSet(torch.nn.Module, metaclass=abc.ABCMeta):
         return (self.L,) * (3 if len(self.shape) == 3 else 2)
 
     @property
+    def n_rotations(self) -> int:
+        """The rotations the group searches: its K (without Dihedral's mirror images; a volume's
+        grid size), what a run records as its K."""
+        return self.K
+
+    @property
     def is_image(self) -> bool:
         """The unknown is the (L, L) image itself (pixels), not coefficients of a basis."""
         return tuple(self.shape) == (self.L, self.L)

@@ -165,6 +165,10 @@ class GatherTransforms(TransformSet):
     def orbit(self, x: torch.Tensor) -> torch.Tensor:
         return self.templates(x)
 
+    @property
+    def n_rotations(self) -> int:
+        return self.rotations
+
     def poses(self) -> Poses:
         """Template k is R_(k mod r) (of the mirror image for k >= r), r = ``rotations``."""
         k, r = np.arange(self.K), self.rotations

@@ -7,9 +7,9 @@ integral along axis 0 of the rotated volume sampled at unit steps, with (R . V)(
 trilinear (zero outside the cube). For every rotation the map is a gather table: output pixel q
 reads the 8 trilinear neighbours of each of the L samples of its ray, 8 L (index, weight) pairs;
 the back-projection P_R^T is the matching scatter-add, so the adjoint is the transpose to rounding
-(<P V, Y> = <V, P^T Y>, tests/test_volume.py). Tables are built once per rotation and cached while
-they fit ``cache_bytes``; beyond that they are rebuilt per block of rotations from the (K, 3, 3)
-rotations (the same numbers, so the adjoint stays exact).
+(<P V, Y> = <V, P^T Y>, tests/engine/test_volume.py). Tables are built once per rotation and
+cached while they fit ``cache_bytes``; beyond that they are rebuilt per block of rotations from
+the (K, 3, 3) rotations (the same numbers, so the adjoint stays exact).
 
 The unknown (``Projections``): an (L, L, L) volume in a subspace U with orthogonal projector Pi:
 

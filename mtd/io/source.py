@@ -136,7 +136,3 @@ class MicrographSource:
     def mean_shape(self) -> tuple[int, int]:
         """The micrographs' mean shape, rounded (the size of noise micrographs of a threshold)."""
         return tuple(round(float(np.mean([s[i] for s in self.shapes]))) for i in (0, 1))
-
-    def summary(self) -> dict:
-        """What summary.json records: the target (the paths, or the names) and the shapes."""
-        return {"target": self.names, "N": [list(s) for s in self.shapes]}

@@ -3,10 +3,11 @@ small translation); volumes after alignment over SO(3) and the mirror, with thei
 
 from mtd.metrics.fsc import FSCCurve, fsc
 from mtd.metrics.images import align, relative_error
-from mtd.metrics.measure import Score, measure_volume, score
+from mtd.metrics.measure import ErrorCurve, Score, measure_volume, score
 from mtd.metrics.volumes import VolumeAlignment, align_volume, volume_error
 
 __all__ = [
+    "ErrorCurve",
     "FSCCurve",
     "Score",
     "VolumeAlignment",

@@ -67,3 +67,25 @@ def score(group, truth, estimate, max_shift: int = 0, voxel_size: float = 1.0) -
     # group's orbit is not a set of images the figure could align over).
     aligned = estimate if group.is_image else align(truth, estimate, group=group)
     return Score(metrics, group.to_image(aligned))
+
+
+class ErrorCurve:
+    """The errors of successive estimates of one truth, as an EM run's curve: an image's over
+    its group (eq. 19, in the unknown ``group.from_image(truth)``); a volume's after alignment
+    (``align_volume``), each alignment refined from the last (after the first search, a local
+    refinement: 0.2 s at L = 11), the error of ``score``.
+
+    Args:
+        group: the ``TransformSet`` of the estimates.
+        truth: the true object (the group's ``object_shape``).
+    """
+
+    def __init__(self, group, truth):
+        self.group, self.truth, self.last = group, truth, None
+
+    def __call__(self, x: torch.Tensor) -> float:
+        if len(self.group.object_shape) == 3:
+            x = x.detach().double().cpu()
+            self.last = align_volume(self.truth, x, start=self.last)
+            return self.last.error
+        return relative_error(self.group.from_image(self.truth), x, group=self.group)

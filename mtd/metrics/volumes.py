@@ -114,8 +114,9 @@ def transform_volume(
     sub-voxel translation the refinement needs in the same interpolation (a rotation and then a
     shift, each interpolated, would blur twice) and the cubic spline, whose interpolation error on
     a smooth volume is an order of magnitude below the trilinear one (measured: 1-3 % against
-    11 % on Gaussian blobs of s.d. 1.1 voxels, tests/test_volume_metrics.py), so the error after
-    alignment is the estimate's and not the resampling's. Differentiable in R and s (autograd).
+    11 % on Gaussian blobs of s.d. 1.1 voxels, tests/engine/test_volume_metrics.py), so the error
+    after alignment is the estimate's and not the resampling's. Differentiable in R and s
+    (autograd).
 
     Args:
         V: (L, L, L) volume.

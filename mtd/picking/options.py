@@ -26,7 +26,8 @@ class PickingOptions:
             L - 1.
         threshold: a pick's least score: "noise" (the score micrographs of pure noise reach, at
             least 0 for the posteriors), a finite number (0: the Bayes rule), or "auto" (template
-            matching: the closed-form expected largest NCC of noise, which errs high).
+            matching: the closed-form expected largest NCC of noise, which errs high); None is
+            "noise".
         noise_draws: noise micrographs scored for the "noise" threshold (their noise_draws-th
             largest score).
         radius: matching radius of the metrics in pixels; None: L / 2.
@@ -41,7 +42,9 @@ class PickingOptions:
     empty_energy: float = 0.05
     detect_energy: float = 0.2
     merge_radius: float | None = field(default=None, metadata={"min": 0})
-    threshold: float | Literal["noise", "auto"] = field(default="noise", metadata={"finite": True})
+    threshold: float | Literal["noise", "auto"] | None = field(
+        default="noise", metadata={"finite": True}
+    )
     noise_draws: int = field(default=4, metadata={"min": 1})
     radius: float | None = field(default=None, metadata={"min": 0})
     min_distance: float | None = field(default=None, metadata={"min": 0})
@@ -49,6 +52,8 @@ class PickingOptions:
     template: bool = True
 
     def __post_init__(self):
+        if self.threshold is None:  # (null: the default rule)
+            self.threshold = "noise"
         if self.combine not in COMBINE:
             raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
         if self.empty_rule not in EMPTY_RULES:

@@ -9,13 +9,7 @@ import pytest
 import torch
 
 import mtd
-
-
-def gaussian_image(seed=0, L=5):
-    """A 5 x 5 image from N(mu, I), mu in {0..4}^(L x L) as in the score-prior paper; and mu."""
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randint(0, 5, (L, L), generator=g).double()
-    return mu + torch.randn(L, L, generator=g, dtype=torch.float64), mu
+from tests.helpers import gaussian_image
 
 
 @pytest.mark.parametrize("sigma_known", [True, False])

@@ -525,7 +525,7 @@ def test_pick_py_bad_input_fails_before_writing(small_case, compose):
         (["star=nowhere/picks.star"], "does not exist"),
         (["method=magic"], "method must be one of"),
         (["combine=vote"], "combine must be one of"),
-        (["threshold=high"], "threshold must be a number, 'noise' or 'auto', got 'high'"),
+        (["threshold=high"], "threshold must be a number, 'noise', 'auto' or null, got 'high'"),
         (["noise_draws=0"], "noise_draws must be an integer >= 1, got 0"),
     ]
     for extra, message in cases:

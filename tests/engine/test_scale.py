@@ -8,8 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 import mtd
-
-from .test_em import gaussian_image
+from tests.helpers import gaussian_image
 
 
 def measurement(seed=0, N=60, snr=5.0):

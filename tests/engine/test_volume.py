@@ -2,8 +2,8 @@
 
 Closed forms and brute force: Haar moments and the covering radius of the grid, RELION's Euler
 matrices by their defining product, the projection of an anisotropic Gaussian (a closed-form line
-integral), the adjoint identity, the E-step against tests/reference.py's loops, the M-step's
-normal equations against autograd of Q.
+integral), the adjoint identity, the E-step against tests/reference/equations.py's loops, the
+M-step's normal equations against autograd of Q.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def _tiny_volume_case(L=5, K=6, n=3, snr=2.0, seed=0, bandlimit=None):
 
 
 def _explicit(group, x):
-    """The templates as a list of arrays, for tests/reference.py's loops."""
+    """The templates as a list of arrays, for tests/reference/equations.py's loops."""
     T = pj.project(group.restrict(x), group.rotations).numpy()
     return lambda F, K: list(T)
 

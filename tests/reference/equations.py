@@ -20,7 +20,8 @@ def rotate(F: np.ndarray, angle: float) -> np.ndarray:
     scipy's implementation (``scipy.ndimage.rotate``, order 1, zeros outside the image), not a
     transcription of ``mtd.groups.rotations``: a convention error there (the centre, the
     direction, the inverse map, the fill) is not repeated here. Its own convention is pinned by
-    tests/test_claims.py (an off-centre Gaussian blob turned by known angles, and np.rot90).
+    tests/reference/test_claims.py (an off-centre Gaussian blob turned by known angles, and
+    np.rot90).
     """
     return ndimage.rotate(
         np.asarray(F, dtype=np.float64),

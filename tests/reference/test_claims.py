@@ -2,8 +2,8 @@
 correct implementation gives and a wrong one does not (issue 16).
 
 Expected values come from closed forms (a blank patch, a Gaussian prior, an analytic blob), from
-the loops of tests/reference.py, or from the definitions the docs state; never from the function
-under test.
+the loops of tests/reference/equations.py, or from the definitions the docs state; never from the
+function under test.
 """
 
 from __future__ import annotations
@@ -21,17 +21,11 @@ import mtd
 from priors.losses import ism_loss
 from priors.prior import AnalyticGaussianPrior, ScorePrior
 from priors.sde import VPSDE, sample
+from tests.helpers import gaussian_image
 from tests.reference import equations as ref
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAINED = ROOT / "priors" / "pretrained"
-
-
-def gaussian_image(seed=0, L=5):
-    """An image from N(mu, I) with mu in {0..4}^(L x L) (the score-prior paper's data), and mu."""
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randint(0, 5, (L, L), generator=g).double()
-    return mu + torch.randn(L, L, generator=g, dtype=torch.float64), mu
 
 
 # ------------------------------------------------------------------------------------------------

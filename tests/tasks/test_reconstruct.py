@@ -231,14 +231,6 @@ def test_searched_transformations_follow_the_simulated_ones_unless_set(tmp_path,
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error before EM starts, nothing written
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_em(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("EM started")
-
-    monkeypatch.setattr(mtd.ApproximateEM, "fit", fail)
-
-
 def _bad(compose, tmp_path, match, *overrides):
     cfg = compose("reconstruct", *overrides, root=tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=match):

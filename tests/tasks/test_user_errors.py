@@ -17,20 +17,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import mtd
 from tasks import config, errors
 from tasks.reconstruct import reconstruct
 from tests.helpers import GAUSS, ROOT
 
 DIGITS = ROOT / "assets" / "mnist_digits.npz"
-
-
-@pytest.fixture
-def no_em(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("EM started")
-
-    monkeypatch.setattr(mtd.ApproximateEM, "fit", fail)
 
 
 @pytest.fixture
@@ -207,11 +198,13 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("em.tol=small",), "em.tol must be a number, got 'small'"),
         (
             ("pick=true", "picking.threshold=high"),
-            "picking.threshold must be a number, 'noise' or 'auto', got 'high'",
+            "picking.threshold must be a number, 'noise', 'auto' or null, got 'high'",
         ),
         (("pick=true", "picking.noise_draws=0"), "picking.noise_draws must be an integer >= 1"),
         (("pick=true", "picking.combine=vote"), "picking.combine must be one of evidence, nms"),
         (("pick=true", "picking.empty_rule=max"), "picking.empty_rule must be one of half, argm"),
+        (("pick=true", "picking.threshold=auto"), "picking.threshold=auto is template matching"),
+        (("experiment=volume",), "object=volume runs without a prior"),
         (("em.refine_K=0",), "em.refine_K must be an integer >= 1, got 0"),
         (("em.refine_K=8", "em.refine_iterations=x"), "em.refine_iterations must be an integer"),
     ],
@@ -371,11 +364,25 @@ def test_a_value_of_the_wrong_type_is_refused_naming_its_key_and_what_is_allowed
         config.read(Outer, OmegaConf.create({"inner": {}, "names": 3}))
 
 
+def test_a_required_value_left_out_is_named(tmp_path, no_em, refused):
+    np.save(tmp_path / "m.npy", np.zeros((30, 30)))
+    file = ("ckpt=none", "measurement=file", f"measurement.path={tmp_path / 'm.npy'}")
+    refused("measurement.L is required: give measurement.L=", *file)
+
+
+def test_a_null_threshold_is_the_noise_rule():
+    from mtd.picking import PickingOptions
+
+    assert PickingOptions(threshold=None).threshold == "noise"
+    options = config.read(PickingOptions, OmegaConf.create({"threshold": None}))
+    assert options.threshold == "noise"
+
+
 def test_a_wrong_type_is_refused_where_the_run_does_not_use_it(compose, no_em, refused):
     # measurement.L is unused by a simulated run of a held-out digit; it is still checked.
     refused("measurement.L must be an integer or null, got 'abc'", "measurement.L=abc")
     refused(
-        "picking.threshold must be a number, 'noise' or 'auto', got 'high'",
+        "picking.threshold must be a number, 'noise', 'auto' or null, got 'high'",
         "picking.threshold=high",
     )
 
