@@ -17,6 +17,7 @@ sum, a second pass yields the normalised posteriors block by block.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterator
@@ -217,18 +218,19 @@ class EStep:
         stream = self.compute.stream
         if stream is None:
             stream = source.micrographs.on_disk
-        if not stream:
-            patches = source.read(slice(0, source.D))
-            _check_finite(patches)
-            return Patches(source, *_norms(patches), self.form.transform(patches))
-        energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
-        l1_max = 0.0
-        block = max(1, _STREAM_BLOCK_BYTES // (8 * self.L * self.L))
-        for start in range(0, source.D, block):
-            patches = source.read(slice(start, min(start + block, source.D)))
-            _check_finite(patches)
-            energy[start : start + len(patches)], block_l1 = _norms(patches)
-            l1_max = max(l1_max, block_l1)
+        with self.limit(source.D):
+            if not stream:
+                patches = source.read(slice(0, source.D))
+                _check_finite(patches)
+                return Patches(source, *_norms(patches), self.form.transform(patches))
+            energy = torch.empty(source.D, dtype=self.dtype, device=self.device)
+            l1_max = 0.0
+            block = max(1, _STREAM_BLOCK_BYTES // (8 * self.L * self.L))
+            for start in range(0, source.D, block):
+                patches = source.read(slice(start, min(start + block, source.D)))
+                _check_finite(patches)
+                energy[start : start + len(patches)], block_l1 = _norms(patches)
+                l1_max = max(l1_max, block_l1)
         return Patches(source, energy, l1_max, None)
 
     def chunking(self, D: int) -> tuple[int, list[slice]]:
@@ -265,6 +267,26 @@ class EStep:
         size = max(b.stop - b.start for b in blocks)
         work = chunk_work(max(chunk, 1), size, self.L)
         return resolve_threads(self.compute.threads, work, self.device)
+
+    def limit(self, D: int, used: int | None = None) -> contextlib.AbstractContextManager[int]:
+        """Run a block at the threads of an iteration on D patches, ``used`` of them per E-step.
+
+        The whole iteration, not only the chunk loop, runs on as many cores as its E-step keeps
+        busy (its workers times their intra-op threads): the templates, the patch transforms,
+        the M-step, the log-likelihood. Where the chunks run on one thread (a small problem,
+        whose FFTs and M-step ops are small too), every op does: at torch's default threads
+        each would split over a core that another process holds and wait for it at its barrier
+        (issue 28: the templates alone took 5-25 ms of a 15 ms E-step beside a competing job).
+        Where the chunks are shared out over workers (a big problem), the other steps keep the
+        workers' cores; where big chunks run on intra-op threads, so do they.
+
+        Args:
+            D: the patches of the data set.
+            used: patches per E-step (stochastic EM's subset); None: all D.
+        """
+        chunk, _ = self.chunking(D)
+        chunks = -(-(D if used is None else used) // chunk)
+        return limit_threads(self.threads(D) * self.workers(D, chunks))
 
     def _chunks(self, data: Patches, subset: torch.Tensor | None, comm) -> list:
         """The patch indices of this process's chunks: slices of all patches, or of ``subset``."""
@@ -374,8 +396,9 @@ class EStep:
             comm: ``mtd.TorchDistributed`` (or any object with rank and world_size): this process
                 takes every world_size-th chunk.
         """
-        plan = self._plan(data, x, log_rho, sigma2)
-        yield from self._stream(plan, data, self._chunks(data, subset, comm), self.form)
+        with limit_threads(self.threads(data.D)):  # one chunk loop: its threads throughout
+            plan = self._plan(data, x, log_rho, sigma2)
+            yield from self._stream(plan, data, self._chunks(data, subset, comm), self.form)
 
     def _plan(self, data: Patches, x, log_rho, sigma2) -> dict:
         """What every chunk of one E-step shares: template blocks, prepared templates, passes."""
@@ -477,6 +500,11 @@ class EStep:
         """
         if subset is not None and len(subset) == 0:
             raise ValueError("subset holds no patch: a stochastic E-step needs at least one")
+        # The templates and the sums too, not only the chunks (``limit``).
+        with self.limit(data.D, None if subset is None else len(subset)):
+            return self._statistics(data, x, log_rho, sigma2, subset, comm)
+
+    def _statistics(self, data, x, log_rho, sigma2, subset, comm) -> Statistics:
         plan = self._plan(data, x, log_rho, sigma2)
         chunks = self._chunks(data, subset, comm)
         workers = self.workers(data.D, len(chunks))

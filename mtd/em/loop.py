@@ -201,14 +201,18 @@ class ApproximateEM(torch.nn.Module):
         x = torch.as_tensor(x, device=self.device, dtype=self.dtype)
         return self.estep.log_likelihoods(data, x, sigma)
 
+    # The M-step's pieces run on the E-step's cores (EStep.limit), as they do inside fit.
     def grad_q(self, stats: Statistics, x: torch.Tensor, sigma2: float) -> torch.Tensor:
-        return grad_q(self.group, stats, x, sigma2)
+        with self.estep.limit(stats.D):
+            return grad_q(self.group, stats, x, sigma2)
 
     def closed_form(self, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
-        return closed_form(self.group, stats, x)
+        with self.estep.limit(stats.D):
+            return closed_form(self.group, stats, x)
 
     def residual(self, stats: Statistics, x: torch.Tensor) -> torch.Tensor:
-        return residual(self.group, stats, x)
+        with self.estep.limit(stats.D):
+            return residual(self.group, stats, x)
 
     def q_function(self, stats: Statistics, x: torch.Tensor, sigma2: float) -> torch.Tensor:
         """The x-dependent part of Q (eq. 16): -residual / (2 sigma^2)."""
@@ -327,14 +331,17 @@ class ApproximateEM(torch.nn.Module):
                 )
         dropped = data.source.dropped[0] if len(data.source.dropped) == 1 else data.source.dropped
         results, scores = [], []
-        for r, x0 in enumerate(inits):
-            res = self._fit_one(data, x0, prior, truth, callback, r, comm, rho, sigma)
-            score = float(res.loglik[-1])
-            if prior is not None:
-                gamma = self.m_step.gamma(len(res.history) - 1, self.iterations)
-                score += gamma * self.log_prior(prior, res.estimate)
-            results.append(res)
-            scores.append(score)
+        # Every step of every iteration on the E-step's cores (EStep.limit): the M-step, the
+        # prior, the errors too, so no op splits over a core that the chunks gave up.
+        with self.estep.limit(data.D, self._subset_size(data.D)):
+            for r, x0 in enumerate(inits):
+                res = self._fit_one(data, x0, prior, truth, callback, r, comm, rho, sigma)
+                score = float(res.loglik[-1])
+                if prior is not None:
+                    gamma = self.m_step.gamma(len(res.history) - 1, self.iterations)
+                    score += gamma * self.log_prior(prior, res.estimate)
+                results.append(res)
+                scores.append(score)
         best = int(np.argmax(scores))
         result = results[best]
         result.restart, result.dropped = best, dropped
@@ -347,10 +354,16 @@ class ApproximateEM(torch.nn.Module):
 
     def _subset(self, data: Patches, generator: torch.Generator) -> torch.Tensor | None:
         """Stochastic EM (stochastic-EM paper, Algorithm 1): floor(S D) patches drawn uniformly."""
+        n = self._subset_size(data.D)
+        if n is None:
+            return None
+        return torch.randperm(data.D, generator=generator, device="cpu")[:n].sort().values
+
+    def _subset_size(self, D: int) -> int | None:
+        """Patches per stochastic E-step, floor(S D) (at least one); None: all of them."""
         if self.stochastic is None or self.stochastic.fraction >= 1:
             return None
-        n = max(1, math.floor(self.stochastic.fraction * data.D))
-        return torch.randperm(data.D, generator=generator, device="cpu")[:n].sort().values
+        return max(1, math.floor(self.stochastic.fraction * D))
 
     def _fit_one(
         self, data, x, prior, truth, callback, restart, comm, rho=None, sigma=None

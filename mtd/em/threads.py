@@ -10,6 +10,13 @@ The policy: one thread below ``PARALLEL_WORK`` elements per chunk, torch's defau
 ``threads`` (an integer) overrides it. The engine's default CPU chunks are sized to stay in cache
 (2^18-2^19 elements), so on the CPU they run on one thread.
 
+The whole iteration keeps that choice, not only the chunk loop (``EStep.limit``, issue 28): the
+templates, the patch transforms, the M-step and the prior run on as many cores as the E-step
+keeps busy. One op left at torch's default threads (an FFT of the templates, a matrix product of
+the M-step) waits at its barrier for a core another process holds: beside a real job the L = 28
+case ran 4-7x slower than when started with ``OMP_NUM_THREADS=1``, though its chunks ran on one
+thread (``tests/benchmarks/bench_load.py``).
+
 Usage in the E-step, around the loop over chunks (``block``: templates per template block)::
 
     work = chunk_work(chunk, block, L)

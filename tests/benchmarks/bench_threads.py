@@ -118,13 +118,15 @@ class Case:
         return f"L={self.L} N={self.N} K={self.K}"
 
 
-class Spinners:
-    """``n`` processes spinning on one core each, paused until ``load(True)``."""
+SPIN = [sys.executable, "-c", "while True: pass"]
 
-    def __init__(self, n: int):
-        self.procs = [
-            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)
-        ]
+
+class Spinners:
+    """``n`` competing processes (``command``: spinning on one core by default), paused until
+    ``load(True)``."""
+
+    def __init__(self, n: int, command: list[str] = SPIN):
+        self.procs = [subprocess.Popen(command) for _ in range(n)]
         self.load(False)
 
     def load(self, on: bool) -> None:

@@ -165,3 +165,64 @@ def test_engine_default_cpu_chunks_run_on_one_thread(default3, L, K, N):
     work = chunk_work(chunk, block, L)
     assert work <= em.estep.form.chunk_elements() < threads.PARALLEL_WORK
     assert threads_for(work, "cpu") == 1
+
+
+def test_every_step_of_an_iteration_runs_at_the_e_steps_threads():
+    """Issue 28: the chunk loop ran at the policy's one thread while the templates, the M-step
+    and the patch transforms ran at torch's default and, beside a competing job, stalled at a
+    barrier on every op (5x). Each must see the E-step's count, through fit and when called
+    one by one, and the process's own count comes back afterwards."""
+    torch.set_num_threads(2)
+    seen: dict[str, set] = {}
+
+    def spy(name):
+        seen.setdefault(name, set()).add(torch.get_num_threads())
+
+    class Spied(mtd.Rotations):
+        def log_weights(self):  # read by the templates of every E-step
+            spy("templates")
+            return super().log_weights()
+
+    class SpiedStep(mtd.ClosedForm):
+        def step(self, *args):
+            spy("m_step")
+            return super().step(*args)
+
+    em = mtd.ApproximateEM(Spied(12, K=4), m_step=SpiedStep(), iterations=2, dtype=torch.float64)
+    transform = em.estep.form.transform
+    em.estep.form.transform = lambda patches: (spy("transform"), transform(patches))[1]
+    image = np.random.default_rng(0).uniform(0, 1, (12, 12))
+    data = em.prepare(mtd.simulate(image, 120, density=0.1, snr=1.0, K=4, seed=0).data)
+    assert em.estep.threads(data.D) == 1  # small chunks: the policy's one thread
+    em.fit(data, image, callback=lambda entry: spy("callback"))
+    assert seen == {"transform": {1}, "templates": {1}, "m_step": {1}, "callback": {1}}
+    assert torch.get_num_threads() == 2
+
+    seen.clear()  # the same steps called one by one, as a user's own loop does
+    solve = em.group.normal_solve
+    em.group.normal_solve = lambda *args: (spy("closed_form"), solve(*args))[1]
+    x = torch.as_tensor(image)
+    log_rho = torch.full((24, 24), -np.log(24.0**2), dtype=torch.float64)
+    em.closed_form(em.e_step(data, x, log_rho, 0.1), x)
+    assert seen == {"templates": {1}, "closed_form": {1}}
+    assert torch.get_num_threads() == 2
+
+
+def test_an_iteration_keeps_the_cores_its_e_step_keeps_busy(monkeypatch):
+    """EStep.limit: workers x intra-op threads. Chunks shared out over 3 workers leave the
+    templates and the M-step on 3 threads (big problems keep their speed); one chunk is one
+    worker at the policy's one thread, and so is everything else."""
+    from mtd.em import estep
+
+    monkeypatch.setattr(estep, "DEFAULT_THREADS", 3)
+    em = mtd.ApproximateEM(mtd.Rotations(5, K=8), dtype=torch.float64)
+    D = 40_000
+    chunk, _ = em.estep.chunking(D)
+    assert em.estep.threads(D) == 1 and em.estep.workers(D, -(-D // chunk)) == 3
+    with em.estep.limit(D) as n:
+        assert n == torch.get_num_threads() == 3
+    with em.estep.limit(D, used=chunk) as n:
+        assert n == torch.get_num_threads() == 1
+    em.estep.compute.threads = 2  # the user's count: one worker, that many threads
+    with em.estep.limit(D) as n:
+        assert n == 2
