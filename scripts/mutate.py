@@ -203,6 +203,14 @@ MUTATIONS = [
     ),
     # ---- the simulator --------------------------------------------------------------------------
     M(
+        "iteration-threads-unlimited",
+        "mtd/em/estep.py",
+        "return limit_threads(self.threads(D) * self.workers(D, chunks))",
+        "return limit_threads(torch.get_num_threads())",
+        "tests/engine/test_threads.py::test_every_step_of_an_iteration_runs_at_the_e_steps_threads",
+        "tests/engine/test_threads.py::test_an_iteration_keeps_the_cores_its_e_step_keeps_busy",
+    ),
+    M(
         "block-lse-no-rescale",
         "mtd/em/estep.py",
         "total = total * (top - new).exp()",
