@@ -502,35 +502,32 @@ class EStep:
             raise ValueError("subset holds no patch: a stochastic E-step needs at least one")
         # The templates and the sums too, not only the chunks (``limit``).
         with self.limit(data.D, None if subset is None else len(subset)):
-            return self._statistics(data, x, log_rho, sigma2, subset, comm)
+            plan = self._plan(data, x, log_rho, sigma2)
+            chunks = self._chunks(data, subset, comm)
+            workers = self.workers(data.D, len(chunks))
+            # Contiguous runs of chunks, one per worker: equal shares, and a streamed worker reads
+            # its own rows of the micrographs.
+            bounds = [round(w * len(chunks) / workers) for w in range(workers + 1)]
+            parts = [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            totals = [StatisticsSum(self, plan["blocks"]) for _ in parts]
+            forms = [self.form, *self._spare_forms(workers - 1)]
 
-    def _statistics(self, data, x, log_rho, sigma2, subset, comm) -> Statistics:
-        plan = self._plan(data, x, log_rho, sigma2)
-        chunks = self._chunks(data, subset, comm)
-        workers = self.workers(data.D, len(chunks))
-        # Contiguous runs of chunks, one per worker: equal shares, and a streamed worker reads
-        # its own rows of the micrographs.
-        bounds = [round(w * len(chunks) / workers) for w in range(workers + 1)]
-        parts = [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        totals = [StatisticsSum(self, plan["blocks"]) for _ in parts]
-        forms = [self.form, *self._spare_forms(workers - 1)]
+            block_bytes = _STREAM_BLOCK_BYTES // workers  # the streamed memory bound, shared
 
-        block_bytes = _STREAM_BLOCK_BYTES // workers  # the streamed memory bound, shared
+            def run(w: int) -> None:
+                for post, energy in self._stream(plan, data, parts[w], forms[w], block_bytes):
+                    totals[w].add(post, energy)
 
-        def run(w: int) -> None:
-            for post, energy in self._stream(plan, data, parts[w], forms[w], block_bytes):
-                totals[w].add(post, energy)
-
-        with limit_threads(1 if workers > 1 else self.threads(data.D)):
-            if workers == 1:
-                run(0)
-            else:  # each worker on one core, one intra-op thread: no barrier at every op
-                with ThreadPoolExecutor(workers, thread_name_prefix="mtd-estep") as pool:
-                    list(pool.map(run, range(workers)))
-        for other in totals[1:]:
-            totals[0].merge(other)
-        scale = 1.0 if subset is None else data.D / len(subset)
-        return totals[0].result(data.D, comm, scale)
+            with limit_threads(1 if workers > 1 else self.threads(data.D)):
+                if workers == 1:
+                    run(0)
+                else:  # each worker on one core, one intra-op thread: no barrier at every op
+                    with ThreadPoolExecutor(workers, thread_name_prefix="mtd-estep") as pool:
+                        list(pool.map(run, range(workers)))
+            for other in totals[1:]:
+                totals[0].merge(other)
+            scale = 1.0 if subset is None else data.D / len(subset)
+            return totals[0].result(data.D, comm, scale)
 
     def workers(self, D: int, chunks: int) -> int:
         """How many chunk loops run side by side on the CPU (``Compute.threads="auto"``).
