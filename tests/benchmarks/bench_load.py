@@ -39,13 +39,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from tests.benchmarks.bench_threads import SPIN, Spinners
+from tests.benchmarks.bench_threads import SPIN, Case, Spinners
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 CASES = ("mnist", "volume", "gemm", "bare")
 ITERATIONS = {
     "mnist": 10,
@@ -58,7 +56,10 @@ VARIANTS = ("default", "OMP_NUM_THREADS=1")
 
 def job() -> None:
     """The competing job: torch FFTs and NumPy matrix products on one thread, until killed."""
-    os.environ["OMP_NUM_THREADS"] = "1"  # before torch and NumPy load their thread pools
+    if any(os.environ.get(k) != "1" for k in ONE_THREAD):
+        # Thread pools are sized when torch and NumPy load (this module imports both): start
+        # afresh with the environment set, or the NumPy products take a second core.
+        os.execve(sys.executable, JOB, {**os.environ, **ONE_THREAD})
     import torch
 
     torch.set_num_threads(1)
@@ -72,39 +73,28 @@ def job() -> None:
             m /= np.abs(m).max()
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 JOB = [sys.executable, "-m", "tests.benchmarks.bench_load", "--job"]
 
 
 def build(case: str):
     """(em, prepared data, x, log_rho, sigma2, subset) of one case, float64 on the CPU."""
+    if case != "volume":  # bench_threads' cases: an MNIST digit (L = 28), U[0, 1] (L = 5)
+        c = Case(*((28, 308, 4) if case == "mnist" else (5, 1000, 8)))
+        return c.em, c.patches, c.x, c.log_rho, c.sigma2, None
     import torch
 
     import mtd
     from mtd.forward import volumes
 
-    dt = torch.float64
-    if case == "volume":
-        L = 11
-        truth = volumes.shepp_logan(L)
-        meas = volumes.simulate_volume(truth, 1100, density=0.15, snr=3.5, seed=0)
-        em = mtd.ApproximateEM(mtd.groups.projections(L), sigma=meas.sigma, dtype=dt)
-        subset = torch.arange(500)  # the default run's 5% of its 10,000 patches
-        x = em.group.restrict(truth.to(dt))
-    else:
-        L, N, K = (28, 308, 4) if case == "mnist" else (5, 1000, 8)
-        if case == "mnist":
-            with np.load(ASSETS / "mnist_digits.npz") as f:
-                image = f["images"][10].astype(np.float64) / 255.0
-        else:
-            image = np.random.default_rng(0).uniform(0, 1, (L, L))
-        meas = mtd.simulate(image, N, density=0.1, snr=1.0, K=K, seed=0)
-        em = mtd.ApproximateEM(mtd.Rotations(L, K=K), dtype=dt)
-        subset = None
-        noise = np.random.default_rng(1).standard_normal((L, L))
-        x = torch.as_tensor(image + 0.1 * noise, dtype=dt)
-    data = em.prepare(meas.data)
+    L, dt = 11, torch.float64
+    truth = volumes.shepp_logan(L)
+    meas = volumes.simulate_volume(truth, 1100, density=0.15, snr=3.5, seed=0)
+    em = mtd.ApproximateEM(mtd.groups.projections(L), sigma=meas.sigma, dtype=dt)
+    subset = torch.arange(500)  # the default run's 5% of its 10,000 patches
     log_rho = torch.full((2 * L, 2 * L), -np.log(4.0 * L * L), dtype=dt)
-    return em, data, x, log_rho, float(meas.sigma) ** 2, subset
+    x = em.group.restrict(truth.to(dt))
+    return em, em.prepare(meas.data), x, log_rho, float(meas.sigma) ** 2, subset
 
 
 def child(case: str, iterations: int) -> None:
