@@ -14,9 +14,8 @@ start-up both ways, as a user's script), timing one case after two warm-up itera
   patches per stochastic E-step (FFT form, two workers);
 - ``gemm``: L = 5, N = 1000, K = 8, a U[0, 1] image (GEMM form, 40,000 patches, two workers);
 - ``bare``: no engine, 200 products of (200, 200) float64 matrices on one thread
-  (``torch.set_num_threads(1)``) per iteration: what the job costs any numeric code on its own
-  core of this machine (shared caches, memory, a shared physical core), the floor of
-  loaded / quiet for the engine's cases.
+  (``torch.set_num_threads(1)``) per iteration: what the job costs a thread on the other core
+  (shared caches and memory), the reference for the engine's loaded / quiet.
 
 "iteration" is the median over ``--iterations`` of one E-step and the closed-form M-step, called
 from Python as a user does; "fit" is ``em.fit`` of ``--iterations`` iterations, per iteration.
