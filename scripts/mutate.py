@@ -205,10 +205,25 @@ MUTATIONS = [
     M(
         "iteration-threads-unlimited",
         "mtd/em/estep.py",
-        "return limit_threads(self.threads(D) * self.workers(D, chunks))",
-        "return limit_threads(torch.get_num_threads())",
+        "with sharing(workers), limit_threads(self.threads(D)) as n:",
+        "with sharing(workers), limit_threads(torch.get_num_threads()) as n:",
         "tests/engine/test_threads.py::test_every_step_of_an_iteration_runs_at_the_e_steps_threads",
-        "tests/engine/test_threads.py::test_an_iteration_keeps_the_cores_its_e_step_keeps_busy",
+        "tests/engine/test_threads.py::test_an_iteration_shares_its_pieces_over_the_e_steps_workers",
+    ),
+    M(
+        "volume-m-step-on-intra-op-threads",
+        "mtd/groups/tomography.py",
+        "sum_in_order(ordered_map(part, self._sub_blocks(None)))",
+        "sum_in_order(map(part, self._sub_blocks(None)))",
+        "tests/engine/test_threads.py::test_the_volume_m_step_runs_on_the_e_steps_workers",
+    ),
+    M(
+        "pieces-ignore-the-workers",
+        "mtd/parallel.py",
+        "    n = workers()\n",
+        "    n = 1\n",
+        "tests/engine/test_parallel.py::test_ordered_map_yields_in_order_though_later_pieces_finish_first",
+        "tests/engine/test_parallel.py::test_ordered_map_workers_pull_pieces_at_one_intra_op_thread",
     ),
     M(
         "block-lse-no-rescale",
@@ -223,6 +238,7 @@ MUTATIONS = [
         "                m += t",
         "                m.copy_(t)",
         "tests/engine/test_scale.py::test_workers_share_the_chunks_and_sum_to_the_serial_statistics",
+        f"{EXACT}::test_template_blocks_equal_brute_force",
     ),
     M(
         "steerable-rotation-clockwise",

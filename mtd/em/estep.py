@@ -20,21 +20,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import queue
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from mtd import parallel
 from mtd.em.likelihood import Form, choose_method, make_form, template_energy
 from mtd.em.patches import PatchSource
 from mtd.em.statistics import PatchSummaries, PatchSummary, Statistics, StatisticsSum
-from mtd.em.threads import DEFAULT_THREADS, chunk_work, limit_threads, resolve_threads
+from mtd.em.threads import DEFAULT_THREADS, chunk_work, resolve_threads
 from mtd.groups.base import TransformSet
+from mtd.parallel import limit_threads, sharing
 
-# Streamed E-steps read and transform patches a block of chunks at a time: at most this many bytes
-# of patch transforms in memory.
-_STREAM_BLOCK_BYTES = 64 << 20
+# Streamed E-steps read and transform patches a piece of chunks at a time: at most this many bytes
+# of patch transforms in memory per worker.
+_STREAM_BLOCK_BYTES = 32 << 20
 # Workers share the chunks only where each gets at least this many: measured on 2 cores
 # (tests/benchmarks/bench_threads.py), the L = 28, N = 308 case's 7 chunks ran no faster on two
 # workers than on one thread, while 29 (L = 11) and 62 (L = 5) ran 1.5-1.9x faster.
@@ -268,25 +270,32 @@ class EStep:
         work = chunk_work(max(chunk, 1), size, self.L)
         return resolve_threads(self.compute.threads, work, self.device)
 
-    def limit(self, D: int, used: int | None = None) -> contextlib.AbstractContextManager[int]:
+    @contextlib.contextmanager
+    def limit(self, D: int, used: int | None = None) -> Iterator[int]:
         """Run a block at the threads of an iteration on D patches, ``used`` of them per E-step.
 
-        The whole iteration, not only the chunk loop, runs on as many cores as its E-step keeps
-        busy (its workers times their intra-op threads): the templates, the patch transforms,
-        the M-step, the log-likelihood. Where the chunks run on one thread (a small problem,
-        whose FFTs and M-step ops are small too), every op does: at torch's default threads
-        each would split over a core that another process holds and wait for it at its barrier
+        The whole iteration, not only the chunk loop, runs at the chunks' intra-op threads: the
+        templates, the patch transforms, the M-step, the log-likelihood. Where the chunks run on
+        one thread (every default CPU chunk), every op does: at torch's default threads each
+        would split over a core that another process holds and wait for it at its barrier
         (issue 28: the templates alone took 5-25 ms of a 15 ms E-step beside a competing job).
-        Where the chunks are shared out over workers (a big problem), the other steps keep the
-        workers' cores; where big chunks run on intra-op threads, so do they.
+        Where the chunks are shared out over workers (``workers``), so is every step that comes
+        in independent pieces (``mtd.parallel.ordered_map``: the chunks, a volume's rotation
+        blocks in the templates and the M-step's CG), and their sums are added in the pieces'
+        order: with the other ops on one thread, an iteration gives the same bytes on one
+        worker or many. Where big chunks run on intra-op threads, so does everything.
 
         Args:
             D: the patches of the data set.
             used: patches per E-step (stochastic EM's subset); None: all D.
+
+        Yields:
+            The intra-op threads of the block.
         """
         chunk, _ = self.chunking(D)
-        chunks = -(-(D if used is None else used) // chunk)
-        return limit_threads(self.threads(D) * self.workers(D, chunks))
+        workers = self.workers(D, -(-(D if used is None else used) // chunk))
+        with sharing(workers), limit_threads(self.threads(D)) as n:
+            yield n
 
     def _chunks(self, data: Patches, subset: torch.Tensor | None, comm) -> list:
         """The patch indices of this process's chunks: slices of all patches, or of ``subset``."""
@@ -299,31 +308,39 @@ class EStep:
             chunks = chunks[comm.rank :: comm.world_size]
         return chunks
 
-    def _held_chunks(
-        self, data: Patches, chunks: list, form: Form, block_bytes: int = _STREAM_BLOCK_BYTES
-    ) -> Iterator[tuple]:
+    def _pieces(self, data: Patches, chunks: list, form: Form) -> list[list]:
+        """Runs of chunks read and transformed together: in memory, each chunk alone; streamed,
+        as many as ``_STREAM_BLOCK_BYTES`` of transforms hold. Fixed by the sizes, not by the
+        workers, so the sums over them are the same whoever computes which (``statistics``)."""
+        if data.held is not None:
+            return [[c] for c in chunks]
+        block = max(1, _STREAM_BLOCK_BYTES // form.bytes_per_patch())
+        pieces, n = [], 0
+        for c in chunks:
+            if not pieces or n + _count(c) > block:
+                pieces.append([])
+                n = 0
+            pieces[-1].append(c)
+            n += _count(c)
+        return pieces
+
+    def _held_chunks(self, data: Patches, chunks: list, form: Form) -> Iterator[tuple]:
         """Yield (held, local index, global index) chunk by chunk.
 
-        In memory the transforms are there; streamed, a block of chunks is read and transformed
-        at a time (one read and one transform call per block, memory bounded by ``block_bytes``).
-        The indices are slices or int64 tensors on the engine's device.
+        In memory the transforms are there; streamed, a piece of chunks (``_pieces``) is read
+        and transformed at a time (one read and one transform call per piece, memory bounded
+        by ``_STREAM_BLOCK_BYTES`` per worker). The indices are slices or int64 tensors on the
+        engine's device.
         """
         if data.held is not None:
             for index in chunks:
                 index = index if isinstance(index, slice) else index.to(self.device)
                 yield data.held, index, index
             return
-        block = max(1, block_bytes // form.bytes_per_patch())
-        i = 0
-        while i < len(chunks):
-            group, n = [], 0
-            while i < len(chunks) and (not group or n + _count(chunks[i]) <= block):
-                group.append(chunks[i])
-                n += _count(chunks[i])
-                i += 1
-            index = torch.cat([_as_index(c) for c in group]).to(self.device)
+        for piece in self._pieces(data, chunks, form):
+            index = torch.cat([_as_index(c) for c in piece]).to(self.device)
             held, offset = form.transform(data.source.read(index)), 0
-            for c in group:
+            for c in piece:
                 local = slice(offset, offset + _count(c))
                 offset = local.stop
                 yield held, local, index[local]
@@ -419,14 +436,12 @@ class EStep:
             "sigma2": sigma2,
         }
 
-    def _stream(
-        self, plan: dict, data: Patches, chunks: list, form: Form, block_bytes=_STREAM_BLOCK_BYTES
-    ):
+    def _stream(self, plan: dict, data: Patches, chunks: list, form: Form):
         """The posteriors of ``chunks`` (see ``posteriors``), correlated with ``form``."""
         blocks, prepared, norm = plan["blocks"], plan["prepared"], plan["norm"]
         shift, clamp, floor, sigma2 = plan["shift"], plan["clamp"], plan["floor"], plan["sigma2"]
         single = len(blocks) == 1
-        for held, local, index in self._held_chunks(data, chunks, form, block_bytes):
+        for held, local, index in self._held_chunks(data, chunks, form):
             energy = data.energy[index]
             own = norm - energy / (2 * sigma2)  # the patch's own term and the normalisation
             if single:
@@ -504,30 +519,30 @@ class EStep:
         with self.limit(data.D, None if subset is None else len(subset)):
             plan = self._plan(data, x, log_rho, sigma2)
             chunks = self._chunks(data, subset, comm)
-            workers = self.workers(data.D, len(chunks))
-            # Contiguous runs of chunks, one per worker: equal shares, and a streamed worker reads
-            # its own rows of the micrographs.
-            bounds = [round(w * len(chunks) / workers) for w in range(workers + 1)]
-            parts = [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-            totals = [StatisticsSum(self, plan["blocks"]) for _ in parts]
-            forms = [self.form, *self._spare_forms(workers - 1)]
+            # Each worker correlates with a form of its own (the same tables, its own buffers).
+            forms = queue.SimpleQueue()
+            for form in [self.form, *self._spare_forms(parallel.workers() - 1)]:
+                forms.put(form)
 
-            block_bytes = _STREAM_BLOCK_BYTES // workers  # the streamed memory bound, shared
+            def piece(chunks: list) -> StatisticsSum:
+                form = forms.get()
+                try:
+                    total = StatisticsSum(self, plan["blocks"])
+                    for post, energy in self._stream(plan, data, chunks, form):
+                        total.add(post, energy)
+                    return total
+                finally:
+                    forms.put(form)
 
-            def run(w: int) -> None:
-                for post, energy in self._stream(plan, data, parts[w], forms[w], block_bytes):
-                    totals[w].add(post, energy)
-
-            with limit_threads(1 if workers > 1 else self.threads(data.D)):
-                if workers == 1:
-                    run(0)
-                else:  # each worker on one core, one intra-op thread: no barrier at every op
-                    with ThreadPoolExecutor(workers, thread_name_prefix="mtd-estep") as pool:
-                        list(pool.map(run, range(workers)))
-            for other in totals[1:]:
-                totals[0].merge(other)
+            # One worker: the chunk loop at the policy's threads. More: each worker on one
+            # core at one intra-op thread, no barrier at every op, taking the next piece when
+            # free; the pieces' sums are added in their order, so the result is the same bytes
+            # for any number of workers.
+            total = StatisticsSum(self, plan["blocks"])  # a rank may hold no chunk
+            for part in parallel.ordered_map(piece, self._pieces(data, chunks, self.form)):
+                total.merge(part)
             scale = 1.0 if subset is None else data.D / len(subset)
-            return totals[0].result(data.D, comm, scale)
+            return total.result(data.D, comm, scale)
 
     def workers(self, D: int, chunks: int) -> int:
         """How many chunk loops run side by side on the CPU (``Compute.threads="auto"``).
@@ -537,11 +552,11 @@ class EStep:
         core the thread that shares it stalls every op (``mtd.em.threads``). Instead the chunks are
         shared out, each worker running its own chunks on one thread: on a quiet machine the
         cores work side by side; under a competing load a worker slows down, none waits at
-        barriers. One worker per core, where each gets at least ``_MIN_CHUNKS_PER_WORKER``
-        chunks; one worker where the chunks are big enough to be split
-        (``mtd.em.threads.PARALLEL_WORK``), off the CPU, or when ``threads`` is set. The split is
-        fixed by the sizes and the core count (``mtd.em.threads.DEFAULT_THREADS``), so a run's sums
-        are the same every time on one machine; another core count rounds them differently.
+        barriers, and the workers take the next chunk when free, so the one that shares a core
+        with the other process takes fewer. One worker per core, where each gets at least
+        ``_MIN_CHUNKS_PER_WORKER`` chunks; one worker where the chunks are big enough to be
+        split (``mtd.em.threads.PARALLEL_WORK``), off the CPU, or when ``threads`` is set. The
+        sums do not depend on the workers (``limit``): the same bytes on any core count.
         """
         if self.compute.threads != "auto" or self.device.type != "cpu":
             return 1

@@ -11,11 +11,12 @@ The policy: one thread below ``PARALLEL_WORK`` elements per chunk, torch's defau
 (2^18-2^19 elements), so on the CPU they run on one thread.
 
 The whole iteration keeps that choice, not only the chunk loop (``EStep.limit``, issue 28): the
-templates, the patch transforms, the M-step and the prior run on as many cores as the E-step
-keeps busy. One op left at torch's default threads (an FFT of the templates, a matrix product of
-the M-step) waits at its barrier for a core another process holds: beside a real job the L = 28
-case ran 4-7x slower than when started with ``OMP_NUM_THREADS=1``, though its chunks ran on one
-thread (``tests/benchmarks/bench_load.py``).
+templates, the patch transforms, the M-step and the prior run at the chunks' threads, and what
+comes in independent pieces runs on the E-step's workers (``mtd.parallel``). One op left at
+torch's default threads (an FFT of the templates, a matrix product of the M-step) waits at its
+barrier for a core another process holds: beside a real job the L = 28 case ran 4-7x slower than
+when started with ``OMP_NUM_THREADS=1``, though its chunks ran on one thread
+(``tests/benchmarks/bench_load.py``).
 
 Usage in the E-step, around the loop over chunks (``block``: templates per template block)::
 
@@ -26,11 +27,9 @@ Usage in the E-step, around the loop over chunks (``block``: templates per templ
 
 from __future__ import annotations
 
-import contextlib
-import operator
-from collections.abc import Iterator
-
 import torch
+
+from mtd.parallel import check_count
 
 # The intra-op threads torch would use here (its default: the cores, or OMP_NUM_THREADS), taken
 # when this module is imported, so that a limit_threads context that lowered the current value
@@ -72,7 +71,7 @@ def chunk_work(patches: int, templates: int, L: int) -> int:
         the size of every pass over the chunk.
     """
     for name, value in (("patches", patches), ("templates", templates), ("L", L)):
-        _check_count(name, value, 1)
+        check_count(name, value, 1)
     return int(patches) * int(templates) * 4 * int(L) ** 2
 
 
@@ -87,7 +86,7 @@ def threads_for(work: int, device="cpu") -> int:
         1 when ``work < PARALLEL_WORK`` on the CPU, ``DEFAULT_THREADS`` otherwise; on other
         devices the current ``torch.get_num_threads()``.
     """
-    _check_count("work", work, 0)
+    check_count("work", work, 0)
     if torch.device(device).type != "cpu":
         return torch.get_num_threads()
     return 1 if work < PARALLEL_WORK else DEFAULT_THREADS
@@ -111,47 +110,10 @@ def resolve_threads(threads, work: int, device="cpu") -> int:
     if isinstance(threads, str) and threads == "auto":
         return threads_for(work, device)
     try:
-        n = _check_count("threads", threads, 1)
+        n = check_count("threads", threads, 1)
     except ValueError:
         raise ValueError(
             f'threads must be "auto" or an integer >= 1 (intra-op threads of the E-step), '
             f"got {threads!r}"
         ) from None
-    return n
-
-
-@contextlib.contextmanager
-def limit_threads(n: int) -> Iterator[int]:
-    """Run the block with ``torch.set_num_threads(n)``; restore the previous count on exit.
-
-    Restores also when the block raises. Nothing is set when ``n`` is already the current count.
-
-    Args:
-        n: intra-op threads, an integer >= 1.
-
-    Yields:
-        n.
-    """
-    n = _check_count("n", n, 1)
-    previous = torch.get_num_threads()
-    if n == previous:
-        yield n
-        return
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _check_count(name: str, value, low: int) -> int:
-    # Integers only (int, numpy integers): a float such as 1.5, a bool or a string is an error.
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}") from None
-    if n < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return n

@@ -40,6 +40,7 @@ import torch
 from scipy import optimize, special
 
 from mtd.groups.base import Poses, TransformSet
+from mtd.parallel import ordered_map, sum_in_order
 from mtd.so3 import ball_mask, grid_points, hopf_grid, rotate_volume, trilinear_table
 
 _TABLE_BYTES_PER_ENTRY = 16  # an int64 index and a float64 weight
@@ -323,21 +324,30 @@ class Projections(TransformSet):
             device=self.mask.device, dtype=self.log_w.dtype
         )
 
-    def _sub_blocks(self, block: slice | None):
+    def _sub_blocks(self, block: slice | None) -> list[slice]:
         start, stop, _ = (block or slice(None)).indices(self.K)
-        # At most ~4M table entries per step: bounded temporaries whatever K.
-        step = max(1, (4 << 20) // (8 * self.L**3))
-        for s in range(start, stop, step):
-            yield slice(s, min(s + step, stop))
+        # At most ~1M table entries per piece: bounded temporaries whatever K, and pieces small
+        # enough (~5 ms at L = 11) for the workers to share them out evenly (mtd.parallel).
+        step = max(1, (1 << 20) // (8 * self.L**3))
+        return [slice(s, min(s + step, stop)) for s in range(start, stop, step)]
+
+    def _project(self, v: torch.Tensor, b: slice) -> torch.Tensor:
+        """P_k v for the rotations of block b: (L^3,) -> (k, L^2)."""
+        index, weight = self._tables(b)
+        return (torch.take(v, index) * weight.to(v.dtype)).sum(-1)
+
+    def _back(self, images: torch.Tensor, b: slice) -> torch.Tensor:
+        """sum_k P_k^T images_k over the rotations of block b: (k, L^2) -> (L^3,), unrestricted."""
+        index, weight = self._tables(b)
+        out = torch.zeros(self.L**3, dtype=images.dtype, device=images.device)
+        contrib = images.unsqueeze(-1) * weight.to(images.dtype)
+        return out.scatter_add_(0, index.reshape(-1), contrib.reshape(-1))
 
     def templates(self, x: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         L = self.L
         v = self.restrict(x).reshape(-1)
-        out = []
-        for b in self._sub_blocks(block):
-            index, weight = self._tables(b)
-            out.append((torch.take(v, index) * weight.to(v.dtype)).sum(-1).reshape(-1, L, L))
-        return torch.cat(out) if out else v.new_zeros(0, L, L)
+        parts = list(ordered_map(lambda b: self._project(v, b), self._sub_blocks(block)))
+        return torch.cat(parts).reshape(-1, L, L) if parts else v.new_zeros(0, L, L)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """All K templates: (L, L, L) -> (K, L, L)."""
@@ -345,19 +355,30 @@ class Projections(TransformSet):
 
     def adjoint(self, images: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         L = self.L
-        out = torch.zeros(L**3, dtype=images.dtype, device=images.device)
-        offset = 0
-        for b in self._sub_blocks(block):
-            index, weight = self._tables(b)
-            k = b.stop - b.start
-            contrib = images[offset : offset + k].reshape(k, L * L, 1) * weight.to(images.dtype)
-            out.scatter_add_(0, index.reshape(-1), contrib.reshape(-1))
-            offset += k
-        return self.restrict(out.reshape(L, L, L))
+        blocks = self._sub_blocks(block)
+        start = blocks[0].start if blocks else 0
+        flat = images.reshape(len(images), L * L)
+
+        def part(b: slice) -> torch.Tensor:
+            return self._back(flat[b.start - start : b.stop - start], b)
+
+        if not blocks:
+            return images.new_zeros(L, L, L)
+        return self.restrict(sum_in_order(ordered_map(part, blocks)).reshape(L, L, L))
 
     def normal_apply(self, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """sum_k Pi P_k^T diag(c_k) P_k Pi v: the normal operator of eq. (29)."""
-        return self.adjoint(c * self.templates(v))
+        """sum_k Pi P_k^T diag(c_k) P_k Pi v: the normal operator of eq. (29).
+
+        Block by block of rotations, each projected and back-projected by one worker (the CG
+        of the M-step applies it some 60 times per iteration; ``mtd.parallel``)."""
+        L = self.L
+        u = self.restrict(v).reshape(-1)
+        flat = c.reshape(self.K, L * L)
+
+        def part(b: slice) -> torch.Tensor:
+            return self._back(flat[b] * self._project(u, b), b)
+
+        return self.restrict(sum_in_order(ordered_map(part, self._sub_blocks(None))).view(L, L, L))
 
     def normal_solve(self, c: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Conjugate gradients on the normal equations inside U, from Pi x (module docstring).

@@ -13,7 +13,7 @@ import torch
 from mtd.em.estep import Patches
 from mtd.em.likelihood import template_energy
 from mtd.em.statistics import empty_shifts
-from mtd.em.threads import limit_threads
+from mtd.parallel import limit_threads
 from mtd.picking.options import EMPTY_RULES
 
 

@@ -15,7 +15,10 @@ start-up both ways, as a user's script), timing one case after two warm-up itera
 - ``gemm``: L = 5, N = 1000, K = 8, a U[0, 1] image (GEMM form, 40,000 patches, two workers);
 - ``bare``: no engine, 200 products of (200, 200) float64 matrices on one thread
   (``torch.set_num_threads(1)``) per iteration: what the job costs a thread on the other core
-  (shared caches and memory), the reference for the engine's loaded / quiet.
+  (shared caches and memory), the reference for the engine's one-worker cases;
+- ``shared``: the same products in pieces of 10 shared out over the engine's workers
+  (``mtd.parallel.ordered_map``, one worker per core): the floor of the two-worker cases, work
+  with no Python between its ops and no sums, beside a job that holds one of the two cores.
 
 "iteration" is the median over ``--iterations`` of one E-step and the closed-form M-step, called
 from Python as a user does; "fit" is ``em.fit`` of ``--iterations`` iterations, per iteration.
@@ -43,12 +46,13 @@ import numpy as np
 
 from tests.benchmarks.bench_threads import SPIN, Case, Spinners
 
-CASES = ("mnist", "volume", "gemm", "bare")
+CASES = ("mnist", "volume", "gemm", "bare", "shared")
 ITERATIONS = {
     "mnist": 10,
     "volume": 3,
     "gemm": 5,
     "bare": 10,
+    "shared": 10,
 }  # timed per process: about 0.2-5 s each
 VARIANTS = ("default", "OMP_NUM_THREADS=1")
 
@@ -102,8 +106,8 @@ def child(case: str, iterations: int) -> None:
 
     import mtd
 
-    if case == "bare":
-        return bare(iterations)
+    if case in ("bare", "shared"):
+        return bare(iterations, case == "shared")
     em, data, x, log_rho, sigma2, subset = build(case)
 
     def iteration():
@@ -130,18 +134,28 @@ def child(case: str, iterations: int) -> None:
     )
 
 
-def bare(iterations: int) -> None:
-    """The ``bare`` case: matrix products on one thread, timed as ``child`` times an engine."""
+def bare(iterations: int, shared: bool) -> None:
+    """The ``bare`` and ``shared`` cases: matrix products on one thread, or shared out over the
+    engine's workers in pieces of 10 (``mtd.parallel``), timed as ``child`` times an engine."""
     import torch
+
+    from mtd import parallel
+    from mtd.em.threads import DEFAULT_THREADS
 
     torch.set_num_threads(1)
     a = torch.randn(200, 200, dtype=torch.float64)
-    times = []
-    for _ in range(iterations + 2):
-        start = time.perf_counter()
-        for _ in range(200):
+
+    def piece(_) -> None:
+        for _ in range(10):
             a @ a
-        times.append(time.perf_counter() - start)
+
+    times = []
+    with parallel.sharing(DEFAULT_THREADS if shared else 1):
+        for _ in range(iterations + 2):
+            start = time.perf_counter()
+            for _ in parallel.ordered_map(piece, range(20)):
+                pass
+            times.append(time.perf_counter() - start)
     t = statistics.median(times[2:])
     print(json.dumps({"iteration": t, "fit": t, "threads": torch.get_num_threads()}))
 
@@ -206,7 +220,7 @@ def main(argv=None) -> None:
     head = f"{'case':<7} {'':9} {'variant':<18} {'quiet':>22} {'loaded':>22} loaded/quiet"
     print(head + "  default/OMP=1 (quiet, loaded)")
     for c in args.cases:
-        for key in ("iteration",) if c == "bare" else ("iteration", "fit"):
+        for key in ("iteration",) if c in ("bare", "shared") else ("iteration", "fit"):
             med = {}
             for v in VARIANTS:
                 q, l = times[c, v, False, key], times[c, v, True, key]

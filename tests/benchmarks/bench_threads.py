@@ -44,13 +44,8 @@ import numpy as np
 import torch
 
 import mtd
-from mtd.em.threads import (
-    DEFAULT_THREADS,
-    PARALLEL_WORK,
-    chunk_work,
-    limit_threads,
-    resolve_threads,
-)
+from mtd.em.threads import DEFAULT_THREADS, PARALLEL_WORK, chunk_work, resolve_threads
+from mtd.parallel import limit_threads
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 

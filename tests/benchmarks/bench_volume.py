@@ -49,9 +49,9 @@ def speed(patches: int, K: int, repeats: int, dtype: str, method: str, target: i
 
     import mtd
     from mtd import so3
-    from mtd.em.threads import limit_threads
     from mtd.forward import volumes as mv
     from mtd.groups import tomography as pj
+    from mtd.parallel import limit_threads
 
     L = 11
     dt = getattr(torch, dtype)

@@ -1,9 +1,10 @@
-"""mtd.em.threads: the E-step's intra-op thread policy, its context manager and its validation."""
+"""mtd.em.threads: the E-step's thread policy, its validation, and the iteration's threads."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 
 import mtd
 from mtd.em import threads
-from mtd.em.threads import chunk_work, limit_threads, resolve_threads, threads_for
+from mtd.em.threads import chunk_work, resolve_threads, threads_for
+from mtd.parallel import limit_threads
 
 
 @pytest.fixture(autouse=True)
@@ -29,55 +31,6 @@ def default3(monkeypatch):
     # "the current value" and from the small-work answer.
     monkeypatch.setattr(threads, "DEFAULT_THREADS", 3)
     return 3
-
-
-def test_limit_threads_sets_and_restores():
-    before = torch.get_num_threads()
-    n = 1 if before != 1 else 2
-    with limit_threads(n) as got:
-        assert got == n
-        assert torch.get_num_threads() == n
-    assert torch.get_num_threads() == before
-
-
-def test_limit_threads_restores_after_an_exception():
-    before = torch.get_num_threads()
-    n = 1 if before != 1 else 2
-    with pytest.raises(KeyError, match="inside"):
-        with limit_threads(n):
-            assert torch.get_num_threads() == n
-            raise KeyError("inside")
-    assert torch.get_num_threads() == before
-
-
-def test_limit_threads_nested_restore_in_order():
-    torch.set_num_threads(2)
-    with limit_threads(1):
-        with limit_threads(3):
-            assert torch.get_num_threads() == 3
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == 2
-
-
-def test_limit_threads_same_count_sets_nothing(monkeypatch):
-    calls = []
-    real = torch.set_num_threads
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
-    with limit_threads(torch.get_num_threads()):
-        pass
-    assert calls == []
-    with limit_threads(torch.get_num_threads() + 1):
-        pass
-    assert len(calls) == 2  # set, then restored
-
-
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", None, True])
-def test_limit_threads_rejects_bad_counts(bad):
-    before = torch.get_num_threads()
-    with pytest.raises(ValueError, match=r"n must be an integer >= 1, got"):
-        with limit_threads(bad):
-            pass
-    assert torch.get_num_threads() == before
 
 
 def test_threads_for_small_work_is_one_thread(default3):
@@ -208,21 +161,60 @@ def test_every_step_of_an_iteration_runs_at_the_e_steps_threads():
     assert torch.get_num_threads() == 2
 
 
-def test_an_iteration_keeps_the_cores_its_e_step_keeps_busy(monkeypatch):
-    """EStep.limit: workers x intra-op threads. Chunks shared out over 3 workers leave the
-    templates and the M-step on 3 threads (big problems keep their speed); one chunk is one
-    worker at the policy's one thread, and so is everything else."""
+def test_an_iteration_shares_its_pieces_over_the_e_steps_workers(monkeypatch):
+    """EStep.limit: the chunks' intra-op threads for every op, and the E-step's workers for
+    what comes in pieces (mtd.parallel). Chunks shared out over 3 workers leave the M-step's
+    pieces on 3 workers and the rest on one thread; an E-step on one chunk is one worker; a
+    user's thread count is one worker at that many threads."""
+    from mtd import parallel
     from mtd.em import estep
 
     monkeypatch.setattr(estep, "DEFAULT_THREADS", 3)
+    torch.set_num_threads(2)
     em = mtd.ApproximateEM(mtd.Rotations(5, K=8), dtype=torch.float64)
     D = 40_000
     chunk, _ = em.estep.chunking(D)
     assert em.estep.threads(D) == 1 and em.estep.workers(D, -(-D // chunk)) == 3
     with em.estep.limit(D) as n:
-        assert n == torch.get_num_threads() == 3
+        assert (n, torch.get_num_threads(), parallel.workers()) == (1, 1, 3)
     with em.estep.limit(D, used=chunk) as n:
-        assert n == torch.get_num_threads() == 1
+        assert (n, torch.get_num_threads(), parallel.workers()) == (1, 1, 1)
     em.estep.compute.threads = 2  # the user's count: one worker, that many threads
     with em.estep.limit(D) as n:
-        assert n == 2
+        assert (n, torch.get_num_threads(), parallel.workers()) == (2, 2, 1)
+    assert (torch.get_num_threads(), parallel.workers()) == (2, 1)
+
+
+def test_the_volume_m_step_runs_on_the_e_steps_workers(monkeypatch):
+    """Issue 28: the volume's CG M-step (0.8 s of a 1.8 s iteration) ran on two intra-op
+    threads and, beside a competing job, stalled at every op's barrier (2x); its rotation
+    blocks now run on the E-step's workers, one intra-op thread each."""
+    from mtd import parallel
+
+    em = mtd.ApproximateEM(mtd.projections(9), dtype=torch.float64)
+    group = em.group
+    seen = set()
+    project = group._project
+
+    def spied(v, b):
+        seen.add(
+            (threading.current_thread().name.startswith("mtd-worker"), torch.get_num_threads())
+        )
+        return project(v, b)
+
+    monkeypatch.setattr(group, "_project", spied)
+    em.estep.workers = lambda D, chunks: 2
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.normal(size=(9, 9, 9)))
+    stats = mtd.Statistics(
+        omega=torch.ones(group.K, 18, 18, dtype=torch.float64),
+        b=torch.as_tensor(rng.normal(size=(group.K, 9, 9))),
+        c=torch.ones(group.K, 9, 9, dtype=torch.float64),
+        loglik=torch.zeros((), dtype=torch.float64),
+        energy=torch.zeros((), dtype=torch.float64),
+        D=1000,
+    )
+    with em.estep.limit(1000):
+        assert parallel.workers() == 2
+        em.closed_form(stats, x)
+    assert seen == {(True, 1)}
