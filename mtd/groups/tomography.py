@@ -356,14 +356,14 @@ class Projections(TransformSet):
     def adjoint(self, images: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         L = self.L
         blocks = self._sub_blocks(block)
-        start = blocks[0].start if blocks else 0
+        if not blocks:
+            return images.new_zeros(L, L, L)
+        start = blocks[0].start
         flat = images.reshape(len(images), L * L)
 
         def part(b: slice) -> torch.Tensor:
             return self._back(flat[b.start - start : b.stop - start], b)
 
-        if not blocks:
-            return images.new_zeros(L, L, L)
         return self.restrict(sum_in_order(ordered_map(part, blocks)).reshape(L, L, L))
 
     def normal_apply(self, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
