@@ -16,9 +16,11 @@ from mtd.em.msteps import (
 )
 from mtd.em.patches import PatchSource, extract_patches
 from mtd.em.refine import refine
+from mtd.em.search import anneal_variants, search
 from mtd.em.statistics import PatchSummaries, Statistics, empty_shifts
 
 __all__ = [
+    "anneal_variants",
     "ApproximateEM",
     "ClosedForm",
     "Compute",
@@ -40,4 +42,5 @@ __all__ = [
     "empty_shifts",
     "extract_patches",
     "refine",
+    "search",
 ]
