@@ -39,12 +39,12 @@ def anneal_variants(m_step: MStep, levels) -> list[MStep]:
         return [m_step]
     if not isinstance(m_step, Denoise):
         raise ValueError(
-            f"em.search_anneal={levels} needs a Denoise M-step (its anneal_from), got "
-            f"{type(m_step).__name__}: use em.search_anneal=[]"
+            f"anneal levels {levels} need a Denoise M-step (its anneal_from), got "
+            f"{type(m_step).__name__}: give no levels"
         )
     steps = [m_step]
     for level in levels:
-        if level == m_step.anneal_from or any(s.anneal_from == level for s in steps):
+        if any(s.anneal_from == level for s in steps):
             continue
         other = copy.copy(m_step)
         other.anneal_from = level
@@ -90,7 +90,7 @@ def search(
         res = engine.fit(data, x0, prior, truth, tagged, comm, rho=rho, sigma=sigma)
         offset = len(scores)
         scores.extend(res.scores.tolist())
-        if best is None or float(res.scores.max()) > max(scores[:offset], default=-float("inf")):
+        if float(res.scores.max()) > max(scores[:offset], default=-float("inf")):
             best = engine, dataclasses.replace(res, restart=offset + res.restart)
     best[1].scores = torch.tensor(scores, dtype=torch.float64)
     return best

@@ -41,7 +41,7 @@ def test_search_keeps_the_candidate_its_fit_would_rank_first():
 
 
 def test_annealing_levels_need_a_denoise_m_step():
-    with pytest.raises(ValueError, match="em.search_anneal"):
+    with pytest.raises(ValueError, match="anneal levels .* need a Denoise M-step"):
         anneal_variants(mtd.Gradient(), [None])
     step = mtd.Gradient()
     assert anneal_variants(step, []) == [step]
