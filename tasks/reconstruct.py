@@ -224,10 +224,23 @@ def fit_variant(run: Run, v: str, patches, wandb_run) -> None:
         every = s.volume_error_every if group.costly_nearest else 0
         logger = tracking.em_logger(wandb_run, v, len(run.init), s.image_every or 0)
         log = EMLog(logger, group, run.inputs.truth, every or 0)
-    fit = lambda callback: em.fit(  # noqa: E731
-        patches, run.init, prior=prior, truth=truth, callback=callback, comm=run.comm
-    )
-    res, seconds = with_progress(fit, em.total_iterations * len(run.init), v, run.rank, log)
+    if v == "prior" and searching(s):
+        start = no_prior_start(run, patches) if s.em.search_from_no_prior else None
+        m_steps = search_m_steps(s, em)
+
+        def fit(callback):
+            return mtd.em.search(
+                em, patches, run.init, prior, m_steps, start, truth, callback, run.comm
+            )
+
+        fits = len(m_steps) * len(run.init) + (start is not None)
+        (em, res), seconds = with_progress(fit, em.total_iterations * fits, v, run.rank, log)
+        run.ems[v] = em  # the winner's M-step, for the refinement and picking
+    else:
+        fit = lambda callback: em.fit(  # noqa: E731
+            patches, run.init, prior=prior, truth=truth, callback=callback, comm=run.comm
+        )
+        res, seconds = with_progress(fit, em.total_iterations * len(run.init), v, run.rank, log)
     if run.refine is not None:  # the best restart on the finer grid
         fine_group, iterations, _ = run.refine
 
@@ -256,6 +269,29 @@ def fit_variant(run: Run, v: str, patches, wandb_run) -> None:
     run.objects[v], run.scores[v] = found.aligned, found
     run.metrics.update({f"{k}/{v}": value for k, value in found.metrics.items()})
     run.records[v].update(found.record)
+
+
+def searching(s: Reconstruct) -> bool:
+    """Whether the prior run is a search over candidates (``mtd.em.search``)."""
+    return bool(s.em.search_anneal) or s.em.search_from_no_prior
+
+
+def search_m_steps(s: Reconstruct, em) -> list:
+    """The search's M-steps: the configured one, then at each ``em.search_anneal`` level (a
+    preset's denoiser; em/m_step=gradient and the like have no annealing to vary)."""
+    levels = s.em.search_anneal if hasattr(em.m_step, "anneal_from") else []
+    return mtd.em.anneal_variants(em.m_step, levels)
+
+
+def no_prior_start(run: Run, patches):
+    """The search's start from EM without the prior: the no_prior variant's fit when the run
+    compares (it runs first), else that fit made here, not recorded."""
+    if "no_prior" in run.fits:
+        return run.fits["no_prior"]
+    em = run.ems["prior"]
+    fit = lambda callback: em.fit(patches, run.init, callback=callback, comm=run.comm)  # noqa: E731
+    res, _ = with_progress(fit, em.total_iterations * len(run.init), "no_prior", run.rank)
+    return res
 
 
 def finish(run: Run, patches) -> None:
@@ -304,6 +340,8 @@ def run_record(res, seconds: float, em, K: int) -> dict:
         "seconds": seconds,
         "sigma": res.sigma,
         "restart": res.restart,
+        "scores": None if res.scores is None else res.scores.tolist(),  # each restart's or
+        # search candidate's log-likelihood + gamma * log-prior
         "loglik": float(res.loglik[-1]),
         "empty_mass": res.history[-1]["empty_mass"],
         "dropped": list(res.dropped),

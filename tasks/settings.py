@@ -78,6 +78,8 @@ class EM:
     refine_K: int | None = field(default=None, metadata=at_least(1))
     refine_iterations: int = field(default=50, metadata=at_least(1))
     baseline: Literal["same", "closed_form"] = "same"
+    search_anneal: list[float | None] = field(default_factory=list)
+    search_from_no_prior: bool = False
 
 
 @dataclass

@@ -159,7 +159,10 @@ def em_logger(run, variant: str, restarts: int, image_every: int) -> Callable[[d
     logged = set()
 
     def final(entry: dict) -> None:
-        if image_every and (entry.get("restart"), entry["iteration"]) not in logged:
+        if (
+            image_every
+            and (entry.get("candidate"), entry.get("restart"), entry["iteration"]) not in logged
+        ):
             import wandb
 
             run.log(
@@ -176,11 +179,13 @@ def em_logger(run, variant: str, restarts: int, image_every: int) -> Callable[[d
                 row[f"em/{variant}/{name}"] = entry[key]
         if restarts > 1:
             row[f"em/{variant}/restart"] = entry["restart"]
+        if "candidate" in entry:  # the prior run's search (mtd.em.search)
+            row[f"em/{variant}/candidate"] = entry["candidate"]
         if image_every and entry["iteration"] % image_every == 0:
             import wandb
 
             row[f"em/{variant}/estimate"] = wandb.Image(_image(entry["estimate"]))
-            logged.add((entry.get("restart"), entry["iteration"]))
+            logged.add((entry.get("candidate"), entry.get("restart"), entry["iteration"]))
         run.log(row)
 
     log.final = final

@@ -64,13 +64,19 @@ def em_estimate(s, meas, prior, device, use_prior: bool = True):
     ``+em.use_prior=false``): EM without the prior."""
     import hydra
 
+    from tasks.reconstruct import search_m_steps, searching
+
     L = meas.L
     group = hydra.utils.instantiate(s.em.group)(L)
     m_step = hydra.utils.instantiate(s.em.m_step)
     em = inputs.build_em(s, group, m_step, meas.sigma, device)
     init = inputs.initial_guess(s, L, prior, meas.image, group)
     patches = em.prepare(meas.data)
-    res = em.fit(patches, init, prior=prior if use_prior else None)
+    if use_prior and searching(s):  # the prior run's search, as reconstruct.py runs it
+        start = em.fit(patches, init) if s.em.search_from_no_prior else None
+        em, res = mtd.em.search(em, patches, init, prior, search_m_steps(s, em), start)
+    else:
+        res = em.fit(patches, init, prior=prior if use_prior else None)
     return em, patches, res
 
 

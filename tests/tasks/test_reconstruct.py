@@ -228,6 +228,30 @@ def test_searched_transformations_follow_the_simulated_ones_unless_set(tmp_path,
     assert (em.stochastic.fraction, em.stochastic.seed) == (0.5, cfg.seed)
 
 
+def test_the_prior_runs_search_keeps_its_best_candidate_with_or_without_the_comparison(
+    tmp_path, compose
+):
+    # em=mnist's search: the annealed denoiser, the same without annealing, and one from EM
+    # without the prior; summary.json holds every candidate's score and the kept one's index.
+    over = ("measurement.N=140", "measurement.snr=0.5", "em.iterations=3")
+    reconstruct(compose("reconstruct", *over, root=tmp_path / "a"))
+    run = json.loads((tmp_path / "a/out/summary.json").read_text())["runs"]["prior"]
+    assert len(run["scores"]) == 3 and run["restart"] == int(np.argmax(run["scores"]))
+    # compare=false makes the start from EM without the prior itself: the same estimate, and no
+    # file of that unrecorded run.
+    reconstruct(compose("reconstruct", *over, "compare=false", root=tmp_path / "b"))
+    a, b = tmp_path / "a/out", tmp_path / "b/out"
+    assert (a / "estimate_prior.npy").read_bytes() == (b / "estimate_prior.npy").read_bytes()
+    assert not (b / "estimate_no_prior.npy").exists()
+    # Without the search: one candidate, and the same as the search's first.
+    reconstruct(
+        compose("reconstruct", *over, "em.search_anneal=[]", "em.search_from_no_prior=false",
+                root=tmp_path / "c")
+    )  # fmt: skip
+    alone = json.loads((tmp_path / "c/out/summary.json").read_text())["runs"]["prior"]
+    assert alone["scores"] == [run["scores"][0]]
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error before EM starts, nothing written
 # ------------------------------------------------------------------------------------------------
