@@ -95,6 +95,8 @@ def test_em_mnist_anneals_the_denoisers_noise_from_one_over_32_of_40_iterations(
             "em=mnist",
             "em.init=prior_mean",
             "em.tol=0",
+            "em.search_anneal=[]",  # the annealed run alone (em=mnist's search also runs others)
+            "em.search_from_no_prior=false",
             out=tmp_path / "out",
         ),
         tmp_path,
