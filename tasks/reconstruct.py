@@ -234,13 +234,16 @@ def fit_variant(run: Run, v: str, patches, wandb_run) -> None:
             )
 
         fits = len(m_steps) * len(run.init) + (start is not None)
-        (em, res), seconds = with_progress(fit, em.total_iterations * fits, v, run.rank, log)
-        run.ems[v] = em  # the winner's M-step, for the refinement and picking
     else:
-        fit = lambda callback: em.fit(  # noqa: E731
-            patches, run.init, prior=prior, truth=truth, callback=callback, comm=run.comm
-        )
-        res, seconds = with_progress(fit, em.total_iterations * len(run.init), v, run.rank, log)
+
+        def fit(callback):
+            return em, em.fit(
+                patches, run.init, prior=prior, truth=truth, callback=callback, comm=run.comm
+            )
+
+        fits = len(run.init)
+    (em, res), seconds = with_progress(fit, em.total_iterations * fits, v, run.rank, log)
+    run.ems[v] = em  # the search's winner: its M-step for the refinement and picking
     if run.refine is not None:  # the best restart on the finer grid
         fine_group, iterations, _ = run.refine
 
