@@ -243,6 +243,16 @@ def fit_variant(run: Run, v: str, patches, wandb_run) -> None:
 
         fits = len(run.init)
     (em, res), seconds = with_progress(fit, em.total_iterations * fits, v, run.rank, log)
+    if v == "prior" and searching(s) and s.em.search_iterations:
+        # the kept candidate on to convergence: at low SNR the search's short fits stop short
+        # of the basin they rank (docs/benchmarks.md, "Low SNR")
+        n = s.em.search_iterations
+
+        def go_on(callback):
+            return mtd.em.refine(em, res, group, n, patches, prior, truth, callback, run.comm)
+
+        (em, res), extra = with_progress(go_on, n, "prior continued", run.rank, log)
+        seconds += extra
     run.ems[v] = em  # the search's winner: its M-step for the refinement and picking
     if run.refine is not None:  # the best restart on the finer grid
         fine_group, iterations, _ = run.refine
@@ -345,6 +355,7 @@ def run_record(res, seconds: float, em, K: int) -> dict:
         "restart": res.restart,
         "scores": None if res.scores is None else res.scores.tolist(),  # each restart's or
         # search candidate's log-likelihood + gamma * log-prior
+        "score": res.score,  # the estimate's (continued or refined: after that)
         "loglik": float(res.loglik[-1]),
         "empty_mass": res.history[-1]["empty_mass"],
         "dropped": list(res.dropped),

@@ -80,6 +80,7 @@ class EM:
     baseline: Literal["same", "closed_form"] = "same"
     search_anneal: list[float | None] = field(default_factory=list)
     search_from_no_prior: bool = False
+    search_iterations: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass

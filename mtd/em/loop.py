@@ -99,6 +99,8 @@ class EMResult:
         restart: index of the chosen initial guess.
         scores: (R,) the ranking score of every restart (log-likelihood, plus gamma * log-prior
         with a prior).
+        score: the returned estimate's ranking score (``scores[restart]`` after a fit; after a
+        continuation, ``refine``, the continued estimate's).
         dropped: pixels of the measurement outside the patch grid (rows, columns) that were not
         used.
     """
@@ -111,6 +113,7 @@ class EMResult:
     converged: bool = False
     restart: int = 0
     scores: torch.Tensor | None = None
+    score: float | None = None
     dropped: tuple[int, int] = (0, 0)
 
 
@@ -345,7 +348,7 @@ class ApproximateEM(torch.nn.Module):
         best = int(np.argmax(scores))
         result = results[best]
         result.restart, result.dropped = best, dropped
-        result.scores = torch.tensor(scores, device="cpu")
+        result.scores, result.score = torch.tensor(scores, device="cpu"), scores[best]
         return result
 
     def _initial_sigma2(self, data: Patches) -> float:

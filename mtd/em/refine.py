@@ -45,8 +45,8 @@ def refine(
             iterations, with ``stage`` "refine" and the search's ``restart``.
 
     Returns:
-        (the finer engine, an ``EMResult`` whose history and log-likelihoods are both stages'
-        and whose scores are the search's restarts').
+        (the finer engine, an ``EMResult`` whose history and log-likelihoods are both stages',
+        whose scores are the search's restarts' and whose score is the refined estimate's).
     """
     fine = ApproximateEM(
         group,

@@ -250,6 +250,15 @@ def test_the_prior_runs_search_keeps_its_best_candidate_with_or_without_the_comp
     )  # fmt: skip
     alone = json.loads((tmp_path / "c/out/summary.json").read_text())["runs"]["prior"]
     assert alone["scores"] == [run["scores"][0]]
+    assert run["score"] == run["scores"][run["restart"]]
+    # em.search_iterations continues the kept candidate: two more iterations, scored after them.
+    reconstruct(compose("reconstruct", *over, "em.search_iterations=2", root=tmp_path / "d"))
+    more = json.loads((tmp_path / "d/out/summary.json").read_text())["runs"]["prior"]
+    assert more["scores"] == run["scores"] and more["restart"] == run["restart"]
+    assert more["iterations"] == run["iterations"] + 2 and more["score"] != run["score"]
+    assert (tmp_path / "d/out/estimate_prior.npy").read_bytes() != (
+        a / "estimate_prior.npy"
+    ).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------
