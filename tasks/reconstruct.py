@@ -243,28 +243,22 @@ def fit_variant(run: Run, v: str, patches, wandb_run) -> None:
 
         fits = len(run.init)
     (em, res), seconds = with_progress(fit, em.total_iterations * fits, v, run.rank, log)
+    stages = []  # (group, iterations, label) of each continuation, by mtd.em.refine
     if v == "prior" and searching(s) and s.em.search_iterations:
         # the kept candidate on to convergence: at low SNR the search's short fits stop short
         # of the basin they rank (docs/benchmarks.md, "Low SNR")
-        n = s.em.search_iterations
-
-        def go_on(callback):
-            return mtd.em.refine(em, res, group, n, patches, prior, truth, callback, run.comm)
-
-        (em, res), extra = with_progress(go_on, n, "prior continued", run.rank, log)
-        seconds += extra
-    run.ems[v] = em  # the search's winner: its M-step for the refinement and picking
+        stages.append((group, s.em.search_iterations, "prior continued"))
     if run.refine is not None:  # the best restart on the finer grid
-        fine_group, iterations, _ = run.refine
+        stages.append((run.refine[0], run.refine[1], "refine"))
+    for on, n, label in stages:
 
-        def more(callback):
-            return mtd.em.refine(
-                em, res, fine_group, iterations, patches, prior, truth, callback, run.comm
-            )
+        def more(callback, on=on, n=n, em=em, res=res):
+            return mtd.em.refine(em, res, on, n, patches, prior, truth, callback, run.comm)
 
-        total = iterations + (em.stochastic.polish if em.stochastic else 0)
-        (em, res), extra = with_progress(more, total, "refine", run.rank, log)
-        run.ems[v], seconds = em, seconds + extra
+        total = n + (em.stochastic.polish if em.stochastic else 0)
+        (em, res), extra = with_progress(more, total, label, run.rank, log)
+        seconds += extra
+    run.ems[v] = em  # the search's winner, continued: its M-step for picking
     if log is not None:  # the estimate EM returns, whatever image_every skipped
         log.final({**res.history[-1], "estimate": res.estimate})
     run.fits[v] = res
