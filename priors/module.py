@@ -79,7 +79,8 @@ class ScoreModule(L.LightningModule):
                 "loss=dsm or a network whose output is the score (mlp, unet_paper)"
             )
         size = int((data_meta or {}).get("image_size", 28))
-        self.register_buffer("held_out", torch.zeros(n_held_out, size, size))
+        ndim = int((data_meta or {}).get("ndim", 2))  # 3: volumes
+        self.register_buffer("held_out", torch.zeros(n_held_out, *(size,) * ndim))
 
     def score_fn(self, net: torch.nn.Module) -> ScoreAdapter:
         """``net`` (``self.net`` or ``self.ema``) as a score under this module's one SDE.
@@ -131,19 +132,19 @@ class ScoreModule(L.LightningModule):
         """Draw a grid of samples from the EMA network by the reverse SDE; save and log it."""
         from torchvision.utils import make_grid, save_image
 
-        size = self.held_out.shape[-1]
+        shape = self.held_out.shape[1:]
         g = torch.Generator(device=self.device).manual_seed(0)
         x = sample(
             self.sde,
             self.score_fn(self.ema),
-            (self.hparams.n_samples, 1, size, size),
+            (self.hparams.n_samples, 1, *shape),
             steps=self.hparams.sample_steps,
             generator=g,
             device=self.device,
         )
         if (self.hparams.data_meta or {}).get("name") == "mnist":
             x = x.clamp(0, 1)  # pixel units
-        grid = make_grid(x, nrow=8, normalize=True)
+        grid = make_grid(_as_images(x), nrow=8, normalize=True)
         folder = Path(self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         save_image(grid, folder / f"epoch_{self.current_epoch:03d}.png")
@@ -183,3 +184,19 @@ class ScoreModule(L.LightningModule):
             "optimizer": opt,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt)},
         }
+
+
+def _as_images(x: torch.Tensor) -> torch.Tensor:
+    """Samples as images for a grid: (B, 1, L, L) as they are; volumes (B, 1, L, L, L) as the
+    central slice across axis 0 beside the projection along it, (B, 1, L, 2 L), each scaled to
+    its own range (a projection sums L voxels)."""
+    if x.ndim == 4:
+        return x
+    v = x[:, 0]
+
+    def unit(a):
+        lo = a.flatten(1).min(1).values[:, None, None]
+        hi = a.flatten(1).max(1).values[:, None, None]
+        return (a - lo) / (hi - lo).clamp_min(1e-12)
+
+    return torch.cat([unit(v[:, v.shape[1] // 2]), unit(v.sum(1))], -1)[:, None]

@@ -1,9 +1,9 @@
 """Networks and the adapter that turns their output into a score.
 
-Each network maps (x: (B, 1, L, L), t: (B,)) to a raw output (B, 1, L, L) and names its
-parameterisation in ``output``; ``ScoreAdapter`` (as score_sde's ``get_score_fn`` or NVlabs/edm's
-``VPPrecond``) turns that output into the score with the SDE the checkpoint stores, so one SDE
-drives both the loss and the score.
+Each network maps (x: (B, 1, L, L), t: (B,)) to a raw output (B, 1, L, L) (volumes: (B, 1, L, L,
+L) through ``UNet(dims=3)``) and names its parameterisation in ``output``; ``ScoreAdapter`` (as
+score_sde's ``get_score_fn`` or NVlabs/edm's ``VPPrecond``) turns that output into the score with
+the SDE the checkpoint stores, so one SDE drives both the loss and the score.
 
 - ``PaperUNet``: the score-prior paper's MNIST network: ten convolutions with LogSigmoid, max-pool
   down and transposed-convolution up, skip connections, t given as a constant input channel, the
@@ -108,38 +108,46 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], 1)
 
 
+_CONV = {2: (nn.Conv2d, nn.ConvTranspose2d), 3: (nn.Conv3d, nn.ConvTranspose3d)}
+
+
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb: int, groups: int = 8):
+    def __init__(self, cin: int, cout: int, emb: int, groups: int = 8, dims: int = 2):
         super().__init__()
+        conv = _CONV[dims][0]
         self.norm1, self.conv1 = (
             nn.GroupNorm(min(groups, cin), cin),
-            nn.Conv2d(cin, cout, 3, padding=1),
+            conv(cin, cout, 3, padding=1),
         )
         self.emb = nn.Linear(emb, cout)
         self.norm2, self.conv2 = (
             nn.GroupNorm(min(groups, cout), cout),
-            nn.Conv2d(cout, cout, 3, padding=1),
+            conv(cout, cout, 3, padding=1),
         )
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = conv(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, e):
         h = self.conv1(nn.functional.silu(self.norm1(x)))
-        h = h + self.emb(e)[:, :, None, None]
+        h = h + self.emb(e).reshape(*e.shape[:1], -1, *(1,) * (x.ndim - 2))
         h = self.conv2(nn.functional.silu(self.norm2(h)))
         return h + self.skip(x)
 
 
 class UNet(nn.Module):
-    """A small residual U-Net with a sinusoidal time embedding (two levels for 28 x 28).
+    """A small residual U-Net with a sinusoidal time embedding (two levels for 28 x 28), for
+    images (B, 1, L, L) or, with ``dims=3``, volumes (B, 1, L, L, L).
 
     The output is eps_theta(x, t), the predicted noise of x_t = alpha_t x_0 + sigma_t eps;
     ``ScoreAdapter`` turns it into the score -eps_theta / sigma_t with the checkpoint's SDE.
+    A side not divisible by 2^(len(mults) - 1) is zero-padded up to the next multiple at the end
+    of every axis and the output cropped back (a volume of side 11 runs at 12).
 
     Args:
-        image_size: side of the (square) images; must be divisible by 2^(len(mults) - 1).
+        image_size: side of the (square) images or (cubic) volumes.
         channels: base width.
         mults: width multipliers per level.
         emb_dim: width of the time embedding.
+        dims: 2 (images) or 3 (volumes).
     """
 
     output = "noise"
@@ -151,41 +159,44 @@ class UNet(nn.Module):
         channels: int = 32,
         mults: tuple[int, ...] = (1, 2, 2),
         emb_dim: int = 128,
+        dims: int = 2,
     ):
         super().__init__()
-        if image_size % 2 ** (len(mults) - 1):
-            raise ValueError(
-                f"image_size {image_size} must be divisible by {2 ** (len(mults) - 1)}"
-            )
+        if dims not in _CONV:
+            raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims!r}")
+        conv, conv_t = _CONV[dims]
+        step = 2 ** (len(mults) - 1)
+        self.image_size, self.dims = image_size, dims
+        self.pad = -image_size % step
         self.emb_dim = emb_dim
         self.emb = nn.Sequential(
             nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         widths = [channels * m for m in mults]
-        self.inp = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.inp = conv(1, widths[0], 3, padding=1)
         self.down_blocks, self.pools = nn.ModuleList(), nn.ModuleList()
         cin = widths[0]
         for i, w in enumerate(widths):
-            self.down_blocks.append(ResBlock(cin, w, emb_dim))
+            self.down_blocks.append(ResBlock(cin, w, emb_dim, dims=dims))
             self.pools.append(
-                nn.Conv2d(w, w, 3, stride=2, padding=1) if i < len(widths) - 1 else nn.Identity()
+                conv(w, w, 3, stride=2, padding=1) if i < len(widths) - 1 else nn.Identity()
             )
             cin = w
-        self.mid = ResBlock(cin, cin, emb_dim)
+        self.mid = ResBlock(cin, cin, emb_dim, dims=dims)
         self.up_blocks, self.ups = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
-            self.up_blocks.append(ResBlock(cin + w, w, emb_dim))
-            self.ups.append(
-                nn.ConvTranspose2d(w, w, 4, stride=2, padding=1) if i > 0 else nn.Identity()
-            )
+            self.up_blocks.append(ResBlock(cin + w, w, emb_dim, dims=dims))
+            self.ups.append(conv_t(w, w, 4, stride=2, padding=1) if i > 0 else nn.Identity())
             cin = w
         self.out = nn.Sequential(
-            nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv2d(cin, 1, 3, padding=1)
+            nn.GroupNorm(min(8, cin), cin), nn.SiLU(), conv(cin, 1, 3, padding=1)
         )
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = _times(t, x)
         e = self.emb(timestep_embedding(t, self.emb_dim))
+        if self.pad:  # up to a side the levels halve exactly; cropped back below
+            x = nn.functional.pad(x, (0, self.pad) * self.dims)
         h = self.inp(x)
         skips = []
         for block, pool in zip(self.down_blocks, self.pools, strict=True):
@@ -195,7 +206,8 @@ class UNet(nn.Module):
         h = self.mid(h, e)
         for block, up in zip(self.up_blocks, self.ups, strict=True):
             h = up(block(torch.cat([h, skips.pop()], 1), e))
-        return self.out(h)
+        h = self.out(h)
+        return h[(..., *(slice(0, self.image_size),) * self.dims)] if self.pad else h
 
 
 class MLP(nn.Module):
@@ -283,8 +295,8 @@ class ScoreAdapter(nn.Module):
             self.score_and_divergence = net.score_and_divergence
 
     def sigma(self, t, x: torch.Tensor) -> torch.Tensor:
-        """sigma_t of the SDE for the batch of x: (B, 1, 1, 1) in x's dtype."""
-        return self.sde.sigma(_times(t, x)).to(x.dtype).view(-1, 1, 1, 1)
+        """sigma_t of the SDE for the batch of x, (B, 1, 1, 1) ((B, 1, 1, 1, 1) for volumes)."""
+        return self.sde.sigma(_times(t, x)).to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         out = self.net(x, t)

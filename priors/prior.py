@@ -7,6 +7,8 @@ and loads its EMA weights with ``weights_only=True`` (an untrusted checkpoint ca
 
 from __future__ import annotations
 
+import copy
+import math
 import pickle
 import re
 import zipfile
@@ -144,8 +146,10 @@ class ScorePrior(_Prior):
             network units, ``net.net`` the bare network, ``net.sde`` is ``sde``.
         sde: the VP-SDE it was trained with, the checkpoint's one SDE.
         meta: what the checkpoint says of the data: name, image_size, units, held-out targets, mu.
-        held_out: (n, L, L) held-out target images in network units, or None.
+        held_out: (n, L, L) held-out target images ((n, L, L, L) volumes) in network units, or
+            None.
         image_size: L.
+        ndim: 2 for a prior of images, 3 for one of volumes (meta["ndim"]).
         scale: measurement units per network unit (meta["units"]).
         path: the checkpoint's path, or None.
     """
@@ -173,6 +177,7 @@ class ScorePrior(_Prior):
             raise ValueError("ScorePrior: the adapter's SDE must be the prior's sde")
         self.net, self.sde, self.meta, self.held_out = net.eval(), sde, meta, held_out
         self.image_size = int(meta["image_size"])
+        self.ndim = int(meta.get("ndim", 2))  # 3: a prior of (L, L, L) volumes
         self.scale = float(meta.get("units", 1.0))  # measurement units per network unit
         self.path = None if path is None else Path(path)
 
@@ -224,6 +229,39 @@ class ScorePrior(_Prior):
         return cls(ScoreAdapter(net, sde), sde, meta, held_out, path)
 
     @property
+    def scale_free(self) -> bool:
+        """The prior is of shapes, not of a scale: its training objects were each scaled to unit
+        root-mean-square over the ball |p| <= L / 2 (meta["normalisation"] "ball_rms", the
+        volume priors: a micrograph's intensity scale is arbitrary). The M-step then sets the
+        units from the estimate (``rescaled``)."""
+        return self.meta.get("normalisation") == "ball_rms"
+
+    @property
+    def support_voxels(self) -> int:
+        """The voxels (pixels) of the ball |p| <= L / 2 the normalisation is taken over."""
+        from mtd.so3 import ball_mask
+
+        L = self.image_size
+        if self.ndim == 3:
+            return int(ball_mask(L).sum())
+        p = torch.arange(L, dtype=torch.float64) - (L - 1) / 2
+        return int(((p[:, None] ** 2 + p[None] ** 2) <= (L / 2) ** 2).sum())
+
+    def rescaled(self, units: float) -> ScorePrior:
+        """The same prior in other measurement units (``units`` per network unit): a copy that
+        shares the network."""
+        if not (math.isfinite(units) and units > 0):
+            raise ValueError(f"units must be a finite number > 0, got {units!r}")
+        out = copy.copy(self)
+        out.scale = float(units)
+        return out
+
+    @property
+    def object_shape(self) -> tuple[int, ...]:
+        """(L, L) for a prior of images, (L, L, L) for one of volumes."""
+        return (self.image_size,) * self.ndim
+
+    @property
     def kind(self) -> str | None:
         """The data the prior was trained on: meta["name"] ("mnist", "gaussian", ...)."""
         return self.meta.get("name")
@@ -239,11 +277,11 @@ class ScorePrior(_Prior):
     @torch.no_grad()
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
         """The score in measurement units: s(x) = s_net(x / u) / u for x = u * (network units)."""
-        if x.ndim != 4 or x.shape[1:] != (1, self.image_size, self.image_size):
-            raise ValueError(
-                f"the prior takes (B, 1, {self.image_size}, {self.image_size}) images, "
-                f"got {tuple(x.shape)}"
-            )
+        shape = (1, *self.object_shape)
+        if tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
+            what = "images" if self.ndim == 2 else "volumes"
+            dims = ", ".join(map(str, shape))
+            raise ValueError(f"the prior takes (B, {dims}) {what}, got {tuple(x.shape)}")
         p = next(self.net.parameters())
         t = torch.as_tensor(t, device=p.device, dtype=p.dtype)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
@@ -274,7 +312,8 @@ class ScorePrior(_Prior):
         return torch.tensor(self.meta["mu"], dtype=torch.float64).reshape(L, L)
 
     def target(self, index: int, seed: int) -> tuple[torch.Tensor, str]:
-        """A reconstruction target the prior never saw, (L, L) float64 on the CPU, and where from.
+        """A reconstruction target the prior never saw, (L, L) ((L, L, L) for a volume prior)
+        float64 on the CPU, and where from.
 
         Gaussian data: draw ``index`` of N(mu, I) from ``torch.Generator().manual_seed(seed)``
         (the first index + 1 draws of shape (L, L), in float64). Otherwise the checkpoint's
@@ -318,7 +357,7 @@ class ScorePrior(_Prior):
             steps: predictor steps (default ``sde.N``).
 
         Returns:
-            (n, L, L) float64 on the CPU.
+            (n, L, L) ((n, L, L, L) for a volume prior) float64 on the CPU.
 
         Raises:
             ValueError: n < 1, or a time-free prior (it cannot drive the reverse SDE).
@@ -332,11 +371,10 @@ class ScorePrior(_Prior):
             )
         p = next(self.net.parameters())
         gen = torch.Generator(device=p.device).manual_seed(int(seed))
-        L = self.image_size
         x = sample(
             self.sde,
             self.net,
-            (int(n), 1, L, L),
+            (int(n), 1, *self.object_shape),
             steps,
             generator=gen,
             device=p.device,

@@ -65,7 +65,7 @@ def measurement(s: Reconstruct, prior: ScorePrior | None) -> Inputs:
     ``object=volume``), or read from files."""
     m = s.measurement
     if s.object == "volume":
-        return _volume_measurement(s)
+        return _volume_measurement(s, prior)
     if m.source == "file":
         truth = None if is_none(m.truth) else mtd.read_images(m.truth)[0]
         return _files(s, _side(m.L, "measurement.L", 1), truth)
@@ -156,17 +156,28 @@ def _files(s: Reconstruct, L: int, truth, voxel_size: float = 1.0) -> Inputs:
     return Inputs(source, L, m.sigma, truth, info, None, voxel_size)
 
 
-def _volume_measurement(s: Reconstruct) -> Inputs:
-    """A volume run's measurement (the stochastic-EM paper's model): its truth the Shepp-Logan
-    phantom (simulations' default), a volume file, or none; simulated or from files."""
+def _volume_measurement(s: Reconstruct, prior: ScorePrior | None) -> Inputs:
+    """A volume run's measurement (the stochastic-EM paper's model): its truth a held-out
+    structure of the volume prior (``held_out``, ``measurement.index``; simulations' default),
+    the Shepp-Logan phantom, a volume file, or none; simulated or from files."""
     m = s.measurement
     L = _side(m.L, "measurement.L", 2)
     truth, voxel = None, m.voxel_size
     where = None if is_none(m.truth) else str(m.truth)
-    if where == "default":  # the phantom for simulations; a file's volume is not known
-        where = "shepp_logan" if m.source == "simulate" else None
+    if where == "default":  # a held-out protein for simulations; a file's volume is not known
+        where = "held_out" if m.source == "simulate" else None
     if where == "shepp_logan":  # the standard test volume, built from its ellipsoid table
         truth = mtd.shepp_logan(L)
+    elif where == "held_out":  # ckpt=none: the same targets as with the reference prior
+        source = prior if prior is not None else ScorePrior.from_checkpoint(m.reference_ckpt)
+        if source.ndim != 3 or source.image_size != L:
+            raise ValueError(
+                f"measurement.truth=held_out takes the held-out volumes of {source.path}, a "
+                f"prior of {' x '.join(map(str, source.object_shape))} "
+                f"{'images' if source.ndim == 2 else 'volumes'}; measurement.L "
+                f"is {L}"
+            )
+        truth, where = source.target(m.index, 0)
     elif where is not None:
         array, voxel_file = mtd.io.read_volume(where)
         truth = torch.from_numpy(array)

@@ -121,11 +121,12 @@ def prepare(cfg: DictConfig, out_dir) -> Run:
     score = prior.oracle() if prior is not None and s.oracle else prior  # what the M-step uses
     data = inputs.measurement(s, prior)
     group = inputs.make_group(s, data.L)
-    if prior is not None and (prior.image_size,) * 2 != group.object_shape:
-        stands = "" if len(group.object_shape) == 2 else ", and its unknown stands for a volume"
+    if prior is not None and prior.object_shape != group.object_shape:
+        kinds = {2: "images", 3: "volumes"}
+        stands = f"{kinds[len(group.object_shape)]} of side {data.L}"
         raise ValueError(
-            f"the checkpoint {s.ckpt} is a prior of {prior.image_size} x {prior.image_size} "
-            f"images; the measurement's L is {data.L}{stands}"
+            f"the checkpoint {s.ckpt} is a prior of {' x '.join(map(str, prior.object_shape))} "
+            f"{kinds[prior.ndim]}; the measurement's unknowns are {stands}"
         )
     ems, refine = engines(s, group, data, device)
     if "prior" in ems:  # before the long pass over the data
@@ -150,10 +151,6 @@ def prepare(cfg: DictConfig, out_dir) -> Run:
 
 def check_settings(s: Reconstruct) -> None:
     """What the settings alone can tell is wrong, before a prior is loaded or data simulated."""
-    if s.object == "volume" and not is_none(s.ckpt):
-        raise ValueError(
-            f"object=volume runs without a prior (ckpt=none; no 3-D prior yet), got ckpt={s.ckpt}"
-        )
     if s.pick and s.picking.threshold == "auto":
         raise ValueError(
             "picking.threshold=auto is template matching's (pick.py method=template); posterior "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mtd.em.estep import Compute, EStep, Patches
-from mtd.em.msteps import ClosedForm, MStep, closed_form, grad_q, residual
+from mtd.em.msteps import ClosedForm, MStep, closed_form, grad_q, in_measurement_units, residual
 from mtd.em.statistics import PatchSummaries, Statistics, empty_shifts
 from mtd.groups.base import TransformSet, check_group
 from mtd.metrics import relative_error
@@ -231,6 +231,7 @@ class ApproximateEM(torch.nn.Module):
         conservative score. The score is taken at the M-step's ``prior_t``.
         """
         t = self.m_step.prior_t
+        prior = in_measurement_units(prior, self.group, x)
         x = self.group.to_image(x)
         u, wq = np.polynomial.legendre.leggauss(nodes)
         total = 0.0
@@ -294,9 +295,10 @@ class ApproximateEM(torch.nn.Module):
         if prior is not None:  # the prior acts on the image the unknown stands for
             probe = torch.zeros(shape, device=self.device, dtype=self.dtype)
             image_shape = tuple(self.group.to_image(probe).shape)
-            if image_shape != (self.L, self.L):
+            if image_shape != tuple(self.group.object_shape):
                 raise ValueError(
-                    f"a prior acts on ({self.L}, {self.L}) images; this group's unknown "
+                    f"a prior acts on {tuple(self.group.object_shape)} objects; this group's "
+                    f"unknown "
                     f"{shape} ({type(self.group).__name__}) maps to {image_shape} by to_image"
                 )
         inits = self._validate_image("init", init)

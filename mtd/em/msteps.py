@@ -44,6 +44,38 @@ def closed_form(group, stats, x: torch.Tensor) -> torch.Tensor:
     return group.normal_solve(stats.c, group.adjoint(stats.b), x)
 
 
+def normal_apply(group, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_k T_k^T diag(c_k) T_k v: the group's own when it has one, else through the seam."""
+    if hasattr(group, "normal_apply"):
+        return group.normal_apply(c, v)
+    return group.adjoint(c * group.templates(v))
+
+
+def ridge_solve(
+    group, stats, lam: float, w: torch.Tensor, x: torch.Tensor, tol: float, iterations: int
+) -> torch.Tensor:
+    """argmax_x Q(x) - lam ||x - w||^2 / (2 sigma^2) by conjugate gradients from x:
+    (sum_k T_k^T diag(c_k) T_k + lam I) x' = sum_k T_k^T b_k + lam w.
+
+    The x-update of the splitting M-step (``Denoise`` with ``admm_iterations``); the ridge makes
+    the system positive definite, so CG converges whatever the coverage. Stops at ||r|| <= tol
+    ||right-hand side|| or after ``iterations``.
+    """
+    rhs = group.adjoint(stats.b) + lam * w
+    r = rhs - normal_apply(group, stats.c, x) - lam * x
+    p, rr = r.clone(), float((r * r).sum())
+    target = tol * float(torch.linalg.vector_norm(rhs))
+    for _ in range(iterations):
+        if math.sqrt(rr) <= target:
+            break
+        Ap = normal_apply(group, stats.c, p) + lam * p
+        alpha = rr / float((p * Ap).sum())
+        x, r = x + alpha * p, r - alpha * Ap
+        rr, rr_old = float((r * r).sum()), rr
+        p = r + (rr / rr_old) * p
+    return x
+
+
 def residual(group, stats, x: torch.Tensor) -> torch.Tensor:
     """sum_m sum_{l,k} w_m(l,k) ||M_m - C T_l Z T_k x||^2, from the statistics."""
     T = group.templates(x)
@@ -107,10 +139,26 @@ def prior_gradient(group, prior, x: torch.Tensor, t: float) -> torch.Tensor:
     """
     image = group.to_image(x)
     score = _image_prior(prior, image, t)
-    if image is x:
-        return score
+    if image is x:  # onto the unknown's subspace (a band-limited volume's Pi; else itself)
+        return group.from_image(score)
     _, pullback = torch.func.vjp(group.to_image, x)  # J^T s for any differentiable to_image
     return pullback(score)[0]
+
+
+def in_measurement_units(prior, group, x: torch.Tensor, noise: float = 0.0):
+    """``prior`` in the units of the estimate x, for a prior of shapes (``prior.scale_free``:
+    its objects unit RMS over the ball, as the volume priors); any other prior as it is.
+
+    x is taken as the object plus white noise of ``noise`` per direction of the unknown's space
+    (the level the Denoise M-step hands the denoiser), so the object's energy is ||I(x)||^2 -
+    noise^2 dim; the units are its RMS over the ball's voxels (a tenth of x's energy at least,
+    should the noise seem to exceed it).
+    """
+    if not getattr(prior, "scale_free", False):
+        return prior
+    energy = float(group.to_image(x).square().sum())
+    clean = max(energy - noise**2 * group.dimension, 0.1 * energy)
+    return prior.rescaled(max(math.sqrt(clean / prior.support_voxels), 1e-12))
 
 
 class MStep:
@@ -176,6 +224,7 @@ class Gradient(MStep):
 
     def step(self, group, stats, x, sigma2, tau, T, prior):
         gamma = self.gamma(tau, T)
+        prior = None if prior is None else in_measurement_units(prior, group, x)
         x_new = x
         for _ in range(self.steps):  # from the E-step's x
             direction = grad_q(group, stats, x_new, sigma2)
@@ -224,6 +273,22 @@ class Denoise(MStep):
     seeded by (``seed``, iteration), so restarts see the same ones and runs repeat exactly. For an
     image unknown P is the identity and nothing is drawn.
 
+    Where Q's curvature is not a multiple of the identity (a volume's projections: sum_k P_k^T
+    diag(c_k) P_k is the ramp filter of the Fourier slice theorem, not uniform coverage), the one
+    denoising step is not the MAP step. With ``admm_iterations`` = n > 0 the step is n rounds of
+    ADMM on -Q(x) - g log p(x) (the plug-and-play splitting): with v the level above and lam =
+    sigma^2 / v^2,
+
+        x <- argmax Q(x) - ||x - (z - u)||^2 / (2 v^2)   (``ridge_solve``: CG, warm-started)
+        z <- P(E[image | I(x + u)] at noise v sqrt(g))  (the prior's posterior mean, projected)
+        u <- u + x - z
+
+    from x = x_ml, z = the denoised x_ml, u = x_ml - z; z is returned. For a Gaussian prior the
+    posterior mean at noise v sqrt(g) is exactly the proximal map of -g log p with parameter v^2
+    (on the unknown's subspace too: P is an orthogonal projector and the prior isotropic), so
+    the rounds converge to argmax Q + g log p inside the subspace, whatever v: v sets the speed
+    (and, for a learned prior, which MMSE denoiser stands in for the proximal map).
+
     Args:
         gamma: the weight g's schedule.
         noise_scale: factor on the estimated noise level handed to the denoiser.
@@ -234,6 +299,8 @@ class Denoise(MStep):
         prior_t: diffusion time of the score that ranks restarts (``ApproximateEM.log_prior``).
         complete_draws: completions of a basis image's missing noise averaged (0: none).
         seed: of those draws.
+        admm_iterations: rounds of the ADMM splitting (0: the one denoising step, blended by g).
+        cg_tol, cg_iterations: the conjugate gradients of each round's x-update.
     """
 
     uses_prior = True
@@ -247,7 +314,20 @@ class Denoise(MStep):
         prior_t: float = 0.01,
         complete_draws: int = 0,
         seed: int = 0,
+        admm_iterations: int = 0,
+        cg_tol: float = 1e-6,
+        cg_iterations: int = 50,
     ):
+        for key, value, least in (
+            ("admm_iterations", admm_iterations, 0),
+            ("cg_iterations", cg_iterations, 1),
+        ):
+            if int(value) != value or value < least:
+                raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
+        if not (math.isfinite(cg_tol) and cg_tol >= 0):
+            raise ValueError(f"cg_tol must be a finite number >= 0, got {cg_tol!r}")
+        self.admm_iterations, self.cg_iterations = int(admm_iterations), int(cg_iterations)
+        self.cg_tol = float(cg_tol)
         if not 0 < prior_t <= 1:
             raise ValueError(f"prior_t must be in (0, 1], got {prior_t!r}")
         self.prior_t = float(prior_t)
@@ -301,12 +381,27 @@ class Denoise(MStep):
         info = {"gamma": gamma if prior is not None else 0.0, "lr": math.nan, "noise": noise}
         if prior is None or gamma == 0:
             return x_ml, info
-        image = group.to_image(x_ml)  # the prior is a pixel-space model
-        if image is x_ml:
-            denoised = _image_prior(prior.posterior_mean, image, noise)
-        else:  # an unknown that is not an image: denoise its image, project back onto it
-            denoised = group.from_image(self.denoise_span(group, prior, image, noise, tau))
-        return (1 - gamma) * x_ml + gamma * denoised, info
+        prior = in_measurement_units(prior, group, x_ml, noise)
+        if self.admm_iterations == 0:
+            denoised = self.prox(group, prior, x_ml, noise, tau)
+            return (1 - gamma) * x_ml + gamma * denoised, info
+        level, lam = noise * math.sqrt(gamma), sigma2 / noise**2  # the class docstring
+        x, z = x_ml, self.prox(group, prior, x_ml, level, tau)
+        u = x_ml - z
+        for _ in range(self.admm_iterations - 1):
+            x = ridge_solve(group, stats, lam, z - u, x, self.cg_tol, self.cg_iterations)
+            z = self.prox(group, prior, x + u, level, tau)
+            u = u + x - z
+        return z, info
+
+    def prox(self, group, prior, x: torch.Tensor, noise: float, tau: int) -> torch.Tensor:
+        """P(E[object | I(x)]): the prior's posterior mean of the object the unknown x stands
+        for, at ``noise``, projected back onto the unknown (the band-limited subspace of a
+        volume, a basis's span; an image unknown: the posterior mean itself)."""
+        image = group.to_image(x)  # the prior is a model of the object (pixels, voxels)
+        if image is x:
+            return group.from_image(_image_prior(prior.posterior_mean, image, noise))
+        return group.from_image(self.denoise_span(group, prior, image, noise, tau))
 
     def denoise_span(self, group, prior, image, noise: float, tau: int) -> torch.Tensor:
         """The prior's posterior mean of a basis image (L, L), its missing noise completed."""
@@ -323,7 +418,8 @@ class Denoise(MStep):
         return (
             f"Denoise(gamma={self.schedule!r}, noise_scale={self.noise_scale}, "
             f"anneal_from={self.anneal_from}, anneal_iterations={self.anneal_iterations}, "
-            f"complete_draws={self.complete_draws})"
+            f"complete_draws={self.complete_draws}"
+            + (f", admm_iterations={self.admm_iterations})" if self.admm_iterations else ")")
         )
 
 

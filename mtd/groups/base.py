@@ -154,6 +154,12 @@ class TransformSet(torch.nn.Module, metaclass=abc.ABCMeta):
         return (self.L,) * (3 if len(self.shape) == 3 else 2)
 
     @property
+    def dimension(self) -> int:
+        """The dimension of the unknown's space (of its subspace, for a band-limited volume):
+        the directions a white noise on the unknown has."""
+        return math.prod(self.shape)
+
+    @property
     def n_rotations(self) -> int:
         """The rotations the group searches: its K (without Dihedral's mirror images; a volume's
         grid size), what a run records as its K."""

@@ -302,6 +302,10 @@ class Projections(TransformSet):
         """Dimension of the unknown's subspace U."""
         return self.basis.shape[1] if self.bandlimit is not None else int(self.mask.sum())
 
+    @property
+    def dimension(self) -> int:
+        return self.n
+
     def restrict(self, x: torch.Tensor) -> torch.Tensor:
         """Pi x: the orthogonal projection of volumes (..., L, L, L) onto U."""
         if self.bandlimit is None:

@@ -514,3 +514,41 @@ def test_volume_em_refuses_bad_input_before_work():
         group.from_image(torch.zeros(L, L))
     with pytest.raises(ValueError, match="K = 0"):
         pj.Projections(L, torch.zeros(0, 3, 3))
+
+
+def test_denoise_m_step_with_admm_is_the_map_step_for_a_gaussian_prior_on_volumes():
+    # Projections' curvature sum_k P_k^T diag(c_k) P_k is far from a multiple of the identity, so
+    # the one denoising step is not argmax Q + g log p; the ADMM rounds converge to it, inside the
+    # band-limited subspace, for the Gaussian prior N(mu, I) (its posterior mean is the proximal
+    # map): against the dense solve in the subspace's coordinates.
+    from priors.prior import AnalyticGaussianPrior
+
+    L, K, gamma, sigma2 = 5, 12, 0.7, 0.4
+    rng = np.random.default_rng(3)
+    group = pj.Projections(L, so3.random_rotations(K, seed=3), bandlimit=2)
+    stats = mtd.Statistics(
+        omega=torch.zeros(K, 2 * L, 2 * L, dtype=torch.float64),
+        b=torch.from_numpy(rng.normal(0, 3, (K, L, L))),
+        c=torch.from_numpy(rng.uniform(0.5, 4.0, (K, L, L))),
+        loglik=torch.zeros((), dtype=torch.float64),
+        energy=torch.zeros((), dtype=torch.float64),
+        D=9,
+    )
+    mu = torch.from_numpy(rng.normal(0, 1, (L, L, L)))
+    prior = AnalyticGaussianPrior(mu)
+    Q = group.basis  # (L^3, n) orthonormal columns spanning U
+    AQ = torch.stack([group.normal_apply(stats.c, q.reshape(L, L, L)).reshape(-1) for q in Q.T], 1)
+    lhs = Q.T @ AQ / sigma2 + gamma * torch.eye(Q.shape[1], dtype=torch.float64)
+    rhs = Q.T @ (group.adjoint(stats.b).reshape(-1) / sigma2 + gamma * mu.reshape(-1))
+    expected = (Q @ torch.linalg.solve(lhs, rhs)).reshape(L, L, L)
+    x0 = group.restrict(mu + 1.0)
+
+    def step(**kw):
+        m_step = mtd.Denoise(mtd.ConstantGamma(gamma), cg_tol=1e-13, cg_iterations=200, **kw)
+        return m_step.step(group, stats, x0, sigma2, 0, 1, prior)[0]
+
+    admm = step(admm_iterations=300)
+    assert torch.allclose(admm, expected, atol=1e-8), (admm - expected).abs().max()
+    assert torch.allclose(group.restrict(admm), admm, atol=1e-12)  # in U
+    one = step()  # the single denoising step: what uniform coverage would make exact
+    assert (one - expected).abs().max() > 100 * (admm - expected).abs().max()

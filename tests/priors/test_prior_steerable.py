@@ -274,7 +274,7 @@ def test_prior_for_an_unknown_whose_image_is_not_l_by_l_is_refused():
 
     group = Cropped(mtd.FBBasis(5), 4)
     em = mtd.ApproximateEM(group, mtd.Gradient())
-    with pytest.raises(ValueError, match=r"a prior acts on \(5, 5\) images.*maps to \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"a prior acts on \(5, 5\) objects.*maps to \(4, 4\)"):
         em.fit(torch.randn(20, 20), torch.zeros(group.basis.n), prior=lambda x, t: -x)
 
 

@@ -324,7 +324,7 @@ def test_checkpoint_of_another_image_size(tmp_path, no_em, compose):
     _bad(
         compose,
         tmp_path,
-        "6 x 6 images; the measurement's L is 5",
+        "6 x 6 images; the measurement's unknowns are images of side 5",
         f"ckpt={ckpt}",
         "measurement=file",
         f"measurement.path={tmp_path / 'm.npy'}",

@@ -204,7 +204,7 @@ def test_mnist_download_failure_names_the_offline_source_and_leaves_no_folder(
         (("pick=true", "picking.combine=vote"), "picking.combine must be one of evidence, nms"),
         (("pick=true", "picking.empty_rule=max"), "picking.empty_rule must be one of half, argm"),
         (("pick=true", "picking.threshold=auto"), "picking.threshold=auto is template matching"),
-        (("experiment=volume",), "object=volume runs without a prior"),
+        (("experiment=volume",), "held-out volumes of .*gauss.ckpt, a prior of 5 x 5 images"),
         (("em.refine_K=0",), "em.refine_K must be an integer >= 1, got 0"),
         (("em.refine_K=8", "em.refine_iterations=x"), "em.refine_iterations must be an integer"),
     ],
