@@ -298,8 +298,8 @@ class ApproximateEM(torch.nn.Module):
             if image_shape != tuple(self.group.object_shape):
                 raise ValueError(
                     f"a prior acts on {tuple(self.group.object_shape)} objects; this group's "
-                    f"unknown "
-                    f"{shape} ({type(self.group).__name__}) maps to {image_shape} by to_image"
+                    f"unknown {shape} ({type(self.group).__name__}) maps to {image_shape} by "
+                    "to_image"
                 )
         inits = self._validate_image("init", init)
         if inits.ndim not in (len(shape), len(shape) + 1):
